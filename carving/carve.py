@@ -1,0 +1,78 @@
+"""``carve``: run a callable on the reference under the tracer and publish the store."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .store import StoreWriter
+from .tracer import CarveOptions, Tracer
+
+__all__ = ["carve", "CarveResult", "ModelRaised"]
+
+
+class ModelRaised(Exception):
+    """The user's model (or workload) raised while being carved; nothing was written."""
+
+
+@dataclass
+class CarveResult:
+    path: Path
+    ops: int
+    layers: int
+    steps: int
+    bytes_stored: int
+    truncated: str | None
+    output: Any
+
+
+def carve(
+    model: torch.nn.Module,
+    run: Callable[[], Any],
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    options: CarveOptions | None = None,
+    model_info: dict | None = None,
+    on_op: Callable[[int], None] | None = None,
+    shard_bytes: int = 64 << 20,
+) -> CarveResult:
+    """Carve ``run()`` (which calls ``model``) into a fixture store at ``out``.
+
+    The store appears at ``out`` only if the run finished; otherwise nothing is left.
+    """
+    from tapml import __version__
+
+    options = options or CarveOptions()
+    with StoreWriter(out, force=force, shard_bytes=shard_bytes) as writer:
+        tracer = Tracer(writer, model, options, on_op=on_op)
+        try:
+            with torch.no_grad(), tracer:
+                output = run()
+        except Exception as e:
+            raise ModelRaised(f"{type(e).__name__}: {e}") from e
+        manifest = {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"tapml": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "model": model_info or {"class": type(model).__name__},
+            "options": options.to_json(),
+            "truncated": tracer.truncated,
+            "stats": {
+                "bytes_stored": writer.bytes_stored,
+                "bytes_referenced": writer.bytes_referenced,
+                "threads": torch.get_num_threads(),
+            },
+            "steps": tracer.steps,
+            "layers": tracer.layers,
+            "ops": tracer.ops,
+        }
+        path = writer.commit(manifest)
+    return CarveResult(path, len(tracer.ops), len(tracer.layers), len(tracer.steps),
+                       writer.bytes_stored, tracer.truncated, output)

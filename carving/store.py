@@ -1,0 +1,284 @@
+"""The fixture store: ``manifest.json`` plus content-addressed safetensors shards.
+
+Why this shape: weights are read by many ops and activations by several, so
+tensors are stored once by content hash; a large carve must not hold every
+tensor in memory, so shards stream to disk as they fill; a killed carve must not
+leave a store that looks whole, so the directory is built under a temporary
+name and renamed into place only when the manifest is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .layout import TensorRef, canonical, content_key, dtype_from_name, dtype_name, materialize
+
+__all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "FixtureStore", "MANIFEST"]
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_SHARD_DIR = "tensors"
+
+
+class StoreError(Exception):
+    """A store that cannot be written or read; the message names the file."""
+
+
+def _manifest_digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class StoreWriter:
+    """Streams tensors into shards of a temporary directory; ``commit`` publishes it."""
+
+    def __init__(self, path: str | os.PathLike, *, force: bool = False, shard_bytes: int = 64 << 20):
+        self.path = Path(path)
+        if self.path.exists() and not force:
+            raise StoreError(f"{self.path} already exists; pass --force to replace it")
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} exists and is not a directory")
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tapml-tmp-", dir=parent))
+            (self._tmp / _SHARD_DIR).mkdir()
+        except OSError as e:
+            raise StoreError(f"cannot write to {parent}: {e.strerror or e}") from None
+        self.shard_bytes = shard_bytes
+        self.index: dict[str, dict] = {}  # key -> {"shard", "dtype", "numel", "nbytes"}
+        self.shards: dict[str, dict] = {}
+        self.bytes_stored = 0  # unique tensor bytes accepted so far
+        self.bytes_referenced = 0  # bytes over every use, before dedup
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._pending_views: dict[int, list[str]] = {}  # storage ptr -> pending keys that alias it
+        self._seen: dict[tuple, tuple[Any, int, str]] = {}  # geometry -> (weakref, version, key)
+        self._done = False
+
+    # -- writing -------------------------------------------------------------
+    def add(self, t: torch.Tensor) -> TensorRef:
+        """Record one use of a tensor; its bytes are stored only the first time."""
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        flat, exact = canonical(t)
+        shares = flat.numel() > 0 and flat.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        key = self._cached_key(t, flat) if shares else None
+        if key is None:
+            key = content_key(flat)
+            if shares:
+                self._remember(t, flat, key)
+        nbytes = flat.numel() * flat.element_size()
+        self.bytes_referenced += nbytes
+        if key not in self.index:
+            self.index[key] = {"dtype": dtype_name(flat.dtype), "numel": flat.numel(), "nbytes": nbytes}
+            self._pending[key] = flat
+            self._pending_bytes += nbytes
+            self.bytes_stored += nbytes
+            if shares:
+                self._pending_views.setdefault(flat.untyped_storage().data_ptr(), []).append(key)
+            if self._pending_bytes >= self.shard_bytes:
+                self.flush()
+        return TensorRef(key, dtype_name(t.dtype), tuple(t.shape), tuple(t.stride()), t.storage_offset(), exact)
+
+    def protect(self, tensors: list[torch.Tensor]) -> None:
+        """Copy pending bytes that an in-place op is about to overwrite."""
+        for t in tensors:
+            if t.numel() == 0 or t.device.type != "cpu":
+                continue
+            for key in self._pending_views.pop(t.untyped_storage().data_ptr(), ()):
+                if key in self._pending:
+                    self._pending[key] = self._pending[key].clone()
+
+    def flush(self) -> None:
+        """Write the pending tensors as one shard."""
+        if not self._pending:
+            return
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        tensors, owners = {}, set()
+        for key, flat in self._pending.items():
+            ptr = flat.untyped_storage().data_ptr()
+            if ptr in owners:  # safetensors refuses tensors that share memory
+                flat = flat.clone()
+            owners.add(flat.untyped_storage().data_ptr())
+            tensors[key] = flat.contiguous()
+        target = self._tmp / _SHARD_DIR / name
+        try:
+            safetensors.torch.save_file(tensors, str(target))
+        except OSError as e:
+            raise StoreError(f"cannot write {target}: {e.strerror or e}") from None
+        for key in tensors:
+            self.index[key]["shard"] = name
+        self.shards[name] = {"bytes": target.stat().st_size}
+        self._pending.clear()
+        self._pending_views.clear()
+        self._pending_bytes = 0
+
+    def commit(self, manifest: dict) -> Path:
+        """Write the manifest and move the finished store into place atomically."""
+        self.flush()
+        body = dict(manifest, schema=SCHEMA_VERSION, tensors=self.index, shards=self.shards)
+        body["digest"] = _manifest_digest(body)
+        with open(self._tmp / MANIFEST, "w") as f:
+            json.dump(body, f, separators=(",", ":"))
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.tapml-old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self._tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._done = True
+        return self.path
+
+    def abort(self) -> None:
+        if not self._done:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._done = True
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()  # no-op after commit
+
+    # -- hash cache: a tensor read by many ops is hashed once ----------------
+    @staticmethod
+    def _geometry(flat: torch.Tensor) -> tuple:
+        return (flat.data_ptr(), flat.numel(), flat.dtype)
+
+    def _cached_key(self, t: torch.Tensor, flat: torch.Tensor) -> str | None:
+        hit = self._seen.get(self._geometry(flat))
+        if hit is None or hit[0]() is None:
+            return None
+        try:
+            return hit[2] if hit[1] == t._version else None
+        except RuntimeError:  # inference tensors carry no version counter
+            return None
+
+    def _remember(self, t: torch.Tensor, flat: torch.Tensor, key: str) -> None:
+        try:
+            version = t._version
+        except RuntimeError:
+            return
+        self._seen[self._geometry(flat)] = (weakref.ref(t), version, key)
+
+
+class FixtureStore:
+    """A carved store opened for reading; every problem is a ``StoreError`` naming the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise StoreError(f"{self.path} is not a fixture store (no such directory)")
+        if not mpath.is_file():
+            raise StoreError(f"{self.path} is not a fixture store ({MANIFEST} missing)")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{mpath} is corrupt: {e}") from None
+        if not isinstance(self.manifest, dict) or "schema" not in self.manifest:
+            raise StoreError(f"{mpath} is not a tapml manifest")
+        if self.manifest["schema"] > SCHEMA_VERSION:
+            raise StoreError(
+                f"{mpath} has schema {self.manifest['schema']}, newer than this tapml reads "
+                f"({SCHEMA_VERSION}); upgrade tapml"
+            )
+        body = {k: v for k, v in self.manifest.items() if k != "digest"}
+        if self.manifest.get("digest") != _manifest_digest(body):
+            raise StoreError(f"{mpath} was modified after the carve (digest mismatch)")
+        for name, meta in self.manifest["shards"].items():
+            shard = self._shard_path(name)
+            if not shard.is_file():
+                raise StoreError(f"{shard} is missing")
+            if shard.stat().st_size != meta["bytes"]:
+                raise StoreError(
+                    f"{shard} is truncated or altered (size {shard.stat().st_size}, expected {meta['bytes']})"
+                )
+        self._handles: dict[str, Any] = {}
+
+    # -- contents ----------------------------------------------------------------
+    @property
+    def ops(self) -> list[dict]:
+        return self.manifest["ops"]
+
+    @property
+    def layers(self) -> list[dict]:
+        return self.manifest["layers"]
+
+    @property
+    def steps(self) -> list[dict]:
+        return self.manifest["steps"]
+
+    @property
+    def tensors(self) -> dict[str, dict]:
+        return self.manifest["tensors"]
+
+    def _shard_path(self, name: str) -> Path:
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise StoreError(f"{self.path / MANIFEST} names an invalid shard {name!r}")
+        return self.path / _SHARD_DIR / name
+
+    def flat(self, key: str) -> torch.Tensor:
+        """The stored bytes of one tensor, as a flat tensor of its dtype."""
+        meta = self.tensors.get(key)
+        if meta is None:
+            raise StoreError(f"{self.path / MANIFEST} references unknown tensor {key}")
+        shard = meta["shard"]
+        try:
+            handle = self._handles.get(shard)
+            if handle is None:
+                handle = self._handles[shard] = safetensors.safe_open(str(self._shard_path(shard)), "pt")
+            flat = handle.get_tensor(key)
+        except StoreError:
+            raise
+        except Exception as e:  # safetensors raises its own error types
+            raise StoreError(f"{self._shard_path(shard)} is corrupt: {e}") from None
+        if flat.dtype != dtype_from_name(meta["dtype"]) or flat.numel() != meta["numel"]:
+            raise StoreError(f"{self._shard_path(shard)} holds {key} with the wrong dtype or size")
+        return flat
+
+    def load(self, ref: dict | TensorRef) -> torch.Tensor:
+        """Rebuild one recorded tensor use with its exact layout."""
+        if isinstance(ref, dict):
+            ref = TensorRef.from_json(ref)
+        return materialize(self.flat(ref.key), ref)
+
+    def iter_problems(self) -> Iterator[str]:
+        """Re-hash every stored tensor; yield one line per mismatch."""
+        for key, meta in self.tensors.items():
+            try:
+                flat = self.flat(key)
+            except StoreError as e:
+                yield str(e)
+                continue
+            if content_key(flat) != key:
+                yield f"{self._shard_path(meta['shard'])}: tensor {key} does not match its hash (tampered)"
+
+    def verify(self) -> None:
+        """Raise ``StoreError`` on the first integrity problem."""
+        for problem in self.iter_problems():
+            raise StoreError(problem)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(m["bytes"] for m in self.manifest["shards"].values())
+
+    @property
+    def unique_tensor_bytes(self) -> int:
+        return sum(m["nbytes"] for m in self.tensors.values())

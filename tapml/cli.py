@@ -1,0 +1,231 @@
+"""The ``tapml`` command line: a thin layer over the library.
+
+Results go to stdout, progress and errors to stderr. A user mistake is one line
+and exit 2; a failed check exits 1; a traceback only with --debug or TAPML_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import CheckFailed, TapmlError
+
+_err = Console(stderr=True)
+
+
+def _out() -> Console:
+    return Console(no_color="NO_COLOR" in os.environ)
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _progress(label: str):
+    """A live op counter on stderr when it is a terminal; silent otherwise."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    if not sys.stderr.isatty():
+        return None
+    return Progress(SpinnerColumn(), TextColumn(label + " {task.completed} ops"), console=_err, transient=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tapml")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors (also TAPML_DEBUG=1).")
+def cli(debug: bool) -> None:
+    """tapml: carve a PyTorch model, migrate it op by op, localize divergence."""
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Fixture store directory to write.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--generate", type=click.IntRange(1), default=None, help="Carve a generation of N tokens.")
+@click.option("--modules", default=None, help="Record only ops under modules matching this regex.")
+@click.option("--ops", "op_globs", multiple=True, help="Record only ops matching this glob (repeatable).")
+@click.option("--unique", is_flag=True, help="Keep only the first call of each op signature.")
+@click.option("--max-bytes", type=click.IntRange(1), default=None, help="Stop recording past this many bytes.")
+@click.option("--verify-replay", is_flag=True, help="Replay every op from the store; exit 1 unless bit-exact.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def carve(model, out, force, generate, modules, op_globs, unique, max_bytes, verify_replay, as_json):
+    """Run MODEL once on the reference and record every operator call into OUT.
+
+    MODEL is zoo:NAME, path/to/file.py:factory or pkg.module:factory.
+    """
+    import re
+
+    from .carving import CarveOptions, FixtureStore, ModelRaised, StoreError
+    from .carving import carve as carve_model
+    from .workloads import load_workload
+
+    if modules:
+        try:
+            re.compile(modules)
+        except re.error as e:
+            raise TapmlError(f"--modules {modules!r} is not a valid regex: {e}") from None
+    options = CarveOptions(modules=modules, ops=op_globs, unique=unique, max_bytes=max_bytes)
+    workload = load_workload(model)
+    info = {"spec": model, "name": workload.name, "description": workload.description,
+            "class": type(workload.model).__name__, "generate": generate}
+    progress = _progress("carving")
+    task = progress.add_task("carve", total=None) if progress else None
+    try:
+        if progress:
+            progress.start()
+        result = carve_model(
+            workload.model, lambda: workload.run(generate), out, force=force, options=options,
+            model_info=info, on_op=(lambda n: progress.update(task, completed=n)) if progress else None,
+        )
+    except StoreError as e:
+        raise TapmlError(str(e)) from e
+    except ModelRaised as e:
+        if isinstance(e.__cause__, TapmlError):
+            raise e.__cause__ from None
+        raise TapmlError(f"{model} raised while carving: {e}") from e
+    finally:
+        if progress:
+            progress.stop()
+    store = FixtureStore(result.path)
+    _show_summary(store, verified=False, as_json=as_json, replay=_replay(store) if verify_replay else None)
+
+
+def _replay(store):
+    from .carving import replay
+
+    return replay(store)
+
+
+def _show_summary(store, *, verified: bool, as_json: bool, replay=None) -> None:
+    from .inspection import summarize
+
+    summary = summarize(store, verified=verified)
+    if replay is not None:
+        summary["replay"] = {
+            "checked": replay.checked, "skipped_nondeterministic": replay.skipped,
+            "fidelity": replay.fidelity,
+            "mismatches": [vars(m) for m in replay.mismatches],
+        }
+    if as_json:
+        _emit_json(summary)
+    else:
+        _render_summary(summary)
+    if replay is not None and not replay.ok:
+        raise CheckFailed(f"replay: {len(replay.mismatches)} of {replay.checked} ops did not reproduce")
+
+
+def _render_summary(s: dict) -> None:
+    out = _out()
+    out.print(f"[bold]{s['path']}[/]  {s['model'].get('name') or s['model'].get('class', '')}"
+              f"  (torch {s['versions']['torch']}, tapml {s['versions']['tapml']})")
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("ops", f"{s['ops']} ({s['compute_ops']} compute, {s['view_ops']} views, "
+                f"{s['nondeterministic_ops']} nondeterministic)"),
+        ("unique signatures", str(s["unique_signatures"])),
+        ("layers (module calls)", str(s["layers"])),
+        ("steps", ", ".join(f"{st['name']} ({st['ops']} ops)" for st in s["steps"])),
+        ("tensors", f"{s['tensors']} unique, {s['tensor_uses']} uses"),
+        ("stored", f"{_human_bytes(s['stored_bytes'])} on disk, {_human_bytes(s['unique_tensor_bytes'])} "
+                   f"unique, {_human_bytes(s['referenced_bytes'])} referenced"),
+        ("verified", "yes" if s["verified"] else "not checked"),
+    ]
+    if s["truncated"]:
+        rows.append(("truncated", s["truncated"]))
+    if "replay" in s:
+        r = s["replay"]
+        rows.append(("replay", f"{r['checked'] - len(r['mismatches'])}/{r['checked']} bit-exact "
+                               f"({r['skipped_nondeterministic']} nondeterministic skipped)"))
+    for k, v in rows:
+        table.add_row(f"[cyan]{k}[/]", v)
+    out.print(table)
+    ops = Table("op", "calls", title="op types")
+    for name, n in list(s["op_types"].items())[:15]:
+        ops.add_row(name, str(n))
+    out.print(ops)
+    for m in s.get("replay", {}).get("mismatches", [])[:20]:
+        out.print(f"[red]mismatch[/] op {m['index']} {m['op']} in {m['module'] or '(model)'}: {m['reason']}")
+
+
+@cli.command()
+@click.argument("store_dir", metavar="DIR", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--replay", "do_replay", is_flag=True, help="Replay every op; exit 1 unless bit-exact.")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing the stored tensors.")
+def inspect(store_dir, as_json, do_replay, no_verify):
+    """Summarize a fixture store, verifying its integrity."""
+    from .carving import FixtureStore, StoreError
+
+    try:
+        store = FixtureStore(store_dir)
+        if not no_verify:
+            store.verify()
+        _show_summary(store, verified=not no_verify, as_json=as_json,
+                      replay=_replay(store) if do_replay else None)
+    except StoreError as e:
+        raise TapmlError(str(e)) from e
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def zoo(as_json):
+    """List the built-in workloads."""
+    from .zoo import ZOO
+
+    entries = [e.to_json() for e in ZOO.values()]
+    if as_json:
+        _emit_json(entries)
+        return
+    table = Table("spec", "description")
+    for e in entries:
+        table.add_row(e["spec"], e["description"])
+    _out().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: maps errors to exit codes (0 ok, 1 check failed, 2 bad input)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("TAPML_DEBUG", "") not in ("", "0")
+    try:
+        cli.main(args=args, prog_name="tapml", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        _err.print("tapml: aborted")
+        return 130
+    except (TapmlError, CheckFailed) as e:
+        if debug:
+            raise
+        code = 1 if isinstance(e, CheckFailed) else 2
+        label = "check failed" if code == 1 else "error"
+        print(f"tapml: {label}: {e}", file=sys.stderr)
+        return code
+    except Exception as e:
+        if debug:
+            raise
+        print(f"tapml: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""What a fixture store holds, as plain data (the CLI renders it)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .carving import FixtureStore
+from .carving.values import iter_tensor_refs
+
+__all__ = ["summarize"]
+
+
+def summarize(store: FixtureStore, *, verified: bool) -> dict:
+    ops = store.ops
+    refs = [r for op in ops for part in ("args", "kwargs", "outputs") for r in iter_tensor_refs(op[part])]
+    m = store.manifest
+    return {
+        "path": str(store.path),
+        "schema": m["schema"],
+        "model": m["model"],
+        "versions": m["versions"],
+        "ops": len(ops),
+        "compute_ops": sum(1 for op in ops if not op["view"]),
+        "view_ops": sum(1 for op in ops if op["view"]),
+        "nondeterministic_ops": sum(1 for op in ops if op["nondeterministic"]),
+        "layers": len(store.layers),
+        "steps": [{"name": s["name"], "ops": s["ops"][1] - s["ops"][0]} for s in store.steps],
+        "unique_signatures": len({op["signature"] for op in ops}),
+        "op_types": dict(Counter(op["op"] for op in ops).most_common()),
+        "tensors": len(store.tensors),
+        "tensor_uses": len(refs),
+        "stored_bytes": store.stored_bytes,
+        "unique_tensor_bytes": store.unique_tensor_bytes,
+        "referenced_bytes": m["stats"]["bytes_referenced"],
+        "truncated": m["truncated"],
+        "verified": verified,
+    }

@@ -1,0 +1,47 @@
+"""Built-in workloads, named ``zoo:NAME``. Imported lazily: transformers is slow to load."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import TapmlError
+
+__all__ = ["ZooEntry", "ZOO", "zoo_factory"]
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    factory: str  # "module:function" inside tapml.zoo
+    description: str
+    generate: bool = False
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "spec": f"zoo:{self.name}", "description": self.description,
+                "generate": self.generate}
+
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        ZooEntry("minilm", "minilm:build",
+                 "trained all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers) on real sentences"),
+        ZooEntry("tiny-llama", "tiny_llama:build",
+                 "small Llama-style decoder (RMSNorm, RoPE, GQA, SwiGLU), seeded weights; "
+                 "--generate N carves prefill + decode steps", generate=True),
+    )
+}
+
+
+def zoo_factory(name: str) -> Callable[[], object]:
+    entry = ZOO.get(name)
+    if entry is None:
+        raise TapmlError(f"no zoo workload {name!r}; `tapml zoo` lists them ({', '.join(ZOO)})")
+    module, func = entry.factory.split(":")
+    try:
+        mod = importlib.import_module(f"{__name__}.{module}")
+    except ImportError as e:
+        raise TapmlError(f"zoo:{name} needs an extra package ({e.name}); install tapml[zoo]") from e
+    return getattr(mod, func)
