@@ -137,6 +137,7 @@ class Tracer(TorchDispatchMode):
         self._handles = []
         self._internal: dict[str, bool] = {}
         self._seq = 0
+        self._root_calls = 0
 
     # -- lifecycle ----------------------------------------------------------------
     def __enter__(self):
@@ -171,7 +172,8 @@ class Tracer(TorchDispatchMode):
                 self._open_step(token[1])
         elif root_call or not self.steps:
             self._step_token = None
-            self._open_step(f"call {len(self.steps)}" if root_call else "outside the model")
+            self._open_step(f"call {self._root_calls}" if root_call else "outside the model")
+            self._root_calls += root_call
 
     # -- modules ------------------------------------------------------------------
     def _enter_module(self, module, args, kwargs):

@@ -1,0 +1,129 @@
+"""The fixture store: dedup, atomic writes, integrity checks naming the file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tapml.carving import SCHEMA_VERSION, FixtureStore, ModelRaised, StoreError, carve
+from torch import nn
+
+
+def small_store(path, model=None):
+    model = model or nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).eval()
+    x = torch.randn(4, 16)
+    carve(model, lambda: [model(x) for _ in range(3)], path)
+    return FixtureStore(path)
+
+
+def test_weights_read_many_times_are_stored_once(tmp_path):
+    store = small_store(tmp_path / "s")
+    m = store.manifest
+    assert m["stats"]["bytes_referenced"] > 3 * store.unique_tensor_bytes / 2
+    assert store.stored_bytes / store.unique_tensor_bytes <= 1.02 or store.unique_tensor_bytes < 8192
+    keys = [op["args"][0]["tensor"]["key"] for op in store.ops if op["op"] == "aten.t.default"]
+    assert len(keys) == 6 and len(set(keys)) == 2  # two weights, each read three times
+
+
+def test_minilm_dedup_ratio(minilm_store):
+    assert minilm_store.stored_bytes / minilm_store.unique_tensor_bytes <= 1.02
+    minilm_store.verify()
+
+
+def test_existing_dir_is_refused_and_force_replaces(tmp_path):
+    path = tmp_path / "s"
+    path.mkdir()
+    (path / "keep.txt").write_text("user data")
+    with pytest.raises(StoreError, match="already exists"):
+        small_store(path)
+    assert (path / "keep.txt").exists()
+    model = nn.Linear(2, 2)
+    carve(model, lambda: model(torch.ones(1, 2)), path, force=True)
+    assert not (path / "keep.txt").exists() and FixtureStore(path).ops
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temp dirs left
+
+
+def test_a_failing_model_leaves_nothing(tmp_path):
+    class Boom(nn.Module):
+        def forward(self, x):
+            x.mul_(2)
+            raise ValueError("boom at step 2")
+
+    with pytest.raises(ModelRaised, match="boom"):
+        carve(Boom(), lambda: Boom()(torch.ones(3)), tmp_path / "s")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_parent(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot write"):
+        small_store(blocker / "s")
+
+
+def _shard(store):
+    return next((store.path / "tensors").iterdir())
+
+
+def test_truncated_shard_names_the_file(tmp_path):
+    store = small_store(tmp_path / "s")
+    shard = _shard(store)
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(StoreError, match=shard.name + ".*truncated"):
+        FixtureStore(store.path)
+
+
+def test_tampered_tensor_bytes_fail_verify(tmp_path):
+    store = small_store(tmp_path / "s")
+    shard = _shard(store)
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # same size, different bytes
+    shard.write_bytes(bytes(data))
+    reopened = FixtureStore(store.path)
+    with pytest.raises(StoreError, match=shard.name + ".*tampered"):
+        reopened.verify()
+
+
+def test_edited_manifest_is_detected(tmp_path):
+    store = small_store(tmp_path / "s")
+    mpath = store.path / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["ops"][0]["op"] = "aten.sub.Tensor"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="manifest.json was modified"):
+        FixtureStore(store.path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: (p / "manifest.json").write_text("{not json"), "manifest.json is corrupt"),
+        (lambda p: (p / "manifest.json").unlink(), "manifest.json missing"),
+        (lambda p: next((p / "tensors").iterdir()).unlink(), "is missing"),
+    ],
+)
+def test_broken_stores(tmp_path, damage, message):
+    store = small_store(tmp_path / "s")
+    damage(store.path)
+    with pytest.raises(StoreError, match=message):
+        FixtureStore(store.path)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    store = small_store(tmp_path / "s")
+    mpath = store.path / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["schema"] = SCHEMA_VERSION + 1
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="newer than this tapml reads"):
+        FixtureStore(store.path)
+
+
+def test_streams_shards_instead_of_holding_everything(tmp_path):
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)]).eval()
+    x = torch.randn(4, 256)
+    carve(model, lambda: model(x), tmp_path / "s", shard_bytes=256 * 1024)
+    store = FixtureStore(tmp_path / "s")
+    assert len(store.manifest["shards"]) >= 8  # 8 × 256 KiB of weights alone
+    store.verify()
