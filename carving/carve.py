@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import platform
 from collections.abc import Callable
@@ -53,11 +54,16 @@ def carve(
     options = options or CarveOptions()
     with StoreWriter(out, force=force, shard_bytes=shard_bytes) as writer:
         tracer = Tracer(writer, model, options, on_op=on_op)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a carve allocates many small records; cyclic GC passes only cost time
         try:
             with torch.no_grad(), tracer:
                 output = run()
         except Exception as e:
             raise ModelRaised(f"{type(e).__name__}: {e}") from e
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         manifest = {
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"tapml": __version__, "torch": torch.__version__, "python": platform.python_version()},

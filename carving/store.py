@@ -30,14 +30,30 @@ __all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "FixtureStore", "MANIF
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 _SHARD_DIR = "tensors"
+_PACKED = "__packed__"  # one uint8 tensor per shard holding the small tensors back to back
+_PACK_BELOW = 64 << 10  # per-tensor header and bookkeeping would dominate below this size
 
 
 class StoreError(Exception):
     """A store that cannot be written or read; the message names the file."""
 
 
-def _manifest_digest(body: dict) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+_DIGEST_FIELD = ',"digest":"'
+
+
+def _seal(body: dict) -> str:
+    """Serialize once and append the sha256 of those exact bytes as the last field."""
+    text = json.dumps(body, separators=(",", ":"))  # the C encoder; json.dump to a file is pure Python
+    return f'{text[:-1]}{_DIGEST_FIELD}{hashlib.sha256(text.encode()).hexdigest()}"}}'
+
+
+def _unseal(text: str) -> bool:
+    """True when the manifest text still matches the digest it ends with."""
+    cut = text.rfind(_DIGEST_FIELD)
+    if cut < 0:
+        return False
+    body, digest = text[:cut] + "}", text[cut + len(_DIGEST_FIELD):].rstrip().removesuffix('"}')
+    return hashlib.sha256(body.encode()).hexdigest() == digest
 
 
 class StoreWriter:
@@ -68,20 +84,26 @@ class StoreWriter:
         self._done = False
 
     # -- writing -------------------------------------------------------------
-    def add(self, t: torch.Tensor) -> TensorRef:
-        """Record one use of a tensor; its bytes are stored only the first time."""
+    def add(self, t: torch.Tensor, *, cached: bool = True) -> TensorRef:
+        """Record one use of a tensor; its bytes are stored only the first time.
+
+        ``cached=False`` for outputs of in-place ops: their version counter is bumped
+        only after the dispatch mode returns, so the hash cache cannot see the write yet.
+        """
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
         flat, exact = canonical(t)
-        shares = flat.numel() > 0 and flat.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-        key = self._cached_key(t, flat) if shares else None
+        storage = flat.untyped_storage().data_ptr()
+        shares = flat.numel() > 0 and storage == t.untyped_storage().data_ptr()
+        geometry = (flat.data_ptr(), flat.numel(), flat.dtype) if shares else None
+        key = self._cached_key(t, geometry) if shares and cached else None
         if key is None:
             key = content_key(flat)
             if shares:
-                self._remember(t, flat, key)
+                self._remember(t, geometry, key)
         nbytes = flat.numel() * flat.element_size()
         self.bytes_referenced += nbytes
         if key not in self.index:
@@ -90,7 +112,7 @@ class StoreWriter:
             self._pending_bytes += nbytes
             self.bytes_stored += nbytes
             if shares:
-                self._pending_views.setdefault(flat.untyped_storage().data_ptr(), []).append(key)
+                self._pending_views.setdefault(storage, []).append(key)
             if self._pending_bytes >= self.shard_bytes:
                 self.flush()
         return TensorRef(key, dtype_name(t.dtype), tuple(t.shape), tuple(t.stride()), t.storage_offset(), exact)
@@ -105,24 +127,31 @@ class StoreWriter:
                     self._pending[key] = self._pending[key].clone()
 
     def flush(self) -> None:
-        """Write the pending tensors as one shard."""
+        """Write the pending tensors as one shard; small ones packed into one blob."""
         if not self._pending:
             return
         name = f"shard-{len(self.shards):05d}.safetensors"
-        tensors, owners = {}, set()
+        tensors, owners, small, offset = {}, set(), [], 0
         for key, flat in self._pending.items():
+            meta = self.index[key]
+            meta["shard"] = name
+            if meta["nbytes"] < _PACK_BELOW:
+                small.append(flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8))
+                meta["offset"] = offset
+                offset += meta["nbytes"]
+                continue
             ptr = flat.untyped_storage().data_ptr()
             if ptr in owners:  # safetensors refuses tensors that share memory
                 flat = flat.clone()
             owners.add(flat.untyped_storage().data_ptr())
-            tensors[key] = flat.contiguous()
+            tensors[key] = flat
+        if small:
+            tensors[_PACKED] = torch.cat(small)
         target = self._tmp / _SHARD_DIR / name
         try:
             safetensors.torch.save_file(tensors, str(target))
         except OSError as e:
             raise StoreError(f"cannot write {target}: {e.strerror or e}") from None
-        for key in tensors:
-            self.index[key]["shard"] = name
         self.shards[name] = {"bytes": target.stat().st_size}
         self._pending.clear()
         self._pending_views.clear()
@@ -132,9 +161,7 @@ class StoreWriter:
         """Write the manifest and move the finished store into place atomically."""
         self.flush()
         body = dict(manifest, schema=SCHEMA_VERSION, tensors=self.index, shards=self.shards)
-        body["digest"] = _manifest_digest(body)
-        with open(self._tmp / MANIFEST, "w") as f:
-            json.dump(body, f, separators=(",", ":"))
+        (self._tmp / MANIFEST).write_text(_seal(body))
         old = None
         if self.path.exists():
             old = self.path.with_name(f".{self.path.name}.tapml-old-{os.getpid()}")
@@ -157,12 +184,8 @@ class StoreWriter:
         self.abort()  # no-op after commit
 
     # -- hash cache: a tensor read by many ops is hashed once ----------------
-    @staticmethod
-    def _geometry(flat: torch.Tensor) -> tuple:
-        return (flat.data_ptr(), flat.numel(), flat.dtype)
-
-    def _cached_key(self, t: torch.Tensor, flat: torch.Tensor) -> str | None:
-        hit = self._seen.get(self._geometry(flat))
+    def _cached_key(self, t: torch.Tensor, geometry: tuple) -> str | None:
+        hit = self._seen.get(geometry)
         if hit is None or hit[0]() is None:
             return None
         try:
@@ -170,12 +193,13 @@ class StoreWriter:
         except RuntimeError:  # inference tensors carry no version counter
             return None
 
-    def _remember(self, t: torch.Tensor, flat: torch.Tensor, key: str) -> None:
+    def _remember(self, t: torch.Tensor, geometry: tuple, key: str) -> None:
         try:
             version = t._version
         except RuntimeError:
             return
-        self._seen[self._geometry(flat)] = (weakref.ref(t), version, key)
+        # the storage's Python object outlives transient tensor wrappers, and dies with the memory
+        self._seen[geometry] = (weakref.ref(t.untyped_storage()), version, key)
 
 
 class FixtureStore:
@@ -189,7 +213,8 @@ class FixtureStore:
         if not mpath.is_file():
             raise StoreError(f"{self.path} is not a fixture store ({MANIFEST} missing)")
         try:
-            self.manifest = json.loads(mpath.read_text())
+            text = mpath.read_text()
+            self.manifest = json.loads(text)
         except (OSError, ValueError) as e:
             raise StoreError(f"{mpath} is corrupt: {e}") from None
         if not isinstance(self.manifest, dict) or "schema" not in self.manifest:
@@ -199,8 +224,7 @@ class FixtureStore:
                 f"{mpath} has schema {self.manifest['schema']}, newer than this tapml reads "
                 f"({SCHEMA_VERSION}); upgrade tapml"
             )
-        body = {k: v for k, v in self.manifest.items() if k != "digest"}
-        if self.manifest.get("digest") != _manifest_digest(body):
+        if not _unseal(text):
             raise StoreError(f"{mpath} was modified after the carve (digest mismatch)")
         for name, meta in self.manifest["shards"].items():
             shard = self._shard_path(name)
@@ -244,11 +268,18 @@ class FixtureStore:
             handle = self._handles.get(shard)
             if handle is None:
                 handle = self._handles[shard] = safetensors.safe_open(str(self._shard_path(shard)), "pt")
-            flat = handle.get_tensor(key)
+            if "offset" in meta:
+                start = meta["offset"]
+                raw = handle.get_slice(_PACKED)[start:start + meta["nbytes"]].clone()  # own, aligned memory
+                flat = raw.view(dtype_from_name(meta["dtype"])) if meta["nbytes"] else torch.empty(0)
+            else:
+                flat = handle.get_tensor(key)
         except StoreError:
             raise
         except Exception as e:  # safetensors raises its own error types
             raise StoreError(f"{self._shard_path(shard)} is corrupt: {e}") from None
+        if flat.numel() == 0:
+            flat = flat.to(dtype_from_name(meta["dtype"]))
         if flat.dtype != dtype_from_name(meta["dtype"]) or flat.numel() != meta["numel"]:
             raise StoreError(f"{self._shard_path(shard)} holds {key} with the wrong dtype or size")
         return flat

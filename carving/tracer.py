@@ -24,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
+from .layout import dtype_name
 from .store import StoreWriter
 from .values import encode
 
@@ -91,7 +92,7 @@ def op_info(func) -> OpInfo:
 
 
 def _tensor_meta(t: torch.Tensor) -> list:
-    return [str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride())]
+    return [dtype_name(t.dtype), t.shape, t.stride()]
 
 
 def signature(name: str, args, kwargs) -> str:
@@ -278,6 +279,8 @@ class Tracer(TorchDispatchMode):
                 for t in _tensors(args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m))
             ])
         out = func(*args, **kwargs)
+        if info.mutated:
+            add = lambda t: self.writer.add(t, cached=False).to_json()  # noqa: E731
         rec["outputs"] = encode(out, add)
         rec["view"] = info.view
         rec["inplace"] = bool(info.mutated)

@@ -1,0 +1,115 @@
+"""Carving cost as ratios measured in one run (median of N repeats).
+
+- overhead: carve wall time / (plain forward + safetensors write of the same unique bytes)
+- dedup:    stored tensor bytes / unique tensor bytes
+- memory:   peak RSS of a carve vs a plain forward, each in a fresh process
+
+Usage: python benchmarks/carve.py [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORKLOADS = [("zoo:minilm", None), ("zoo:tiny-llama", None), ("zoo:tiny-llama", 8)]
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measure(spec: str, generate: int | None, repeats: int) -> dict:
+    import safetensors.torch
+    import torch
+    from tapml.carving import FixtureStore, carve
+
+    from tapml.workloads import load_workload
+
+    workload = load_workload(spec)
+    run = lambda: workload.run(generate)  # noqa: E731
+    with torch.no_grad():
+        run()  # warm-up: first calls allocate and pick kernels
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        carve(workload.model, run, tmp / "warm")
+        store = FixtureStore(tmp / "warm")
+        unique = {key: store.flat(key).clone() for key in store.tensors}
+        forward, write, carving = [], [], []
+        for i in range(repeats):
+            with torch.no_grad():
+                forward.append(_timed(run))
+            write.append(_timed(lambda i=i: safetensors.torch.save_file(unique, str(tmp / f"w{i}.safetensors"))))
+            carving.append(_timed(lambda i=i: carve(workload.model, run, tmp / f"c{i}")))
+        fwd, wr, cv = (statistics.median(x) for x in (forward, write, carving))
+        return {
+            "workload": spec + (f" --generate {generate}" if generate else ""),
+            "ops": len(store.ops),
+            "forward_s": fwd,
+            "write_s": wr,
+            "carve_s": cv,
+            "overhead_ratio": cv / (fwd + wr),
+            "unique_tensor_bytes": store.unique_tensor_bytes,
+            "stored_bytes": store.stored_bytes,
+            "dedup_ratio": store.stored_bytes / store.unique_tensor_bytes,
+            "referenced_bytes": store.manifest["stats"]["bytes_referenced"],
+        }
+
+
+_PEAK = """
+import resource, sys, tempfile, torch
+from tapml.workloads import load_workload
+from tapml.carving import carve
+spec, gen, mode = sys.argv[1], (int(sys.argv[2]) or None), sys.argv[3]
+w = load_workload(spec)
+with torch.no_grad():
+    w.run(gen)
+if mode == "carve":
+    with tempfile.TemporaryDirectory() as d:
+        carve(w.model, lambda: w.run(gen), d + "/s")
+else:
+    with torch.no_grad():
+        w.run(gen)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_rss(spec: str, generate: int | None, mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", _PEAK, spec, str(generate or 0), mode],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for spec, gen in WORKLOADS:
+        row = measure(spec, gen, args.repeats)
+        row["peak_rss_forward"] = peak_rss(spec, gen, "forward")
+        row["peak_rss_carve"] = peak_rss(spec, gen, "carve")
+        rows.append(row)
+    print("| workload | ops | forward | safetensors write | carve | overhead ratio (goal ≤ 1.5) "
+          "| dedup stored/unique (goal ≤ 1.02) | referenced / unique | peak RSS forward → carve |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['workload']} | {r['ops']} | {r['forward_s'] * 1e3:.1f} ms | {r['write_s'] * 1e3:.1f} ms "
+              f"| {r['carve_s'] * 1e3:.1f} ms | **{r['overhead_ratio']:.2f}** | {r['dedup_ratio']:.4f} "
+              f"| {r['referenced_bytes'] / r['unique_tensor_bytes']:.1f}× "
+              f"| {r['peak_rss_forward'] / 2**20:.0f} → {r['peak_rss_carve'] / 2**20:.0f} MiB |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
