@@ -84,14 +84,17 @@ class StoreWriter:
         self._done = False
 
     # -- writing -------------------------------------------------------------
-    def add(self, t: torch.Tensor, *, cached: bool = True) -> TensorRef:
+    def add(self, t: torch.Tensor, *, cached: bool = True) -> dict:
         """Record one use of a tensor; its bytes are stored only the first time.
+
+        Returns the use as a ``TensorRef`` JSON dict (built directly: this is the hot path).
 
         ``cached=False`` for outputs of in-place ops: their version counter is bumped
         only after the dispatch mode returns, so the hash cache cannot see the write yet.
         """
-        t = t.detach()
-        if t.device.type != "cpu":
+        if t.requires_grad:
+            t = t.detach()
+        if not t.is_cpu:
             t = t.cpu()
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
@@ -115,7 +118,12 @@ class StoreWriter:
                 self._pending_views.setdefault(storage, []).append(key)
             if self._pending_bytes >= self.shard_bytes:
                 self.flush()
-        return TensorRef(key, dtype_name(t.dtype), tuple(t.shape), tuple(t.stride()), t.storage_offset(), exact)
+        ref = {"key": key, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "stride": list(t.stride())}
+        if t.storage_offset():
+            ref["offset"] = t.storage_offset()
+        if not exact:
+            ref["exact"] = False
+        return ref
 
     def protect(self, tensors: list[torch.Tensor]) -> None:
         """Copy pending bytes that an in-place op is about to overwrite."""

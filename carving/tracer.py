@@ -12,7 +12,6 @@ import contextvars
 import fnmatch
 import hashlib
 import itertools
-import json
 import os
 import re
 import sys
@@ -91,14 +90,20 @@ def op_info(func) -> OpInfo:
     return info
 
 
-def _tensor_meta(t: torch.Tensor) -> list:
-    return [dtype_name(t.dtype), t.shape, t.stride()]
+def _meta(value):
+    """A repr-stable stand-in for a value: tensors become (dtype, shape, stride)."""
+    if isinstance(value, torch.Tensor):
+        return (dtype_name(value.dtype), tuple(value.shape), value.stride())
+    if isinstance(value, (list, tuple)):
+        return tuple(_meta(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _meta(v)) for k, v in value.items())
+    return value
 
 
 def signature(name: str, args, kwargs) -> str:
     """Op identity for compile caches and de-duplication: overload, tensor metadata, other args."""
-    body = json.dumps([name, encode(args, _tensor_meta), encode(kwargs, _tensor_meta)], separators=(",", ":"))
-    return hashlib.sha1(body.encode()).hexdigest()[:16]
+    return hashlib.sha1(repr((name, _meta(args), _meta(kwargs))).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -218,9 +223,12 @@ class Tracer(TorchDispatchMode):
                     self._busy = False
 
     def _tensor_leaves(self, tree) -> list[dict]:
+        """Tensors anywhere in a module's args/kwargs/outputs, with their pytree paths."""
+        if isinstance(tree, torch.Tensor):  # the common single-tensor output, without pytree's cost
+            return [{"path": "", "tensor": self.writer.add(tree)}]
         leaves, _ = tree_flatten_with_path(tree)
         return [
-            {"path": keystr(p), "tensor": self.writer.add(v).to_json()}
+            {"path": keystr(p), "tensor": self.writer.add(v)}
             for p, v in leaves
             if isinstance(v, torch.Tensor)
         ]
@@ -259,7 +267,7 @@ class Tracer(TorchDispatchMode):
             return func(*args, **kwargs)
         self._seen_sigs.add(sig)
         self._sync_step(root_call=False)
-        add = lambda t: self.writer.add(t).to_json()  # noqa: E731
+        add = self.writer.add
         rec = {
             "index": len(self.ops),
             "seq": seq,
@@ -280,7 +288,7 @@ class Tracer(TorchDispatchMode):
             ])
         out = func(*args, **kwargs)
         if info.mutated:
-            add = lambda t: self.writer.add(t, cached=False).to_json()  # noqa: E731
+            add = lambda t: self.writer.add(t, cached=False)  # noqa: E731
         rec["outputs"] = encode(out, add)
         rec["view"] = info.view
         rec["inplace"] = bool(info.mutated)
