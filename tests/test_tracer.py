@@ -171,3 +171,13 @@ def test_minilm_carve_is_large_and_replays_exactly(minilm_store):
 def test_llama_generate_replays_exactly(llama_generate_store):
     report = replay(llama_generate_store)
     assert report.ok and report.checked == len(llama_generate_store.ops)
+
+
+def test_out_variant_is_recorded_as_inplace(tmp_path):
+    a, b, c = torch.ones(3), torch.full((3,), 2.0), torch.zeros(3)
+    store = carve_fn(tmp_path, nn.Identity(), lambda: torch.add(a, b, out=c))
+    (add,) = ops_named(store, "aten.add.out")
+    assert add["inplace"] and "out" in add["kwargs"]["dict"]
+    assert torch.equal(store.load(add["kwargs"]["dict"]["out"]["tensor"]), torch.zeros(3))  # before
+    assert torch.equal(store.load(add["outputs"]["tensor"]), torch.full((3,), 3.0))  # after
+    assert replay(store).ok
