@@ -12,18 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tapml.platforms.torch_eager import resolve_op
+from tapml.platforms.values import Opaque
+from tapml.platforms.values import decode_value as decode
 
 from .layout import canonical, content_key
 from .store import FixtureStore
-from .values import Opaque, decode
 
 __all__ = ["resolve_op", "run_op", "replay", "ReplayReport", "Mismatch"]
-
-
-def resolve_op(name: str):
-    """``"aten.addmm.default"`` → ``torch.ops.aten.addmm.default``."""
-    namespace, op, overload = name.split(".")
-    return getattr(getattr(getattr(torch.ops, namespace), op), overload)
 
 
 def run_op(store: FixtureStore, rec: dict) -> Any:

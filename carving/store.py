@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,9 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
+from tapml.platforms.opcall import OpCall
+from tapml.platforms.tensors import HashMemo
+from tapml.platforms.values import iter_specs
 
 from .layout import TensorRef, canonical, content_key, dtype_from_name, dtype_name, materialize
 
@@ -80,7 +82,7 @@ class StoreWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._pending_views: dict[int, list[str]] = {}  # storage ptr -> pending keys that alias it
-        self._seen: dict[tuple, tuple[Any, int, str]] = {}  # geometry -> (weakref, version, key)
+        self._memo = HashMemo()  # a tensor read by many ops is hashed once
         self._done = False
 
     # -- writing -------------------------------------------------------------
@@ -99,14 +101,9 @@ class StoreWriter:
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
         flat, exact = canonical(t)
+        key = self._memo.key(t, flat, memo=cached)
         storage = flat.untyped_storage().data_ptr()
         shares = flat.numel() > 0 and storage == t.untyped_storage().data_ptr()
-        geometry = (flat.data_ptr(), flat.numel(), flat.dtype) if shares else None
-        key = self._cached_key(t, geometry) if shares and cached else None
-        if key is None:
-            key = content_key(flat)
-            if shares:
-                self._remember(t, geometry, key)
         nbytes = flat.numel() * flat.element_size()
         self.bytes_referenced += nbytes
         if key not in self.index:
@@ -190,24 +187,6 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         self.abort()  # no-op after commit
-
-    # -- hash cache: a tensor read by many ops is hashed once ----------------
-    def _cached_key(self, t: torch.Tensor, geometry: tuple) -> str | None:
-        hit = self._seen.get(geometry)
-        if hit is None or hit[0]() is None:
-            return None
-        try:
-            return hit[2] if hit[1] == t._version else None
-        except RuntimeError:  # inference tensors carry no version counter
-            return None
-
-    def _remember(self, t: torch.Tensor, geometry: tuple, key: str) -> None:
-        try:
-            version = t._version
-        except RuntimeError:
-            return
-        # the storage's Python object outlives transient tensor wrappers, and dies with the memory
-        self._seen[geometry] = (weakref.ref(t.untyped_storage()), version, key)
 
 
 class FixtureStore:
@@ -297,6 +276,21 @@ class FixtureStore:
         if isinstance(ref, dict):
             ref = TensorRef.from_json(ref)
         return materialize(self.flat(ref.key), ref)
+
+    def op_call(self, index: int) -> OpCall:
+        """Carved op ``index`` as a platform sees it."""
+        rec = self.ops[index]
+        return OpCall(op=rec["op"], args=rec["args"], kwargs=rec["kwargs"], outputs=rec["outputs"],
+                      signature=rec["signature"], module=rec["module"], index=rec["index"], call=rec["call"],
+                      view=rec["view"], inplace=rec["inplace"])
+
+    def inputs(self, index: int) -> list[torch.Tensor]:
+        """The recorded input tensors of op ``index``, in ``OpCall.inputs`` order, exact layout."""
+        rec = self.ops[index]
+        return [self.load(ref) for ref in iter_specs([rec["args"], rec["kwargs"]])]
+
+    def outputs(self, index: int) -> list[torch.Tensor]:
+        return [self.load(ref) for ref in iter_specs(self.ops[index]["outputs"])]
 
     def iter_problems(self) -> Iterator[str]:
         """Re-hash every stored tensor; yield one line per mismatch."""

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tapml.platforms.values import encode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from .layout import dtype_name
 from .store import StoreWriter
-from .values import encode
 
 __all__ = ["CarveOptions", "Tracer", "step", "op_info", "OpInfo"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .carving import FixtureStore
-from .carving.values import iter_tensor_refs
+from .platforms.values import iter_specs as iter_tensor_refs
 
 __all__ = ["summarize"]
 

@@ -7,12 +7,8 @@ a dict of keyword arguments, or a single tensor.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,32 +42,16 @@ class Workload:
 
 
 def _import_factory(spec: str) -> Callable[[], Any]:
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
+    from .platforms import PlatformError, import_object
+
+    if ":" not in spec:
         raise TapmlError(f"model spec {spec!r} is not zoo:NAME, FILE.py:factory or pkg.module:factory")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise TapmlError(f"model file {target} does not exist")
-        name = f"tapml_user_{abs(hash(str(path.resolve())))}"
-        mod_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[name] = module
-        try:
-            mod_spec.loader.exec_module(module)
-        except Exception as e:
-            sys.modules.pop(name, None)
-            raise TapmlError(f"importing {target} raised {type(e).__name__}: {e}") from e
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise TapmlError(f"cannot import module {target!r}: {e}") from e
-        except Exception as e:
-            raise TapmlError(f"importing {target} raised {type(e).__name__}: {e}") from e
-    factory = getattr(module, attr, None)
+    try:
+        factory = import_object(spec, "model")
+    except PlatformError as e:
+        raise TapmlError(str(e)) from e
     if not callable(factory):
-        raise TapmlError(f"{target} has no callable {attr!r}")
+        raise TapmlError(f"{spec} is not callable")
     return factory
 
 

@@ -79,7 +79,7 @@ def test_carve_module_factory(tmp_path, factory_file, capsys, monkeypatch):
         ("justaname", "is not zoo:NAME"),
         ("{factory}:raises", "raised RuntimeError: weights not found"),
         ("{factory}:wrong", "must return (model, inputs)"),
-        ("{factory}:missing", "has no callable 'missing'"),
+        ("{factory}:missing", "has no 'missing'"),
     ],
 )
 def test_bad_model_specs(tmp_path, factory_file, capsys, spec, message):

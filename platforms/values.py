@@ -1,8 +1,9 @@
 """JSON-safe encoding of operator arguments and results.
 
-Plain JSON values (None, bool, int, str, lists) stand for themselves; everything
-else is a one-key object (``{"tensor": ...}``, ``{"dtype": "float32"}``, ...), so
-decoding is unambiguous and nothing is ever pickled.
+Plain JSON values (None, bool, int, float, str, lists) stand for themselves;
+everything else is a one-key object (``{"tensor": ...}``, ``{"dtype": "float32"}``,
+...), so decoding is unambiguous and nothing is ever pickled. Carving writes this
+encoding; ``OpCall`` carries it to platforms, locally or over RPC.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any
 
 import torch
 
-from .layout import dtype_from_name, dtype_name
+from .tensors import dtype_from_name, dtype_name
 
-__all__ = ["encode", "decode", "iter_tensor_refs", "Opaque"]
+__all__ = ["encode", "decode_value", "iter_specs", "Opaque"]
 
 _MEMORY_FORMATS = {
     str(f).removeprefix("torch."): f
@@ -25,7 +26,7 @@ _LAYOUTS = {str(lay).removeprefix("torch."): lay for lay in (torch.strided, torc
 
 
 class Opaque(ValueError):
-    """A value that cannot be recorded faithfully (a generator, a Python object)."""
+    """A recorded value that cannot be rebuilt (a generator, a Python object)."""
 
 
 def encode(value: Any, on_tensor: Callable[[torch.Tensor], dict]) -> Any:
@@ -57,18 +58,19 @@ def encode(value: Any, on_tensor: Callable[[torch.Tensor], dict]) -> Any:
     return {"opaque": type(value).__name__}
 
 
-def decode(value: Any, load_tensor: Callable[[dict], torch.Tensor]) -> Any:
+def decode_value(value: Any, tensor) -> Any:
+    """Rebuild an encoded value; ``tensor(payload)`` supplies each tensor."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):
-        return [decode(v, load_tensor) for v in value]
+        return [decode_value(v, tensor) for v in value]
     (kind, payload), = value.items()
     if kind == "tensor":
-        return load_tensor(payload)
+        return tensor(payload)
     if kind == "tuple":
-        return tuple(decode(v, load_tensor) for v in payload)
+        return tuple(decode_value(v, tensor) for v in payload)
     if kind == "dict":
-        return {k: decode(v, load_tensor) for k, v in payload.items()}
+        return {k: decode_value(v, tensor) for k, v in payload.items()}
     if kind == "float":
         return float(payload)
     if kind == "dtype":
@@ -84,16 +86,16 @@ def decode(value: Any, load_tensor: Callable[[dict], torch.Tensor]) -> Any:
     raise Opaque(f"cannot rebuild a recorded {payload} value")
 
 
-def iter_tensor_refs(value: Any):
-    """Every tensor ref inside an encoded value, in order."""
+def iter_specs(value):
+    """Every ``{"tensor": ...}`` payload inside an encoded value, in order."""
     if isinstance(value, list):
         for v in value:
-            yield from iter_tensor_refs(v)
+            yield from iter_specs(v)
     elif isinstance(value, dict):
         (kind, payload), = value.items()
         if kind == "tensor":
             yield payload
         elif kind == "tuple":
-            yield from iter_tensor_refs(payload)
+            yield from iter_specs(payload)
         elif kind == "dict":
-            yield from iter_tensor_refs(list(payload.values()))
+            yield from iter_specs(list(payload.values()))

@@ -1,0 +1,58 @@
+"""``torch-cpu`` and ``torch-cuda``: the aten op itself, run eagerly by PyTorch.
+
+``torch-cpu`` is the identity target — its local error on carved fixtures is
+exactly zero, which checks the whole pipeline (store, wire, relayout) end to end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Capabilities, Platform, Support
+from .opcall import OpCall, bind_args, flatten_outputs
+from .tensors import relayout
+
+__all__ = ["TorchPlatform", "TorchCUDA", "resolve_op"]
+
+
+def resolve_op(name: str):
+    """``"aten.addmm.default"`` → ``torch.ops.aten.addmm.default``."""
+    namespace, op, overload = name.split(".")
+    return getattr(getattr(getattr(torch.ops, namespace), op), overload)
+
+
+class TorchPlatform(Platform):
+    name = "torch-cpu"
+    description = "PyTorch eager on this CPU (the identity target: local error exactly 0)"
+    device = "cpu"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(device=self.device)
+
+    def compile(self, op: OpCall) -> Any:
+        return resolve_op(op.op)
+
+    def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # each input in its recorded layout: some kernels take other paths for other strides
+        laid = [relayout(t.to(self.device), spec) for t, spec in zip(inputs, op.inputs, strict=True)]
+        args, kwargs = bind_args(op, laid, device=self.device if self.device != "cpu" else None)
+        with torch.no_grad():
+            return [o.cpu() for o in flatten_outputs(kernel(*args, **kwargs))]
+
+
+class TorchCUDA(TorchPlatform):
+    name = "torch-cuda"
+    description = "PyTorch eager on the first CUDA GPU"
+    device = "cuda"
+
+    @classmethod
+    def availability(cls) -> Support:
+        if not torch.cuda.is_available():
+            return Support.no("no CUDA device visible to PyTorch on this machine")
+        return Support.yes()
+
+    def capabilities(self) -> Capabilities:
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
+        return Capabilities(device=f"cuda:0 ({name})")

@@ -1,0 +1,141 @@
+"""``tvm-llvm``: each op compiled by Apache TVM for this CPU and run on the Relax VM.
+
+The op is wrapped in a one-op module, exported with ``torch.export``, imported
+with TVM's own ``from_exported_program`` and built with ``tvm.compile``. Kernels
+are cached in memory and on disk (``TAPML_CACHE_DIR``, default
+``~/.cache/tapml``) keyed by platform, target, TVM and torch versions and the op
+signature, so a model compiles once per unique signature and a rerun compiles
+nothing. An op TVM cannot import or build is ``unsupported`` with TVM's reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .base import Capabilities, Platform, Support, Unsupported
+from .opcall import OpCall, bind_args, flatten_outputs
+from .torch_eager import resolve_op
+
+__all__ = ["TVMPlatform", "TVMLLVM", "cache_dir"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TAPML_CACHE_DIR") or Path.home() / ".cache" / "tapml")
+
+
+def _functional(op: OpCall):
+    """The overload to export: in-place ``add_`` becomes ``add`` (export cannot keep the mutation)."""
+    namespace, name, overload = op.op.split(".")
+    if "out" in (op.kwargs.get("dict", {}) if isinstance(op.kwargs, dict) else {}):
+        raise Unsupported("out= variant: no functional form to compile")
+    if op.inplace and name.endswith("_"):
+        try:
+            return resolve_op(f"{namespace}.{name[:-1]}.{overload}")
+        except AttributeError:
+            raise Unsupported(f"in-place {op.op} has no functional variant") from None
+    return resolve_op(op.op)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+class _OneOp(torch.nn.Module):
+    def __init__(self, fn, op: OpCall):
+        super().__init__()
+        self.fn, self.op = fn, op
+
+    def forward(self, *tensors):
+        args, kwargs = bind_args(self.op, list(tensors))
+        return tuple(flatten_outputs(self.fn(*args, **kwargs)))
+
+
+class TVMPlatform(Platform):
+    """Base for TVM targets; subclasses set ``target`` and the device."""
+
+    target: ClassVar[str] = "llvm"
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tvm
+
+        self._tvm = tvm
+        self.dev = tvm.cpu()
+
+    @classmethod
+    def availability(cls) -> Support:
+        try:
+            import tvm  # noqa: F401
+            from tvm.relax.frontend.torch import from_exported_program  # noqa: F401
+        except ImportError as e:
+            return Support.no(f"apache-tvm is not importable: {e}")
+        return Support.yes()
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(device=f"{self.target} (TVM {self._tvm.__version__})")
+
+    def cache_key(self, op: OpCall) -> str:
+        parts = [self.name, self.target, self._tvm.__version__, torch.__version__, op.op, op.signature]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+    def compile(self, op: OpCall) -> Any:
+        from tvm import relax
+
+        path = cache_dir() / "tvm" / f"{self.cache_key(op)}.so"
+        if path.exists():
+            try:
+                self.stats["disk_hits"] += 1
+                return relax.VirtualMachine(self._tvm.runtime.load_module(str(path)), self.dev)
+            except Exception:
+                path.unlink(missing_ok=True)  # a stale or partial file: rebuild it
+        executable = self._build(op)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
+        executable.export_library(str(tmp))
+        os.replace(tmp, path)
+        return relax.VirtualMachine(executable, self.dev)
+
+    def _build(self, op: OpCall):
+        from tvm.relax.frontend.torch import from_exported_program
+
+        fn = _functional(op)
+        examples = tuple(torch.zeros(s.shape, dtype=s.torch_dtype) for s in op.inputs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                exported = torch.export.export(_OneOp(fn, op), examples)
+            except Exception as e:
+                raise Unsupported(f"torch.export failed: {_one_line(e)}") from None
+            try:
+                mod = from_exported_program(exported)
+            except Exception as e:
+                raise Unsupported(f"TVM frontend: {_one_line(e)}") from None
+            try:
+                return self._tvm.compile(mod, target=self.target)
+            except Exception as e:
+                raise Unsupported(f"TVM build: {_one_line(e)}") from None
+
+    def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        args = [self._tvm.runtime.from_dlpack(t.contiguous()) for t in inputs]
+        result = kernel["main"](*args)
+        results = list(result) if not hasattr(result, "shape") else [result]
+        outputs = []
+        for r, spec in zip(results, op.output_specs, strict=True):
+            t = torch.from_dlpack(r).clone()
+            if tuple(t.shape) != spec.shape:
+                raise RuntimeError(f"TVM returned shape {tuple(t.shape)}, expected {spec.shape}")
+            outputs.append(t.to(spec.torch_dtype))
+        return outputs
+
+
+class TVMLLVM(TVMPlatform):
+    name = "tvm-llvm"
+    description = "Apache TVM, compiled per op for this CPU (LLVM), run on the Relax VM"
+    target = "llvm"
