@@ -1,0 +1,240 @@
+"""``RemotePlatform``: the client-side proxy that *is* a ``Platform``.
+
+The engine calls ``prepare``/``execute`` as on any platform; here they become
+JSON calls over rpyc and tensor frames over the data channel. Tensors the worker
+already holds (weights, repeated activations) are referenced by content hash,
+not resent. Every call has a timeout; a worker that dies or hangs costs the op
+in flight (``WorkerCrashed``/``WorkerTimeout``), then the client respawns its
+local worker or reconnects to the remote one and carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import rpyc
+import torch
+from rpyc.core.async_ import AsyncResultTimeout
+from tapml.platforms import Capabilities, OpCall, Platform, PlatformError, Support, Unsupported
+from tapml.platforms.tensors import HashMemo
+
+from .spawn import SpawnedWorker, spawn_worker
+from .wire import Inbox, WireError, send_tensor
+
+__all__ = ["RemotePlatform", "OpFailed", "WorkerCrashed", "WorkerTimeout", "PayloadTooLarge", "parse_address"]
+
+CLIENT_CONFIG = {"allow_public_attrs": False, "allow_pickle": False, "sync_request_timeout": 30}
+
+
+class OpFailed(Exception):
+    """The op could not complete on the target; ``status`` is how the engine records it."""
+
+    status = "crashed"
+
+
+class WorkerCrashed(OpFailed):
+    status = "crashed"
+
+
+class WorkerTimeout(OpFailed):
+    status = "timeout"
+
+
+class PayloadTooLarge(OpFailed):
+    status = "crashed"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise PlatformError(f"--remote {address!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class RemotePlatform(Platform):
+    """A platform hosted by a worker process: spawned here (``spawn=NAME``) or at ``address``."""
+
+    def __init__(self, address: str | None = None, *, spawn: str | None = None, token: str | None = None,
+                 timeout: float = 60.0, compile_timeout: float = 600.0, connect_timeout: float = 10.0,
+                 reconnect_s: float = 30.0, spawn_options: dict | None = None):
+        super().__init__()
+        if (address is None) == (spawn is None):
+            raise PlatformError("give either a worker address or a platform to spawn")
+        self.timeout, self.compile_timeout = timeout, compile_timeout
+        self.connect_timeout, self.reconnect_s = connect_timeout, reconnect_s
+        self._spawn_name, self._spawn_options = spawn, spawn_options or {}
+        self._worker: SpawnedWorker | None = None
+        self._address = parse_address(address) if address else None
+        self._token = token or ""
+        self._memo = HashMemo()
+        self._conn = None
+        self.restarts = 0
+        self._connect()
+
+    # -- connection ------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        host, port = self._address
+        return f"{host}:{port}"
+
+    def _connect(self) -> None:
+        if self._spawn_name is not None:
+            self._worker = spawn_worker(self._spawn_name, **self._spawn_options)
+            self._address, self._token = (self._worker.host, self._worker.port), self._worker.token
+        host, port = self._address
+        try:
+            sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+            sock.sendall(f"TAPML1 {self._token}\n".encode())
+            sock.settimeout(None)
+            conn = rpyc.utils.factory.connect_stream(rpyc.SocketStream(sock), config=dict(
+                CLIENT_CONFIG, sync_request_timeout=self.connect_timeout))
+            info = json.loads(conn.root.hello())
+        except (OSError, EOFError) as e:
+            raise PlatformError(f"cannot reach the worker at {host}:{port}: {e or 'connection closed'} "
+                                "(is it running? is the token right?)") from None
+        conn._config["sync_request_timeout"] = self.timeout
+        data = socket.create_connection((host, info["data_port"]), timeout=self.connect_timeout)
+        data.settimeout(None)
+        data.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        data.sendall(f"TAPMLDATA {info['nonce']}\n".encode())
+        self._conn, self._data, self.info = conn, data, info
+        self._inbox = Inbox()
+        self._inbox.reader(data, None)
+        self._send_lock = threading.Lock()
+        self._known: set[str] = set()
+        self.name = info["platform"]
+        self.description = info["description"]
+
+    def _drop(self) -> None:
+        for closer in (getattr(self._conn, "close", None), getattr(getattr(self, "_data", None), "close", None)):
+            try:
+                if closer:
+                    closer()
+            except Exception:
+                pass
+        self._conn = None
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+    def _recover(self) -> None:
+        """After a crash or hang: a fresh spawned worker, or reconnect (bounded) to the remote one."""
+        self._drop()
+        self.restarts += 1
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            try:
+                self._connect()
+                return
+            except PlatformError:
+                if self._spawn_name is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # a supervised worker is restarting; retry with a bounded deadline
+
+    def _call(self, method: str, *args, timeout: float) -> dict:
+        if self._conn is None:
+            self._recover()
+        try:
+            result = rpyc.async_(getattr(self._conn.root, method))(*args)
+            result.set_expiry(timeout)
+            return json.loads(result.value)
+        except AsyncResultTimeout:
+            self._recover_quietly()
+            raise WorkerTimeout(f"no answer from the worker within {timeout:.0f}s (worker restarted)") from None
+        except (EOFError, OSError, WireError) as e:
+            self._recover_quietly()
+            raise WorkerCrashed(f"the worker died ({type(e).__name__}: {e}) and was restarted") from None
+
+    def _recover_quietly(self) -> None:
+        try:
+            self._recover()
+        except PlatformError:
+            self._conn = None  # the next call tries again
+
+    # -- the Platform interface ------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        caps = dict(self.info["capabilities"])
+        caps["dtypes"] = tuple(caps["dtypes"])
+        caps["limits"] = tuple(tuple(x) for x in caps.get("limits", ()))
+        return Capabilities(**caps)
+
+    def prepare(self, op: OpCall) -> Support:
+        known = self._support.get(op.signature)
+        if known is not None:
+            self.stats["cache_hits"] += 1
+            return known
+        reply = self._call("prepare", op.dumps(), timeout=self.compile_timeout)
+        support = Support(reply["ok"], reply.get("reason", ""))
+        self._support[op.signature] = support
+        return support
+
+    def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        support = self.prepare(op)
+        if not support:
+            raise Unsupported(support.reason)
+        keys = self._upload(inputs)
+        reply = self._call("run", op.dumps(), json.dumps(keys), timeout=self.timeout)
+        if not reply["ok"] and reply["kind"] == "missing":  # evicted from the worker's cache: resend once
+            self._known.difference_update(reply["keys"])
+            keys = self._upload(inputs)
+            reply = self._call("run", op.dumps(), json.dumps(keys), timeout=self.timeout)
+        if not reply["ok"]:
+            if reply["kind"] == "unsupported":
+                raise Unsupported(reply["message"])
+            if reply["kind"] == "refused":
+                raise PayloadTooLarge(reply["message"])
+            raise OpFailed(f"the kernel failed on the worker: {reply['message']}")
+        self.stats["runs"] += 1
+        self.stats["kernel_us"] += int(reply["kernel_s"] * 1e6)
+        outputs = []
+        for key in reply["outputs"]:
+            try:
+                t = self._inbox.take(key, self.timeout)
+            except WireError as e:
+                self._recover_quietly()
+                raise WorkerCrashed(f"output lost: {e}") from None
+            self.stats["bytes_received"] += t.numel() * t.element_size()
+            outputs.append(t)
+        return outputs
+
+    def _upload(self, inputs: list[torch.Tensor]) -> list[str]:
+        keys = []
+        cap = self.info["max_payload"]
+        for t in inputs:
+            t = t.detach()
+            contiguous = t.contiguous()
+            key = self._memo.key(t, contiguous.reshape(-1))
+            if key not in self._known:
+                nbytes = contiguous.numel() * contiguous.element_size()
+                if nbytes > cap:
+                    raise PayloadTooLarge(f"a {nbytes}-byte tensor exceeds the worker's payload cap of {cap} "
+                                          "bytes (tapml worker --max-payload)")
+                try:
+                    self.stats["bytes_sent"] += send_tensor(self._data, key, contiguous, self._send_lock)
+                except OSError as e:
+                    self._recover_quietly()
+                    raise WorkerCrashed(f"the data channel broke while sending: {e}") from None
+                self._known.add(key)
+            else:
+                self.stats["bytes_reused"] += contiguous.numel() * contiguous.element_size()
+            keys.append(key)
+        return keys
+
+    def worker_stats(self) -> dict[str, Any]:
+        return self._call("stats", timeout=self.timeout)
+
+    def describe(self) -> dict:
+        return dict(super().describe(), address=self.address, worker_pid=self.info.get("pid"))
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> RemotePlatform:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
