@@ -64,7 +64,7 @@ class ReducedPrecision(TorchPlatform):
         return [o.to(spec.torch_dtype) for o, spec in zip(outs, op.output_specs, strict=True)]
 
     def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        laid = [relayout(t, spec) for t, spec in zip(inputs, op.inputs, strict=True)]
+        laid = [relayout(t, spec, copy=op.inplace) for t, spec in zip(inputs, op.inputs, strict=True)]
         return self._call(kernel, op, laid)
 
 

@@ -86,8 +86,13 @@ def broadcast_narrowed(shape, stride) -> tuple[int, ...]:
     return tuple(1 if st == 0 else sz for sz, st in zip(shape, stride, strict=True))
 
 
-def relayout(t: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
-    """``t`` (any layout, logical shape ``spec.shape``) copied into exactly ``spec``'s layout."""
+def relayout(t: torch.Tensor, spec: TensorSpec, *, copy: bool = True) -> torch.Tensor:
+    """``t`` (any layout, logical shape ``spec.shape``) in exactly ``spec``'s layout.
+
+    With ``copy=False`` a tensor already laid out so is returned as is (callers
+    that will not write into it save a copy)."""
+    if not copy and tuple(t.stride()) == spec.stride and t.storage_offset() == spec.offset:
+        return t
     if not spec.exact:
         return t.contiguous()
     narrow = broadcast_narrowed(spec.shape, spec.stride)
@@ -121,11 +126,13 @@ class HashMemo:
     must skip the memo).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hasher=content_key) -> None:
         self._seen: dict[tuple, tuple] = {}
+        self._hash = hasher
 
     def key(self, t: torch.Tensor, flat: torch.Tensor, *, memo: bool = True) -> str:
         """The content key of ``flat`` (``t``'s elements, flattened), memoized when it aliases ``t``."""
+        content_key = self._hash
         aliases = flat.numel() > 0 and flat.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
         if not (aliases and memo):
             return content_key(flat)

@@ -35,8 +35,9 @@ class TorchPlatform(Platform):
         return resolve_op(op.op)
 
     def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        # each input in its recorded layout: some kernels take other paths for other strides
-        laid = [relayout(t.to(self.device), spec) for t, spec in zip(inputs, op.inputs, strict=True)]
+        # each input in its recorded layout: some kernels take other paths for other strides;
+        # a private copy only for in-place ops, which would write into the caller's tensor
+        laid = [relayout(t.to(self.device), spec, copy=op.inplace) for t, spec in zip(inputs, op.inputs, strict=True)]
         args, kwargs = bind_args(op, laid, device=self.device if self.device != "cpu" else None)
         with torch.no_grad():
             return [o.cpu() for o in flatten_outputs(kernel(*args, **kwargs))]

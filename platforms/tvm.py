@@ -96,6 +96,7 @@ class TVMPlatform(Platform):
             except Exception:
                 path.unlink(missing_ok=True)  # a stale or partial file: rebuild it
         executable = self._build(op)
+        self.stats["builds"] += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
         executable.export_library(str(tmp))
@@ -126,13 +127,8 @@ class TVMPlatform(Platform):
         args = [self._tvm.runtime.from_dlpack(t.contiguous()) for t in inputs]
         result = kernel["main"](*args)
         results = list(result) if not hasattr(result, "shape") else [result]
-        outputs = []
-        for r, spec in zip(results, op.output_specs, strict=True):
-            t = torch.from_dlpack(r).clone()
-            if tuple(t.shape) != spec.shape:
-                raise RuntimeError(f"TVM returned shape {tuple(t.shape)}, expected {spec.shape}")
-            outputs.append(t.to(spec.torch_dtype))
-        return outputs
+        # returned as TVM computed them: a wrong shape or dtype is the comparison's finding, not an error
+        return [torch.from_dlpack(r).clone() for r in results]
 
 
 class TVMLLVM(TVMPlatform):

@@ -1,7 +1,8 @@
 """``RemotePlatform``: the client-side proxy that *is* a ``Platform``.
 
-The engine calls ``prepare``/``execute`` as on any platform; here they become
-JSON calls over rpyc and tensor frames over the data channel. Tensors the worker
+The engine calls ``prepare``/``execute`` as on any platform; ``prepare`` is a
+JSON call over rpyc, ``execute`` a run frame plus tensor frames on the data
+channel. Tensors the worker
 already holds (weights, repeated activations) are referenced by content hash,
 not resent. Every call has a timeout; a worker that dies or hangs costs the op
 in flight (``WorkerCrashed``/``WorkerTimeout``), then the client respawns its
@@ -23,7 +24,7 @@ from tapml.platforms import Capabilities, OpCall, Platform, PlatformError, Suppo
 from tapml.platforms.tensors import HashMemo
 
 from .spawn import SpawnedWorker, spawn_worker
-from .wire import Inbox, WireError, send_tensor
+from .wire import WireError, recv_frame, send_frame, send_tensor, wire_key
 
 __all__ = ["RemotePlatform", "OpFailed", "WorkerCrashed", "WorkerTimeout", "PayloadTooLarge", "parse_address"]
 
@@ -70,7 +71,8 @@ class RemotePlatform(Platform):
         self._worker: SpawnedWorker | None = None
         self._address = parse_address(address) if address else None
         self._token = token or ""
-        self._memo = HashMemo()
+        self._memo = HashMemo(wire_key)
+        self._lock = threading.RLock()  # one op in flight per data socket
         self._conn = None
         self.restarts = 0
         self._connect()
@@ -102,10 +104,8 @@ class RemotePlatform(Platform):
         data.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         data.sendall(f"TAPMLDATA {info['nonce']}\n".encode())
         self._conn, self._data, self.info = conn, data, info
-        self._inbox = Inbox()
-        self._inbox.reader(data, None)
-        self._send_lock = threading.Lock()
-        self._known: set[str] = set()
+        self._known: set[str] = set()  # tensor keys the worker holds for this session
+        self._sent_ops: set[str] = set()  # signatures the worker has the OpCall for
         self.name = info["platform"]
         self.description = info["description"]
 
@@ -136,6 +136,7 @@ class RemotePlatform(Platform):
                 time.sleep(0.2)  # a supervised worker is restarting; retry with a bounded deadline
 
     def _call(self, method: str, *args, timeout: float) -> dict:
+        """A control call over rpyc, bounded by ``timeout``."""
         if self._conn is None:
             self._recover()
         try:
@@ -167,39 +168,62 @@ class RemotePlatform(Platform):
         if known is not None:
             self.stats["cache_hits"] += 1
             return known
-        reply = self._call("prepare", op.dumps(), timeout=self.compile_timeout)
+        with self._lock:
+            reply = self._call("prepare", op.dumps(), timeout=self.compile_timeout)
         support = Support(reply["ok"], reply.get("reason", ""))
+        if support:
+            self._sent_ops.add(op.signature)  # the worker keeps what it prepared
         self._support[op.signature] = support
         return support
 
     def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        support = self.prepare(op)
-        if not support:
-            raise Unsupported(support.reason)
+        with self._lock:
+            support = self.prepare(op)
+            if not support:
+                raise Unsupported(support.reason)
+            outputs, reply = self._run(op, inputs)
+            if reply.get("error") in ("missing", "unknown-op"):  # evicted or restarted: resend once
+                self._known.difference_update(reply.get("keys", ()))
+                self._sent_ops.discard(op.signature)
+                outputs, reply = self._run(op, inputs)
+            if not reply["ok"]:
+                if reply["error"] == "unsupported":
+                    raise Unsupported(reply["message"])
+                if reply["error"] == "refused":
+                    raise PayloadTooLarge(reply["message"])
+                raise OpFailed(f"the kernel failed on the worker: {reply.get('message', reply['error'])}")
+            self.stats["runs"] += 1
+            self.stats["kernel_us"] += int(reply["kernel_s"] * 1e6)
+            return outputs
+
+    def _run(self, op: OpCall, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """One run frame and its answer, on the data socket, under the op timeout."""
+        if self._conn is None:
+            self._recover()
         keys = self._upload(inputs)
-        reply = self._call("run", op.dumps(), json.dumps(keys), timeout=self.timeout)
-        if not reply["ok"] and reply["kind"] == "missing":  # evicted from the worker's cache: resend once
-            self._known.difference_update(reply["keys"])
-            keys = self._upload(inputs)
-            reply = self._call("run", op.dumps(), json.dumps(keys), timeout=self.timeout)
-        if not reply["ok"]:
-            if reply["kind"] == "unsupported":
-                raise Unsupported(reply["message"])
-            if reply["kind"] == "refused":
-                raise PayloadTooLarge(reply["message"])
-            raise OpFailed(f"the kernel failed on the worker: {reply['message']}")
-        self.stats["runs"] += 1
-        self.stats["kernel_us"] += int(reply["kernel_s"] * 1e6)
-        outputs = []
-        for key in reply["outputs"]:
-            try:
-                t = self._inbox.take(key, self.timeout)
-            except WireError as e:
-                self._recover_quietly()
-                raise WorkerCrashed(f"output lost: {e}") from None
-            self.stats["bytes_received"] += t.numel() * t.element_size()
-            outputs.append(t)
-        return outputs
+        header = {"kind": "run", "sig": op.signature, "index": op.index, "module": op.module, "call": op.call,
+                  "keys": keys}
+        if op.signature not in self._sent_ops:
+            header["op"] = op.to_json()
+        try:
+            self._data.settimeout(self.timeout)
+            send_frame(self._data, header)
+            self._sent_ops.add(op.signature)
+            outputs = []
+            while True:
+                frame, t = recv_frame(self._data)
+                if frame.get("kind") == "reply":
+                    break
+                outputs.append(t)
+                self.stats["bytes_received"] += t.numel() * t.element_size()
+            return outputs, frame
+        except TimeoutError:
+            self._recover_quietly()
+            raise WorkerTimeout(f"no answer from the worker within {self.timeout:.0f}s "
+                                "(worker restarted)") from None
+        except (OSError, WireError, ValueError) as e:
+            self._recover_quietly()
+            raise WorkerCrashed(f"the worker died ({type(e).__name__}: {e}) and was restarted") from None
 
     def _upload(self, inputs: list[torch.Tensor]) -> list[str]:
         keys = []
@@ -208,19 +232,20 @@ class RemotePlatform(Platform):
             t = t.detach()
             contiguous = t.contiguous()
             key = self._memo.key(t, contiguous.reshape(-1))
+            nbytes = contiguous.numel() * contiguous.element_size()
             if key not in self._known:
-                nbytes = contiguous.numel() * contiguous.element_size()
                 if nbytes > cap:
                     raise PayloadTooLarge(f"a {nbytes}-byte tensor exceeds the worker's payload cap of {cap} "
                                           "bytes (tapml worker --max-payload)")
                 try:
-                    self.stats["bytes_sent"] += send_tensor(self._data, key, contiguous, self._send_lock)
+                    self._data.settimeout(self.timeout)
+                    self.stats["bytes_sent"] += send_tensor(self._data, key, contiguous)
                 except OSError as e:
                     self._recover_quietly()
                     raise WorkerCrashed(f"the data channel broke while sending: {e}") from None
                 self._known.add(key)
             else:
-                self.stats["bytes_reused"] += contiguous.numel() * contiguous.element_size()
+                self.stats["bytes_reused"] += nbytes
             keys.append(key)
         return keys
 

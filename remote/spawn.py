@@ -71,9 +71,10 @@ def _start(config: WorkerConfig, env: dict | None, pass_fds=()) -> tuple[subproc
 def _await_ready(proc: subprocess.Popen, log: Path, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     buf = b""
+    poller = select.poll()  # not select(): a busy process may hold fds past FD_SETSIZE
+    poller.register(proc.stdout, select.POLLIN)
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
+        if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
             break
         chunk = os.read(proc.stdout.fileno(), 4096)
         if not chunk:
@@ -131,9 +132,10 @@ def supervise(config: WorkerConfig, *, kernel_timeout: float = 60.0, startup_tim
             announced = True
         busy_since = None
         with os.fdopen(read_fd, "rb", buffering=0) as beats:
+            poller = select.poll()
+            poller.register(beats, select.POLLIN)
             while proc.poll() is None and not stop:
-                ready, _, _ = select.select([beats], [], [], 0.5)
-                if ready:
+                if poller.poll(500):
                     data = os.read(beats.fileno(), 4096)
                     if not data:
                         break

@@ -1,8 +1,9 @@
 """The worker: one platform served over rpyc (service mode) plus a raw data channel.
 
-Only the ``exposed_`` methods below are reachable: no classic mode, no public
-attributes, no pickle. Every reply is a JSON string, so nothing crosses as a
-remote object. A token (first line on the socket) guards both channels, the
+Control calls (hello, prepare, stats) are the ``exposed_`` methods below and
+nothing else is reachable: no classic mode, no public attributes, no pickle;
+every reply is a JSON string, so nothing crosses as a remote object. Running an
+op happens on the client's data socket (``wire``). A token (first line on the socket) guards both channels, the
 worker binds to loopback unless told otherwise, and tensors over the payload cap
 are refused while the worker stays up.
 """
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import rpyc
 import torch
@@ -26,7 +27,7 @@ from rpyc.utils.authenticators import AuthenticationError
 from rpyc.utils.server import ThreadedServer
 from tapml.platforms import OpCall, PlatformError, Unsupported, get_platform
 
-from .wire import Inbox, WireError, read_preamble, send_tensor
+from .wire import WireError, read_preamble, recv_frame, send_frame, send_tensor
 
 __all__ = ["WorkerConfig", "serve", "SERVER_CONFIG", "READY"]
 
@@ -61,29 +62,26 @@ class WorkerConfig:
 
 
 class TensorCache:
-    """Uploaded tensors by content key, least recently used evicted past a byte budget."""
+    """One client's uploaded tensors by content key; least recently used evicted past a byte budget."""
 
     def __init__(self, budget: int):
         self.budget, self.used = budget, 0
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
 
     def put(self, key: str, t: torch.Tensor) -> None:
-        with self._lock:
-            if key in self._items:
-                return
-            self._items[key] = t
-            self.used += t.numel() * t.element_size()
-            while self.used > self.budget and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
-                self.used -= old.numel() * old.element_size()
+        if key in self._items:
+            return
+        self._items[key] = t
+        self.used += t.numel() * t.element_size()
+        while self.used > self.budget and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
 
     def get(self, key: str) -> torch.Tensor | None:
-        with self._lock:
-            t = self._items.get(key)
-            if t is not None:
-                self._items.move_to_end(key)
-            return t
+        t = self._items.get(key)
+        if t is not None:
+            self._items.move_to_end(key)
+        return t
 
 
 class _Worker:
@@ -92,9 +90,8 @@ class _Worker:
     def __init__(self, config: WorkerConfig):
         self.config = config
         self.platform = get_platform(config.platform)
-        self.cache = TensorCache(config.cache_bytes)
         self.sessions: dict[str, _Session] = {}
-        self.compile_lock = threading.Lock()
+        self.lock = threading.Lock()  # platforms compile and keep caches: one call at a time
         self.watchdog = os.fdopen(config.watchdog_fd, "w", buffering=1) if config.watchdog_fd is not None else None
         self.data = socket.create_server((config.host, 0))
         threading.Thread(target=self._accept_data, name="tapml-data-accept", daemon=True).start()
@@ -124,25 +121,76 @@ class _Worker:
         if session is None:
             sock.close()
             return
-        session.attach(sock)
+        session.serve(sock)
 
 
 class _Session:
-    """One client: its data socket and the markers of tensors it uploaded."""
+    """One client: its data socket, its uploaded tensors and the ops it has sent."""
 
     def __init__(self, worker: _Worker):
         self.worker = worker
         self.nonce = secrets.token_hex(16)
-        self.inbox = Inbox()
+        self.cache = TensorCache(worker.config.cache_bytes)
+        self.refused: dict[str, str] = {}
+        self.ops: dict[str, OpCall] = {}
         self.sock: socket.socket | None = None
-        self.send_lock = threading.Lock()
-        self.attached = threading.Event()
 
-    def attach(self, sock: socket.socket) -> None:
+    def serve(self, sock: socket.socket) -> None:
+        """The data loop: store tensor frames, answer run frames, until the client goes."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
-        self.inbox.reader(sock, self.worker.config.max_payload, on_tensor=self.worker.cache.put)
-        self.attached.set()
+        try:
+            while True:
+                header, t = recv_frame(sock, self.worker.config.max_payload)
+                if header.get("kind") == "tensor":
+                    if t is None:
+                        self.refused[header["key"]] = header["refused"]
+                    else:
+                        self.cache.put(header["key"], t)
+                elif header.get("kind") == "run":
+                    self._run(header)
+        except (OSError, WireError, ValueError):
+            pass
+        finally:
+            self.close()
+
+    def _run(self, header: dict) -> None:
+        sock = self.sock
+        try:
+            if "op" in header:
+                self.ops[header["sig"]] = OpCall.from_json(header["op"])
+            op = self.ops.get(header["sig"])
+            if op is None:
+                return send_frame(sock, {"kind": "reply", "ok": False, "error": "unknown-op"})
+            op = replace(op, index=header["index"], module=header["module"], call=header["call"])
+            inputs, missing = [], []
+            for key, spec in zip(header["keys"], op.inputs, strict=True):
+                if key in self.refused:
+                    return send_frame(sock, {"kind": "reply", "ok": False, "error": "refused",
+                                             "message": self.refused[key]})
+                t = self.cache.get(key)
+                if t is None:
+                    missing.append(key)
+                else:
+                    inputs.append(t.reshape(spec.shape))
+            if missing:
+                return send_frame(sock, {"kind": "reply", "ok": False, "error": "missing", "keys": missing})
+            with self.worker.lock:
+                self.worker.beat("B")
+                start = time.perf_counter()
+                try:
+                    outputs = self.worker.platform.execute(op, inputs)
+                finally:
+                    self.worker.beat("E")
+                kernel_s = time.perf_counter() - start
+        except Unsupported as e:
+            return send_frame(sock, {"kind": "reply", "ok": False, "error": "unsupported", "message": e.reason})
+        except Exception as e:
+            return send_frame(sock, {"kind": "reply", "ok": False, "error": "failed",
+                                     "message": f"{type(e).__name__}: {str(e)[:500]}"})
+        for i, t in enumerate(outputs):
+            send_tensor(sock, str(i), t)
+        send_frame(sock, {"kind": "reply", "ok": True, "kernel_s": kernel_s})
 
     def close(self) -> None:
         self.worker.sessions.pop(self.nonce, None)
@@ -159,7 +207,7 @@ def _reply(**fields) -> str:
 
 def make_service(worker: _Worker):
     class WorkerService(rpyc.Service):
-        """The exposed methods are the worker's whole surface."""
+        """The exposed methods are the worker's whole control surface."""
 
         def on_connect(self, conn):
             self._session = _Session(worker)
@@ -178,58 +226,21 @@ def make_service(worker: _Worker):
         def exposed_prepare(self, op_json: str) -> str:
             try:
                 op = OpCall.loads(op_json)
-                with worker.compile_lock:
+                with worker.lock:
                     worker.beat("B")
                     try:
                         support = worker.platform.prepare(op)
                     finally:
                         worker.beat("E")
+                if support:
+                    self._session.ops[op.signature] = op
                 return _reply(ok=support.ok, reason=support.reason)
             except Exception as e:
                 return _reply(ok=False, reason=f"worker failed to prepare the op: {type(e).__name__}: {e}")
 
-        def exposed_run(self, op_json: str, keys_json: str, wait_s: float = 60.0) -> str:
-            session = self._session
-            try:
-                op = OpCall.loads(op_json)
-                keys = json.loads(keys_json)
-                inputs = []
-                for key in keys:
-                    t = worker.cache.get(key)
-                    if t is None:
-                        if not session.attached.wait(wait_s):
-                            return _reply(ok=False, kind="error", message="no data channel attached")
-                        got = session.inbox.take(key, wait_s)
-                        if isinstance(got, str) and got != "stored":
-                            return _reply(ok=False, kind="refused", message=got)
-                        t = worker.cache.get(key)
-                        if t is None:
-                            return _reply(ok=False, kind="missing", keys=[key])
-                    inputs.append(t)
-                inputs = [t.reshape(spec.shape) for t, spec in zip(inputs, op.inputs, strict=True)]
-                worker.beat("B")
-                start = time.perf_counter()
-                try:
-                    outputs = worker.platform.execute(op, inputs)
-                finally:
-                    worker.beat("E")
-                kernel_s = time.perf_counter() - start
-                out_keys = []
-                for i, t in enumerate(outputs):
-                    key = f"out-{op.index}-{i}-{secrets.token_hex(4)}"
-                    send_tensor(session.sock, key, t, session.send_lock)
-                    out_keys.append(key)
-                return _reply(ok=True, outputs=out_keys, kernel_s=kernel_s)
-            except Unsupported as e:
-                return _reply(ok=False, kind="unsupported", message=e.reason)
-            except WireError as e:
-                return _reply(ok=False, kind="error", message=str(e))
-            except Exception as e:
-                return _reply(ok=False, kind="error", message=f"{type(e).__name__}: {str(e)[:500]}")
-
         def exposed_stats(self) -> str:
             return _reply(**{k: int(v) for k, v in worker.platform.stats.items()},
-                          cached_bytes=worker.cache.used)
+                          cached_bytes=self._session.cache.used)
 
     return WorkerService
 

@@ -197,6 +197,128 @@ def zoo(as_json):
     _out().print(table)
 
 
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def platforms(names, as_json):
+    """List target platforms and whether each is available here (NAMES may add FILE.py:Class)."""
+    from .platforms import PlatformError, list_platforms, platform_class
+
+    rows = list_platforms()
+    for name in names:
+        if any(r["name"] == name for r in rows):
+            continue
+        try:
+            cls = platform_class(name)
+        except PlatformError as e:
+            raise TapmlError(str(e)) from e
+        available = cls.availability()
+        rows.append({"name": name, "source": "file" if ".py:" in name else "module", "description": cls.description,
+                     "available": available.ok, "reason": available.reason,
+                     **({"capabilities": cls().capabilities().to_json()} if available else {})})
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table("platform", "available", "device / why not", "description")
+    for r in rows:
+        where = r["capabilities"]["device"] if r["available"] else r["reason"]
+        table.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", where, r["description"])
+    _out().print(table)
+
+
+@cli.command()
+@click.option("--platform", "platform_name", required=True, help="Platform name, entry point or FILE.py:Class.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="Port (0: any free one, printed).")
+@click.option("--token-file", type=click.Path(), help="File holding the shared token clients must present.")
+@click.option("--max-payload", type=click.IntRange(1), default=1 << 30, show_default=True,
+              help="Largest tensor accepted, in bytes.")
+@click.option("--cache-bytes", type=click.IntRange(1), default=4 << 30, show_default=True,
+              help="Uploaded tensors kept for reuse by hash.")
+@click.option("--supervise", is_flag=True, help="Run kernels in a child process; restart it if it dies or hangs.")
+@click.option("--kernel-timeout", type=float, default=60.0, show_default=True,
+              help="With --supervise: restart the child when one kernel runs longer than this.")
+def worker(platform_name, host, port, token_file, max_payload, cache_bytes, supervise, kernel_timeout):
+    """Serve one platform to tapml clients over RPC."""
+    import ipaddress
+
+    from .platforms import PlatformError, platform_class
+    from .remote import WorkerConfig, serve
+    from .remote import supervise as run_supervised
+    from .targets import read_token
+
+    token = read_token(token_file) or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not token:
+        raise TapmlError(f"binding to {host} exposes the worker beyond this machine; give --token-file")
+    try:
+        available = platform_class(platform_name).availability()
+        if not available:
+            raise TapmlError(f"platform {platform_name} is not available here: {available.reason}")
+        config = WorkerConfig(platform=platform_name, host=host, port=port, token=token,
+                              max_payload=max_payload, cache_bytes=cache_bytes)
+        if supervise:
+            run_supervised(config, kernel_timeout=kernel_timeout)
+        else:
+            serve(config)
+    except PlatformError as e:
+        raise TapmlError(str(e)) from e
+    except OSError as e:
+        raise TapmlError(f"cannot serve on {host}:{port}: {e.strerror or e}") from e
+
+
+@cli.command()
+@click.argument("store_dir", metavar="STORE", type=click.Path())
+@click.option("--platform", "platform_name", help="Target platform (name, entry point or FILE.py:Class).")
+@click.option("--remote", help="HOST:PORT of a running `tapml worker` (default: spawn one here).")
+@click.option("--token-file", type=click.Path(), help="Token for --remote.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per op before `timeout`.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def replay(store_dir, platform_name, remote, token_file, timeout, as_json):
+    """Run every carved op on a target with the reference inputs (its local error)."""
+    from collections import Counter
+
+    from .carving import FixtureStore, StoreError
+    from .isolated import isolated_pass
+    from .targets import open_target
+
+    try:
+        store = FixtureStore(store_dir)
+    except StoreError as e:
+        raise TapmlError(str(e)) from e
+    target = open_target(platform_name, remote=remote, token_file=token_file, timeout=timeout)
+    progress = _progress(f"replaying on {target.name}")
+    task = progress.add_task("replay", total=None) if progress else None
+    try:
+        if progress:
+            progress.start()
+        results = isolated_pass(store, target, on_result=(lambda r: progress.advance(task)) if progress else None)
+        stats = dict(target.stats)
+    finally:
+        if progress:
+            progress.stop()
+        target.close()
+    counts = Counter(r["status"] for r in results)
+    ran = [r for r in results if r["status"] == "ran"]
+    summary = {"store": store_dir, "platform": target.name, "counts": dict(counts), "stats": stats,
+               "max_abs_error": max((r["max_abs_error"] for r in ran), default=None), "ops": results}
+    if as_json:
+        _emit_json(summary)
+        return
+    out = _out()
+    out.print(f"[bold]{target.name}[/]: " + ", ".join(f"{n} {k}" for k, n in counts.most_common()))
+    table = Table("#", "op", "module", "max abs error", title="largest local errors")
+    for r in sorted(ran, key=lambda r: -r["max_abs_error"])[:10]:
+        table.add_row(str(r["index"]), r["op"], r["module"] or "(model)", f"{r['max_abs_error']:.3g}")
+    out.print(table)
+    reasons = Counter(r["reason"] for r in results if r["status"] in ("unsupported", "crashed", "timeout"))
+    for reason, n in reasons.most_common(8):
+        out.print(f"  {n:4d} × {reason}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps errors to exit codes (0 ok, 1 check failed, 2 bad input)."""
     args = list(sys.argv[1:] if argv is None else argv)

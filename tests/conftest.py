@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from tapml.carving import FixtureStore, carve
 
@@ -22,3 +24,15 @@ def llama_generate_store(tmp_path_factory) -> FixtureStore:
     path = tmp_path_factory.mktemp("stores") / "llama-gen"
     carve(workload.model, lambda: workload.run(generate=4), path)
     return FixtureStore(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """TVM kernels compile into a per-session directory (inherited by spawned workers)."""
+    old = os.environ.get("TAPML_CACHE_DIR")
+    os.environ["TAPML_CACHE_DIR"] = str(tmp_path_factory.mktemp("tapml-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TAPML_CACHE_DIR", None)
+    else:
+        os.environ["TAPML_CACHE_DIR"] = old

@@ -1,0 +1,40 @@
+"""Platforms that misbehave on purpose, loaded by workers as FILE.py:Class.
+
+The op index to misbehave on comes from TAPML_TEST_OP_INDEX, so a test picks it.
+"""
+
+import os
+import signal
+import time
+
+from tapml.platforms import TorchPlatform
+
+
+def _target(op) -> bool:
+    return op.index == int(os.environ.get("TAPML_TEST_OP_INDEX", "-1"))
+
+
+class KillSelf(TorchPlatform):
+    """SIGKILLs its own process on one op: a segfault or OOM kill, as far as the client can tell."""
+
+    name = "kill-self"
+
+    def run(self, kernel, op, inputs):
+        if _target(op):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().run(kernel, op, inputs)
+
+
+class Hang(TorchPlatform):
+    """Never returns from one op: a hung kernel."""
+
+    name = "hang"
+
+    def run(self, kernel, op, inputs):
+        if _target(op):
+            time.sleep(3600)
+        return super().run(kernel, op, inputs)
+
+
+class NotAPlatform:
+    pass
