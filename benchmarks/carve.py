@@ -30,8 +30,8 @@ def _timed(fn) -> float:
 def measure(spec: str, generate: int | None, repeats: int) -> dict:
     import safetensors.torch
     import torch
-    from tapml.carving import FixtureStore, carve
 
+    from tapml.carving import FixtureStore, carve
     from tapml.workloads import load_workload
 
     workload = load_workload(spec)

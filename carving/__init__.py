@@ -4,6 +4,7 @@ Public API: ``carve`` a callable, open the result as a ``FixtureStore``, ``repla
 its ops on the reference, mark named ``step``s of a multi-call run.
 """
 
+from .atomic import AtomicDir, OutputError
 from .carve import CarveResult, ModelRaised, carve
 from .layout import TensorRef
 from .replay import ReplayReport, replay, resolve_op, run_op
@@ -11,6 +12,8 @@ from .store import SCHEMA_VERSION, FixtureStore, StoreError
 from .tracer import CarveOptions, signature, step
 
 __all__ = [
+    "AtomicDir",
+    "OutputError",
     "SCHEMA_VERSION",
     "CarveOptions",
     "CarveResult",

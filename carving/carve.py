@@ -65,7 +65,7 @@ def carve(
             if gc_was_enabled:
                 gc.enable()
         manifest = {
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "versions": {"tapml": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "model": model_info or {"class": type(model).__name__},
             "options": options.to_json(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from tapml.platforms.tensors import (
     TensorSpec,
     broadcast_narrowed,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from tapml.platforms.torch_eager import resolve_op
 from tapml.platforms.values import Opaque
 from tapml.platforms.values import decode_value as decode

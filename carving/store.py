@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,12 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
+
 from tapml.platforms.opcall import OpCall
 from tapml.platforms.tensors import HashMemo
 from tapml.platforms.values import iter_specs
 
+from .atomic import AtomicDir, OutputError
 from .layout import TensorRef, canonical, content_key, dtype_from_name, dtype_name, materialize
 
 __all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "FixtureStore", "MANIFEST"]
@@ -36,7 +36,7 @@ _PACKED = "__packed__"  # one uint8 tensor per shard holding the small tensors b
 _PACK_BELOW = 64 << 10  # per-tensor header and bookkeeping would dominate below this size
 
 
-class StoreError(Exception):
+class StoreError(OutputError):
     """A store that cannot be written or read; the message names the file."""
 
 
@@ -62,18 +62,12 @@ class StoreWriter:
     """Streams tensors into shards of a temporary directory; ``commit`` publishes it."""
 
     def __init__(self, path: str | os.PathLike, *, force: bool = False, shard_bytes: int = 64 << 20):
-        self.path = Path(path)
-        if self.path.exists() and not force:
-            raise StoreError(f"{self.path} already exists; pass --force to replace it")
-        if self.path.exists() and not self.path.is_dir():
-            raise StoreError(f"{self.path} exists and is not a directory")
-        parent = self.path.parent
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tapml-tmp-", dir=parent))
-            (self._tmp / _SHARD_DIR).mkdir()
-        except OSError as e:
-            raise StoreError(f"cannot write to {parent}: {e.strerror or e}") from None
+            self._dir = AtomicDir(path, force=force)
+        except OutputError as e:
+            raise StoreError(str(e)) from None
+        self.path, self._tmp = self._dir.path, self._dir.tmp
+        (self._tmp / _SHARD_DIR).mkdir()
         self.shard_bytes = shard_bytes
         self.index: dict[str, dict] = {}  # key -> {"shard", "dtype", "numel", "nbytes"}
         self.shards: dict[str, dict] = {}
@@ -83,7 +77,6 @@ class StoreWriter:
         self._pending_bytes = 0
         self._pending_views: dict[int, list[str]] = {}  # storage ptr -> pending keys that alias it
         self._memo = HashMemo()  # a tensor read by many ops is hashed once
-        self._done = False
 
     # -- writing -------------------------------------------------------------
     def add(self, t: torch.Tensor, *, cached: bool = True) -> dict:
@@ -167,20 +160,10 @@ class StoreWriter:
         self.flush()
         body = dict(manifest, schema=SCHEMA_VERSION, tensors=self.index, shards=self.shards)
         (self._tmp / MANIFEST).write_text(_seal(body))
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.tapml-old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self._tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        self._done = True
-        return self.path
+        return self._dir.commit()
 
     def abort(self) -> None:
-        if not self._done:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._done = True
+        self._dir.abort()
 
     def __enter__(self) -> StoreWriter:
         return self

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tapml.platforms.values import encode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
+
+from tapml.platforms.values import encode
 
 from .layout import dtype_name
 from .store import StoreWriter

@@ -20,6 +20,7 @@ from typing import Any
 import rpyc
 import torch
 from rpyc.core.async_ import AsyncResultTimeout
+
 from tapml.platforms import Capabilities, OpCall, Platform, PlatformError, Support, Unsupported
 from tapml.platforms.tensors import HashMemo
 
@@ -215,6 +216,7 @@ class RemotePlatform(Platform):
                 if frame.get("kind") == "reply":
                     break
                 outputs.append(t)
+                self._known.add(frame["key"])  # the worker keeps its outputs by this key
                 self.stats["bytes_received"] += t.numel() * t.element_size()
             return outputs, frame
         except TimeoutError:

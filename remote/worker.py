@@ -25,9 +25,10 @@ import rpyc
 import torch
 from rpyc.utils.authenticators import AuthenticationError
 from rpyc.utils.server import ThreadedServer
+
 from tapml.platforms import OpCall, PlatformError, Unsupported, get_platform
 
-from .wire import WireError, read_preamble, recv_frame, send_frame, send_tensor
+from .wire import WireError, read_preamble, recv_frame, send_frame, send_tensor, wire_key
 
 __all__ = ["WorkerConfig", "serve", "SERVER_CONFIG", "READY"]
 
@@ -188,8 +189,11 @@ class _Session:
         except Exception as e:
             return send_frame(sock, {"kind": "reply", "ok": False, "error": "failed",
                                      "message": f"{type(e).__name__}: {str(e)[:500]}"})
-        for i, t in enumerate(outputs):
-            send_tensor(sock, str(i), t)
+        for t in outputs:  # kept under their key: an output the next op consumes is not sent back
+            t = t.detach().contiguous()
+            key = wire_key(t.reshape(-1))
+            self.cache.put(key, t)
+            send_tensor(sock, key, t)
         send_frame(sock, {"kind": "reply", "ok": True, "kernel_s": kernel_s})
 
     def close(self) -> None:

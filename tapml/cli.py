@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -270,53 +271,209 @@ def worker(platform_name, host, port, token_file, max_payload, cache_bytes, supe
         raise TapmlError(f"cannot serve on {host}:{port}: {e.strerror or e}") from e
 
 
-@cli.command()
-@click.argument("store_dir", metavar="STORE", type=click.Path())
-@click.option("--platform", "platform_name", help="Target platform (name, entry point or FILE.py:Class).")
-@click.option("--remote", help="HOST:PORT of a running `tapml worker` (default: spawn one here).")
-@click.option("--token-file", type=click.Path(), help="Token for --remote.")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per op before `timeout`.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def replay(store_dir, platform_name, remote, token_file, timeout, as_json):
-    """Run every carved op on a target with the reference inputs (its local error)."""
-    from collections import Counter
+def _judging(f):
+    """The options that decide verdicts, shared by replay and offload."""
+    f = click.option("--tolerance", "tolerances", multiple=True,
+                     help="atol:X,rtol:Y globally, or PATTERN=atol:X,rtol:Y per op glob / module:GLOB.")(f)
+    f = click.option("--config", type=click.Path(), help="TOML file with a [tolerance] section.")(f)
+    f = click.option("--rule", type=click.Choice(["tolerance", "oracle"]), default="tolerance", show_default=True,
+                     help="Plain tolerance, or the fp64-oracle ratio rule.")(f)
+    return f
 
+
+def _target_options(f):
+    f = click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per op.")(f)
+    f = click.option("--token-file", type=click.Path(), help="Token for --remote.")(f)
+    f = click.option("--remote", help="HOST:PORT of a running `tapml worker` (default: spawn one here).")(f)
+    f = click.option("--platform", "platform_name", help="Target platform (name, entry point or FILE.py:Class).")(f)
+    return f
+
+
+def _judge(target, tolerances, config, rule):
+    from .judge import Judge
+    from .tolerance import ToleranceTable
+
+    return Judge(ToleranceTable.build(tolerances, config), target.capabilities().compute_dtype, rule)
+
+
+def _open_store(path):
     from .carving import FixtureStore, StoreError
-    from .isolated import isolated_pass
-    from .targets import open_target
 
     try:
-        store = FixtureStore(store_dir)
+        return FixtureStore(path)
     except StoreError as e:
         raise TapmlError(str(e)) from e
+
+
+@cli.command()
+@click.argument("store_dir", metavar="STORE", type=click.Path())
+@_target_options
+@_judging
+@click.option("--op", "op_indices", type=int, multiple=True, help="Only this op index (repeatable).")
+@click.option("--all-calls/--unique", default=True, show_default=True,
+              help="Every call, or the first call of each signature.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def replay(store_dir, platform_name, remote, token_file, timeout, tolerances, config, rule, op_indices, all_calls,
+           as_json):
+    """Run carved ops on a target with the reference inputs: each op's local error."""
+    from collections import Counter
+
+    from .localize import local_pass
+    from .migrate import jsonable
+    from .targets import open_target
+
+    store = _open_store(store_dir)
+    bad = [i for i in op_indices if not 0 <= i < len(store.ops)]
+    if bad:
+        raise TapmlError(f"--op {bad[0]}: the store has ops 0..{len(store.ops) - 1}")
     target = open_target(platform_name, remote=remote, token_file=token_file, timeout=timeout)
     progress = _progress(f"replaying on {target.name}")
     task = progress.add_task("replay", total=None) if progress else None
     try:
+        judge = _judge(target, tolerances, config, rule)
         if progress:
             progress.start()
-        results = isolated_pass(store, target, on_result=(lambda r: progress.advance(task)) if progress else None)
-        stats = dict(target.stats)
+        rows = local_pass(store, target, judge, indices=list(op_indices) or None, all_calls=all_calls,
+                          on_result=(lambda r: progress.advance(task)) if progress else None)
     finally:
         if progress:
             progress.stop()
         target.close()
+    results = list(rows.values())
     counts = Counter(r["status"] for r in results)
-    ran = [r for r in results if r["status"] == "ran"]
-    summary = {"store": store_dir, "platform": target.name, "counts": dict(counts), "stats": stats,
-               "max_abs_error": max((r["max_abs_error"] for r in ran), default=None), "ops": results}
+    ran = [r for r in results if "local" in r]
+    summary = {"store": store_dir, "platform": target.name, "counts": dict(counts),
+               "max_abs_error": max((r["local"]["max_abs"] for r in ran), default=None), "ops": results}
     if as_json:
-        _emit_json(summary)
+        _emit_json(jsonable(summary))
         return
     out = _out()
     out.print(f"[bold]{target.name}[/]: " + ", ".join(f"{n} {k}" for k, n in counts.most_common()))
-    table = Table("#", "op", "module", "max abs error", title="largest local errors")
-    for r in sorted(ran, key=lambda r: -r["max_abs_error"])[:10]:
-        table.add_row(str(r["index"]), r["op"], r["module"] or "(model)", f"{r['max_abs_error']:.3g}")
+    table = Table("#", "op", "module", "status", "max abs", "tolerance", "why", title="largest local errors")
+    for r in sorted(ran, key=lambda r: -r["local"]["max_abs"])[:12]:
+        tol = r["local"]["tolerance"]
+        table.add_row(str(r["index"]), r["op"], r["module"] or "(model)", r["status"], f"{r['local']['max_abs']:.3g}",
+                      f"{tol['atol']:.2g}+{tol['rtol']:.2g}·|x|", r["local"].get("why", ""))
     out.print(table)
     reasons = Counter(r["reason"] for r in results if r["status"] in ("unsupported", "crashed", "timeout"))
     for reason, n in reasons.most_common(8):
         out.print(f"  {n:4d} × {reason}")
+
+
+@cli.command()
+@click.argument("model")
+@_target_options
+@_judging
+@click.option("--plan", type=click.Choice(["layers", "single", "ops", "all"]), default="layers", show_default=True,
+              help="How ops move to the target step by step.")
+@click.option("--layers", "layers_re", help="Regex (full match) of the module paths that form the steps.")
+@click.option("--store", "store_dir", type=click.Path(), help="Reuse this carve instead of carving into OUT.")
+@click.option("--generate", type=click.IntRange(1), default=None, help="Run a generation of N tokens.")
+@click.option("--all-calls", is_flag=True, help="Isolated pass over every call, not every unique signature.")
+@click.option("--check-reference", is_flag=True, help="Also replay ops twice on the reference to measure its noise.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Directory for run.json (and the carve).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def offload(model, platform_name, remote, token_file, timeout, tolerances, config, rule, plan, layers_re, store_dir,
+            generate, all_calls, check_reference, out, force, as_json):
+    """Carve MODEL (or reuse --store), migrate it to the target step by step, localize divergence."""
+    from .carving import AtomicDir, CarveOptions, ModelRaised, OutputError, StoreError
+    from .carving import carve as carve_model
+    from .migrate import migrate
+    from .targets import open_target
+    from .tolerance import ToleranceTable
+    from .workloads import load_workload
+
+    ToleranceTable.build(tolerances, config)  # bad tolerance input fails before any work
+    workload = load_workload(model)
+    run = lambda: workload.run(generate)  # noqa: E731
+    info = {"spec": model, "name": workload.name, "description": workload.description,
+            "class": type(workload.model).__name__, "generate": generate}
+    try:
+        outdir = AtomicDir(out, force=force)
+    except OutputError as e:
+        raise TapmlError(str(e)) from e
+    with outdir:
+        if store_dir is None:
+            try:
+                carve_model(workload.model, run, outdir.tmp / "store", options=CarveOptions(), model_info=info)
+            except (StoreError, ModelRaised) as e:
+                raise TapmlError(f"carving {model} failed: {e}") from e
+            store = _open_store(outdir.tmp / "store")
+        else:
+            store = _open_store(store_dir)
+            carved = store.manifest.get("model", {})
+            if carved.get("spec") not in (None, model) or carved.get("generate") != generate:
+                raise TapmlError(f"{store_dir} was carved from {carved.get('spec')} "
+                                 f"(generate={carved.get('generate')}), not {model} (generate={generate})")
+        target = open_target(platform_name, remote=remote, token_file=token_file, timeout=timeout)
+        progress = _progress(f"offloading to {target.name}")
+        task = progress.add_task("offload", total=None) if progress else None
+
+        def on_event(kind, payload):
+            if progress is None:
+                return
+            if kind == "step":
+                progress.update(task, description=f"step {payload[0] + 1}/{payload[1]}: {payload[2]}")
+            progress.advance(task)
+
+        try:
+            if progress:
+                progress.start()
+            record = migrate(run, store, target, judge=_judge(target, tolerances, config, rule), plan=plan,
+                             layers=layers_re, all_calls=all_calls, check_reference=check_reference,
+                             model_info=info, on_event=on_event)
+        except ModelRaised as e:
+            raise TapmlError(f"{model} raised during a mixed run: {e}") from e
+        finally:
+            if progress:
+                progress.stop()
+            target.close()
+        if store_dir is None:
+            record["store"] = str(Path(out) / "store")
+        (outdir.tmp / "run.json").write_text(json.dumps(record, indent=1, allow_nan=False))
+        outdir.commit()
+    _show_run(record, Path(out), as_json)
+    if record["verdict"] != "ok":
+        raise CheckFailed(f"verdict {record['verdict']}: {record['summary']}")
+
+
+def _show_run(r: dict, out: Path, as_json: bool) -> None:
+    brief = {k: r[k] for k in ("verdict", "summary", "culprit", "counts", "coverage", "compute_ops",
+                               "offloaded_ops", "first_nonfinite")}
+    brief["victims"] = len(r["victims"])
+    brief["run"] = str(out / "run.json")
+    brief["steps"] = [{"name": s["name"], "offloaded": s["offloaded"], "end_to_end_max_abs": s["end_to_end"]["max_abs"],
+                       "ok": s["end_to_end"]["ok"]} for s in r["steps"]]
+    if as_json:
+        _emit_json(brief)
+        return
+    o = _out()
+    color = {"ok": "green", "divergent": "red", "incomplete": "yellow"}[r["verdict"]]
+    o.print(f"[bold {color}]{r['verdict']}[/]: {r['summary']}")
+    table = Table("step", "offloaded", "end-to-end max abs", "ok", "wall", "target", "kernel")
+    for s in r["steps"]:
+        t = s["timing"]
+        table.add_row(s["name"], str(s["offloaded"]), f"{_f(s['end_to_end']['max_abs'])}",
+                      "yes" if s["end_to_end"]["ok"] else "[red]no[/]", f"{t['wall_s'] * 1e3:.0f} ms",
+                      f"{t['target_s'] * 1e3:.0f} ms", f"{t['kernel_s'] * 1e3:.0f} ms")
+    o.print(table)
+    o.print("ops: " + ", ".join(f"{n} {k}" for k, n in r["counts"].items() if n)
+            + f"; coverage {r['coverage']:.0%} of {r['compute_ops']} compute ops")
+    divergent = [x for x in r["ops"] if x["status"] == "divergent"]
+    if divergent:
+        o.print(f"divergent ops ({len(divergent)}):")
+        for x in divergent[:10]:
+            o.print(f"  {x['index']:4d} {x['op']} in {x['module'] or '(model)'}: max abs {_f(x['local']['max_abs'])}"
+                    f" — {x['local'].get('why', '')}")
+    if r["first_nonfinite"]:
+        f = r["first_nonfinite"]
+        o.print(f"first NaN/Inf: op {f['index']} {f['op']} in {f['module'] or '(model)'} ({f['where']})")
+    o.print(f"run record: {out / 'run.json'}")
+
+
+def _f(x) -> str:
+    return x if isinstance(x, str) else f"{x:.3g}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from tapml.carving import FixtureStore, carve
 
+from tapml.carving import FixtureStore, carve
 from tapml.workloads import load_workload
 
 

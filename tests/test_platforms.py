@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import ran, run_ops
+from tapml.cli import main
 from tapml.platforms import (
     BUILTINS,
     OpCall,
@@ -16,9 +19,6 @@ from tapml.platforms import (
     list_platforms,
     platform_class,
 )
-
-from tapml.cli import main
-from tapml.isolated import isolated_pass
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPERS = Path(__file__).resolve().parent / "helpers" / "failing_platforms.py"
@@ -57,9 +57,9 @@ def test_platforms_cli_json(capsys):
 
 
 def test_torch_cpu_local_error_is_exactly_zero(minilm_store):
-    results = isolated_pass(minilm_store, get_platform("torch-cpu"))
-    ran = by_status(results, "ran")
-    assert len(ran) >= 150 and all(r["max_abs_error"] == 0.0 for r in ran)
+    results = run_ops(minilm_store, get_platform("torch-cpu"))
+    done = ran(results)
+    assert len(done) >= 150 and all(r["local"]["max_abs"] == 0.0 for r in done)
     assert {r["reason"] for r in by_status(results, "unsupported")} <= {
         "view op (no compute): stays on the reference",
         "returns a Python value, not tensors: stays on the reference",
@@ -67,25 +67,25 @@ def test_torch_cpu_local_error_is_exactly_zero(minilm_store):
 
 
 def test_fp16_error_is_nonzero_but_bounded(minilm_store):
-    results = isolated_pass(minilm_store, get_platform("fp16"))
-    ran = by_status(results, "ran")
-    errors = {r["index"]: r["max_abs_error"] for r in ran}
+    results = run_ops(minilm_store, get_platform("fp16"))
+    done = ran(results)
+    errors = {r["index"]: r["local"]["max_abs"] for r in done}
     finite = [e for e in errors.values() if e != float("inf")]
     assert max(finite) > 0 and max(finite) < 1.0
     # BERT's attention mask holds float32's lowest value, which fp16 rounds to -inf
-    overflow = [r for r in ran if r["max_abs_error"] == float("inf")]
+    overflow = [r for r in done if r["local"]["max_abs"] == float("inf")]
     assert overflow and {r["op"] for r in overflow} <= {"aten.scalar_tensor.default", "aten.where.self",
                                                           "aten.add.Tensor"}
-    ints = [r for r in ran if r["op"] in ("aten.embedding.default", "aten.arange.default")]
+    ints = [r for r in done if r["op"] in ("aten.embedding.default", "aten.arange.default")]
     for r in ints:
         if r["op"] == "aten.arange.default":
-            assert r["max_abs_error"] == 0.0
+            assert r["local"]["max_abs"] == 0.0
 
 
 def test_bf16_is_coarser_than_fp16(minilm_store):
     def median_error(name):
-        errs = sorted(r["max_abs_error"] for r in isolated_pass(minilm_store, get_platform(name))
-                      if r["status"] == "ran" and r["max_abs_error"] not in (0.0, float("inf")))
+        errs = sorted(r["local"]["max_abs"] for r in run_ops(minilm_store, get_platform(name))
+                      if "local" in r and r["local"]["max_abs"] not in (0.0, float("inf")))
         return errs[len(errs) // 2]
 
     assert median_error("bf16") > median_error("fp16")
@@ -104,17 +104,17 @@ def test_emulation_rules_keep_integer_ops_exact():
 @pytest.mark.slow
 def test_tvm_llvm_runs_or_refuses_every_op_and_caches(minilm_store):
     tvm = get_platform("tvm-llvm")
-    results = isolated_pass(minilm_store, tvm)
+    results = run_ops(minilm_store, tvm)
     assert not by_status(results, "crashed"), by_status(results, "crashed")[:3]
-    ran = by_status(results, "ran")
-    assert len(ran) >= 150
+    done = ran(results)
+    assert len(done) >= 150
     assert all(r["reason"] for r in by_status(results, "unsupported"))
-    addmm = [r for r in ran if r["op"] == "aten.addmm.default"]
-    assert addmm and max(r["max_abs_error"] for r in addmm) < 1e-3
+    addmm = [r for r in done if r["op"] == "aten.addmm.default"]
+    assert addmm and max(r["local"]["max_abs"] for r in addmm) < 1e-3
     builds = tvm.stats["builds"]
-    assert builds == len({minilm_store.ops[r["index"]]["signature"] for r in ran})
+    assert builds == len({minilm_store.ops[r["index"]]["signature"] for r in done})
     again = get_platform("tvm-llvm")  # a new process would see the same disk cache
-    isolated_pass(minilm_store, again)
+    run_ops(minilm_store, again)
     assert again.stats["builds"] == 0 and again.stats["disk_hits"] == builds
 
 
@@ -131,6 +131,6 @@ def test_fault_injection_platform_via_file_class(minilm_store, capsys):
     code = main(["replay", str(minilm_store.path), "--platform", spec, "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["platform"] == "faulty-gelu"
-    wrong = [r for r in summary["ops"] if r["status"] == "ran" and r["max_abs_error"] > 0]
+    wrong = [r for r in summary["ops"] if "local" in r and r["local"]["max_abs"] > 0]
     assert [(r["op"], r["module"]) for r in wrong] == [
         ("aten.gelu.default", "encoder.layer.3.intermediate.intermediate_act_fn")]

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import rpyc
 import torch
+
+from helpers import run_ops
 from tapml.platforms import PlatformError, get_platform
 from tapml.remote import PayloadTooLarge, RemotePlatform, spawn_worker
 from tapml.remote.wire import recv_frame, send_frame, send_tensor
-
-from tapml.isolated import isolated_pass
 
 HELPERS = Path(__file__).resolve().parent / "helpers" / "failing_platforms.py"
 
@@ -31,11 +31,11 @@ def compute_ops(store, n=None):
 def test_torch_cpu_through_a_spawned_worker_is_exact_and_sends_weights_once(minilm_store):
     with RemotePlatform(spawn="torch-cpu") as target:
         pid = target.info["pid"]
-        results = isolated_pass(minilm_store, target)
-        ran = [r for r in results if r["status"] == "ran"]
-        assert len(ran) >= 150 and all(r["max_abs_error"] == 0.0 for r in ran)
+        results = run_ops(minilm_store, target)
+        ran = [r for r in results if "local" in r]
+        assert len(ran) >= 150 and all(r["local"]["max_abs"] == 0.0 for r in ran)
         first = target.stats["bytes_sent"]
-        isolated_pass(minilm_store, target)  # the same inputs again: all referenced by hash
+        run_ops(minilm_store, target)  # the same inputs again: all referenced by hash
         assert target.stats["bytes_sent"] == first
         assert target.stats["bytes_reused"] >= first
     with pytest.raises(ProcessLookupError):
@@ -47,11 +47,11 @@ def test_worker_killed_mid_batch_costs_one_op(minilm_store):
     victim = ops[20]
     env = dict(os.environ, TAPML_TEST_OP_INDEX=str(victim))
     with RemotePlatform(spawn=f"{HELPERS}:KillSelf", spawn_options={"env": env}) as target:
-        results = isolated_pass(minilm_store, target, indices=ops)
+        results = run_ops(minilm_store, target, indices=ops)
         status = {r["index"]: r for r in results}
         assert status[victim]["status"] == "crashed" and "died" in status[victim]["reason"]
         rest = [r for r in results if r["index"] != victim]
-        assert all(r["status"] == "ran" and r["max_abs_error"] == 0.0 for r in rest)
+        assert all("local" in r and r["local"]["max_abs"] == 0.0 for r in rest)
         assert target.restarts == 1
 
 
@@ -60,9 +60,9 @@ def test_hung_kernel_times_out_and_the_run_goes_on(minilm_store):
     victim = ops[5]
     env = dict(os.environ, TAPML_TEST_OP_INDEX=str(victim))
     with RemotePlatform(spawn=f"{HELPERS}:Hang", spawn_options={"env": env}, timeout=3) as target:
-        results = {r["index"]: r for r in isolated_pass(minilm_store, target, indices=ops)}
+        results = {r["index"]: r for r in run_ops(minilm_store, target, indices=ops)}
         assert results[victim]["status"] == "timeout"
-        assert all(r["status"] == "ran" for i, r in results.items() if i != victim)
+        assert all("local" in r for i, r in results.items() if i != victim)
 
 
 @pytest.fixture
@@ -113,8 +113,8 @@ def test_oversized_payloads_are_refused_and_the_worker_stays_up(minilm_store):
         assert reply["error"] == "refused" and "payload cap" in reply["message"]
         small = [i for i in compute_ops(minilm_store)
                  if all(s.nbytes <= 4096 for s in minilm_store.op_call(i).inputs)][:3]
-        results = isolated_pass(minilm_store, target, indices=small)
-        assert small and all(r["status"] == "ran" and r["max_abs_error"] == 0.0 for r in results)
+        results = run_ops(minilm_store, target, indices=small)
+        assert small and all("local" in r and r["local"]["max_abs"] == 0.0 for r in results)
 
 
 def test_several_clients_at_once(minilm_store):
@@ -124,8 +124,8 @@ def test_several_clients_at_once(minilm_store):
     def client(k):
         try:
             with RemotePlatform(worker.address, token=worker.token) as target:
-                results = isolated_pass(minilm_store, target, indices=ops[k::3])
-                assert all(r["status"] == "ran" and r["max_abs_error"] == 0.0 for r in results)
+                results = run_ops(minilm_store, target, indices=ops[k::3])
+                assert all("local" in r and r["local"]["max_abs"] == 0.0 for r in results)
         except Exception as e:  # surfaced below
             errors.append(e)
 
@@ -157,9 +157,9 @@ def test_supervised_remote_worker_restarts_after_a_crash(minilm_store, tmp_path)
         address = line.strip().rsplit(" ", 1)[-1]
         with RemotePlatform(address, token="tok-123", reconnect_s=60) as target:
             first_pid = target.info["pid"]
-            results = {r["index"]: r for r in isolated_pass(minilm_store, target, indices=ops)}
+            results = {r["index"]: r for r in run_ops(minilm_store, target, indices=ops)}
             assert results[victim]["status"] == "crashed"
-            assert all(r["status"] == "ran" for i, r in results.items() if i != victim)
+            assert all("local" in r for i, r in results.items() if i != victim)
             assert target.info["pid"] != first_pid  # a fresh execution process
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from tapml.carving import SCHEMA_VERSION, FixtureStore, ModelRaised, StoreError, carve
 from torch import nn
+
+from tapml.carving import SCHEMA_VERSION, FixtureStore, ModelRaised, StoreError, carve
 
 
 def small_store(path, model=None):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tapml.carving import CarveOptions, FixtureStore, carve, replay, step
 from torch import nn
+
+from tapml.carving import CarveOptions, FixtureStore, carve, replay, step
 
 
 def carve_fn(tmp_path, model, fn, **options) -> FixtureStore:

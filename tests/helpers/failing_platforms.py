@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from tapml.platforms import TorchPlatform
+from tapml.platforms import Support, TorchPlatform
 
 
 def _target(op) -> bool:
@@ -38,3 +38,27 @@ class Hang(TorchPlatform):
 
 class NotAPlatform:
     pass
+
+
+class GeluNaNAbove8(TorchPlatform):
+    """A GELU kernel whose approximation breaks down for large inputs (like Metal's tanh
+    returning NaN for x > ~45): NaN wherever x > 8. Only realistic activations get there."""
+
+    name = "gelu-nan-above-8"
+
+    def run(self, kernel, op, inputs):
+        outputs = super().run(kernel, op, inputs)
+        if op.op == "aten.gelu.default":
+            outputs = [o.masked_fill(inputs[0] > 8, float("nan")) for o in outputs]
+        return outputs
+
+
+class NoSoftmax(TorchPlatform):
+    """A target without a softmax kernel."""
+
+    name = "no-softmax"
+
+    def supports(self, op):
+        if op.op == "aten._softmax.default":
+            return Support.no("no softmax kernel on this target yet")
+        return super().supports(op)

@@ -1,0 +1,126 @@
+"""Mixed execution: the model runs eagerly on the reference while the ops a step
+selects run on the target, and their outputs flow on into the rest of the model.
+
+Carved ops are matched to the live run by dispatch order (the ``seq`` the
+tracer recorded) and checked by overload and input shapes; if the live run
+takes another path (data-dependent control flow reacting to the target's
+numbers), offloading stops for the rest of that step and the record says where.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .carving import FixtureStore
+from .carving.tracer import op_info
+from .judge import Judge
+from .localize import skip_reason
+from .platforms import Platform, Unsupported
+from .platforms.values import decode_value
+
+__all__ = ["Offloader", "flatten_tensors", "run_step"]
+
+
+def flatten_tensors(value) -> list[torch.Tensor]:
+    """Tensors in an args/kwargs structure, in the order ``OpCall.inputs`` lists them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in flatten_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in flatten_tensors(v)]
+    return []
+
+
+class Offloader(TorchDispatchMode):
+    """Sends the selected carved ops to ``target`` during a live run."""
+
+    def __init__(self, store: FixtureStore, target: Platform, selected: set[int], judge: Judge,
+                 on_op: Callable[[], None] | None = None):
+        super().__init__()
+        self.store, self.target, self.judge, self.on_op = store, target, judge, on_op
+        self.selected = set(selected)
+        self.by_seq = {rec["seq"]: rec for rec in store.ops}
+        self.seq = 0
+        self.results: dict[int, dict] = {}  # op index -> status + propagated metrics
+        self.diverged: str | None = None
+        self.target_s = 0.0
+        self.compare_s = 0.0
+        self.first_nonfinite: dict | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rec = self.by_seq.get(self.seq)
+        self.seq += 1
+        if rec is None or rec["index"] not in self.selected:
+            return func(*args, **kwargs)
+        index = rec["index"]
+        if rec["op"] != str(func):
+            self._diverge(f"op {index}: the live run called {func} where the carve had {rec['op']}")
+            return func(*args, **kwargs)
+        live = flatten_tensors([args, kwargs])
+        op = self.store.op_call(index)
+        if [tuple(t.shape) for t in live] != [s.shape for s in op.inputs]:
+            self._diverge(f"op {index} ({rec['op']}): input shapes differ from the carve")
+            return func(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            support = self.target.prepare(op)
+            if not support:
+                raise Unsupported(support.reason)
+            outputs = self.target.execute(op, live)
+        except Unsupported as e:
+            self.results[index] = {"status": "unsupported", "reason": e.reason}
+            return func(*args, **kwargs)
+        except Exception as e:
+            self.results[index] = {"status": getattr(e, "status", "crashed"), "reason": f"{type(e).__name__}: {e}"}
+            return func(*args, **kwargs)
+        finally:
+            self.target_s += time.perf_counter() - start
+            if self.on_op is not None:
+                self.on_op()
+        start = time.perf_counter()
+        want = self.store.outputs(index)
+        metrics = self.judge.judge(op, outputs, want, live, oracle=False)  # the oracle is for local errors
+        self.compare_s += time.perf_counter() - start
+        usable = len(outputs) == len(want) and all(o.shape == w.shape for o, w in zip(outputs, want, strict=False))
+        self.results[index] = {"status": "offloaded" if usable else "fell back", "propagated": metrics}
+        if metrics.get("new_nonfinite") and self.first_nonfinite is None:
+            self.first_nonfinite = {"index": index, "op": rec["op"], "module": rec["module"]}
+        if not usable:  # a wrong shape cannot flow on: the reference result does
+            self.results[index]["reason"] = metrics.get("problem", "output count differs")
+            return func(*args, **kwargs)
+        outputs = [o.to(w.dtype) for o, w in zip(outputs, want, strict=True)]
+        info = op_info(func)
+        if info.mutated:  # in place / out=: the target's values go into the caller's tensors
+            mutated = [args[m] if isinstance(m, int) else kwargs[m] for m in info.mutated]
+            targets = flatten_tensors(mutated)
+            for dst, src in zip(targets, outputs, strict=False):
+                dst.copy_(src)
+            outputs = targets
+        it = iter(outputs)
+        return decode_value(rec["outputs"], lambda _: next(it))
+
+    def _diverge(self, why: str) -> None:
+        if self.diverged is None:
+            self.diverged = why
+        self.selected = set()
+
+
+def offloadable(store: FixtureStore, indices) -> set[int]:
+    return {i for i in indices if not skip_reason(store.ops[i])}
+
+
+def run_step(run: Callable[[], Any], store: FixtureStore, target: Platform, selected: set[int], judge: Judge,
+             on_op: Callable[[], None] | None = None) -> tuple[Any, Offloader, float]:
+    """One live run with ``selected`` ops on the target; returns (output, offloader, wall seconds)."""
+    offloader = Offloader(store, target, offloadable(store, selected), judge, on_op)
+    start = time.perf_counter()
+    with torch.no_grad(), offloader:
+        output = run()
+    return output, offloader, time.perf_counter() - start

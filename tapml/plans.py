@@ -1,0 +1,88 @@
+"""Offload plans: which carved ops run on the target in each migration step.
+
+``layers`` (default) finds the model's repeated blocks (``encoder.layer.N``,
+``model.layers.N``: numbered children of one container) and migrates them
+cumulatively, with the parts before and after them as their own steps;
+``single`` moves one group at a time; ``ops`` one op type at a time; ``all``
+everything at once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from .carving import FixtureStore
+from .errors import TapmlError
+
+__all__ = ["PLANS", "find_blocks", "groups_for", "make_plan"]
+
+PLANS = ("layers", "single", "ops", "all")
+_NUMBERED = re.compile(r"^(.*?)\.?(\d+)$")
+
+
+def find_blocks(store: FixtureStore, pattern: str | None = None) -> list[str]:
+    """Module paths of the repeated blocks, in call order."""
+    paths = list(dict.fromkeys(layer["module"] for layer in store.layers))
+    if pattern is not None:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise TapmlError(f"--layers {pattern!r} is not a valid regex: {e}") from None
+        chosen = [p for p in paths if rx.fullmatch(p)]
+        # keep the outermost matches only
+        return [p for p in chosen if not any(p != q and p.startswith(q + ".") for q in chosen)]
+    families = Counter()
+    for p in paths:
+        m = _NUMBERED.match(p)
+        if m and p:
+            families[m.group(1)] += 1
+    candidates = [(n, -len(prefix), prefix) for prefix, n in families.items() if n >= 2]
+    if not candidates:
+        return []
+    _, _, prefix = max(candidates)
+    return [p for p in paths if _NUMBERED.match(p) and _NUMBERED.match(p).group(1) == prefix]
+
+
+def _inside(module: str, block: str) -> bool:
+    return module == block or module.startswith(block + ".")
+
+
+def groups_for(store: FixtureStore, plan: str, layers: str | None = None) -> list[tuple[str, list[int]]]:
+    """Named groups of op indices, in execution order."""
+    ops = store.ops
+    if plan == "ops":
+        order = list(dict.fromkeys(op["op"] for op in ops))
+        return [(name, [op["index"] for op in ops if op["op"] == name]) for name in order]
+    blocks = find_blocks(store, layers)
+    if not blocks:
+        return [("model", [op["index"] for op in ops])]
+    owner = {}
+    for op in ops:
+        owner[op["index"]] = next((b for b in blocks if _inside(op["module"], b)), None)
+    first = min(op["index"] for op in ops if owner[op["index"]] is not None)
+    before = [i for i, b in owner.items() if b is None and i < first]
+    after = [i for i, b in owner.items() if b is None and i >= first]
+    groups = [("before " + blocks[0], before)] if before else []
+    groups += [(b, [i for i, o in owner.items() if o == b]) for b in blocks]
+    if after:
+        groups.append(("after " + blocks[-1], after))
+    return groups
+
+
+def make_plan(store: FixtureStore, plan: str, layers: str | None = None) -> list[dict]:
+    """Migration steps: ``{"name", "groups", "offload": [op indices]}``."""
+    if plan not in PLANS:
+        raise TapmlError(f"unknown plan {plan!r} (choose from {', '.join(PLANS)})")
+    groups = groups_for(store, plan, layers)
+    if plan == "all":
+        return [{"name": "all", "groups": [g for g, _ in groups], "offload": [i for _, ix in groups for i in ix]}]
+    steps, cumulative = [], []
+    for name, indices in groups:
+        if plan == "layers":
+            cumulative = cumulative + indices
+            steps.append({"name": f"+ {name}", "groups": [g for g, _ in groups[:len(steps) + 1]],
+                          "offload": list(cumulative)})
+        else:
+            steps.append({"name": name, "groups": [name], "offload": list(indices)})
+    return steps
