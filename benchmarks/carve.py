@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,6 +24,7 @@ WORKLOADS = [("zoo:minilm", None), ("zoo:tiny-llama", None), ("zoo:tiny-llama", 
 
 
 def _timed(fn) -> float:
+    os.sync()  # start each timed write from the same page-cache state: no writeback of earlier runs
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
@@ -49,6 +52,8 @@ def measure(spec: str, generate: int | None, repeats: int) -> dict:
                 forward.append(_timed(run))
             write.append(_timed(lambda i=i: safetensors.torch.save_file(unique, str(tmp / f"w{i}.safetensors"))))
             carving.append(_timed(lambda i=i: carve(workload.model, run, tmp / f"c{i}")))
+            (tmp / f"w{i}.safetensors").unlink()
+            shutil.rmtree(tmp / f"c{i}")
         fwd, wr, cv = (statistics.median(x) for x in (forward, write, carving))
         return {
             "workload": spec + (f" --generate {generate}" if generate else ""),

@@ -7,11 +7,11 @@ only when every input has the strides and storage offset it had when carved.
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 __all__ = ["TensorSpec", "relayout", "dtype_name", "dtype_from_name", "storage_order", "broadcast_narrowed",
            "content_key", "HashMemo"]
@@ -107,12 +107,17 @@ def relayout(t: torch.Tensor, spec: TensorSpec, *, copy: bool = True) -> torch.T
 
 
 def content_key(flat: torch.Tensor) -> str:
-    """Content hash of a flat contiguous tensor: its bytes and dtype (shape travels separately)."""
-    h = hashlib.sha256(dtype_name(flat.dtype).encode())
-    h.update(b"\0")
+    """Content hash of a flat contiguous tensor: xxh3-128 of its dtype and bytes (shape travels separately).
+
+    Why xxh3 and not sha256: it runs at memory speed (~20 GB/s against ~2 GB/s),
+    which is most of a carve's cost on a model with large weights; 128 bits make
+    accidental collisions and undetected corruption vanishingly unlikely. It is not
+    a defence against someone who can rewrite the store (nothing unkeyed is).
+    """
+    h = xxhash.xxh3_128(dtype_name(flat.dtype).encode() + b"\0")
     if flat.numel():
         h.update(memoryview(flat.view(torch.uint8).numpy()))
-    return h.hexdigest()[:40]
+    return h.hexdigest()
 
 
 class HashMemo:
@@ -126,13 +131,11 @@ class HashMemo:
     must skip the memo).
     """
 
-    def __init__(self, hasher=content_key) -> None:
+    def __init__(self) -> None:
         self._seen: dict[tuple, tuple] = {}
-        self._hash = hasher
 
     def key(self, t: torch.Tensor, flat: torch.Tensor, *, memo: bool = True) -> str:
         """The content key of ``flat`` (``t``'s elements, flattened), memoized when it aliases ``t``."""
-        content_key = self._hash
         aliases = flat.numel() > 0 and flat.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
         if not (aliases and memo):
             return content_key(flat)
@@ -147,3 +150,21 @@ class HashMemo:
         key = content_key(flat)
         self._seen[geometry] = (weakref.ref(t.untyped_storage()), version, key)
         return key
+
+    def peek(self, t: torch.Tensor, flat: torch.Tensor) -> str | None:
+        """The memoized key of ``flat`` if still valid, without hashing."""
+        hit = self._seen.get((flat.data_ptr(), flat.numel(), flat.dtype)) if flat.numel() else None
+        try:
+            return hit[2] if hit is not None and hit[0]() is not None and hit[1] == t._version else None
+        except RuntimeError:
+            return None
+
+    def remember(self, t: torch.Tensor, key: str) -> None:
+        """Record a key computed elsewhere (e.g. by a worker) for contiguous ``t``."""
+        try:
+            version = t._version
+        except RuntimeError:
+            return
+        flat = t.reshape(-1)
+        if flat.numel():
+            self._seen[(flat.data_ptr(), flat.numel(), flat.dtype)] = (weakref.ref(t.untyped_storage()), version, key)

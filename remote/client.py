@@ -25,7 +25,7 @@ from tapml.platforms import Capabilities, OpCall, Platform, PlatformError, Suppo
 from tapml.platforms.tensors import HashMemo
 
 from .spawn import SpawnedWorker, spawn_worker
-from .wire import WireError, recv_frame, send_frame, send_tensor, wire_key
+from .wire import WireError, recv_frame, send_frame, send_tensor
 
 __all__ = ["RemotePlatform", "OpFailed", "WorkerCrashed", "WorkerTimeout", "PayloadTooLarge", "parse_address"]
 
@@ -72,7 +72,7 @@ class RemotePlatform(Platform):
         self._worker: SpawnedWorker | None = None
         self._address = parse_address(address) if address else None
         self._token = token or ""
-        self._memo = HashMemo(wire_key)
+        self._memo = HashMemo()
         self._lock = threading.RLock()  # one op in flight per data socket
         self._conn = None
         self.restarts = 0
@@ -217,6 +217,7 @@ class RemotePlatform(Platform):
                     break
                 outputs.append(t)
                 self._known.add(frame["key"])  # the worker keeps its outputs by this key
+                self._memo.remember(t, frame["key"])
                 self.stats["bytes_received"] += t.numel() * t.element_size()
             return outputs, frame
         except TimeoutError:
@@ -227,29 +228,49 @@ class RemotePlatform(Platform):
             self._recover_quietly()
             raise WorkerCrashed(f"the worker died ({type(e).__name__}: {e}) and was restarted") from None
 
-    def _upload(self, inputs: list[torch.Tensor]) -> list[str]:
-        keys = []
-        cap = self.info["max_payload"]
+    def _upload(self, inputs: list[torch.Tensor]) -> list:
+        """Input references for a run frame, sending what the worker lacks.
+
+        A strided view whose memory is (mostly) one storage travels as that storage
+        plus shape/stride/offset, so a transposed weight or a view of a target output
+        is never copied, hashed or sent again."""
+        refs = []
         for t in inputs:
             t = t.detach()
-            contiguous = t.contiguous()
-            key = self._memo.key(t, contiguous.reshape(-1))
-            nbytes = contiguous.numel() * contiguous.element_size()
-            if key not in self._known:
-                if nbytes > cap:
-                    raise PayloadTooLarge(f"a {nbytes}-byte tensor exceeds the worker's payload cap of {cap} "
-                                          "bytes (tapml worker --max-payload)")
-                try:
-                    self._data.settimeout(self.timeout)
-                    self.stats["bytes_sent"] += send_tensor(self._data, key, contiguous)
-                except OSError as e:
-                    self._recover_quietly()
-                    raise WorkerCrashed(f"the data channel broke while sending: {e}") from None
-                self._known.add(key)
+            storage_numel = t.untyped_storage().nbytes() // t.element_size() if t.numel() else 0
+            whole = t.is_contiguous() and t.storage_offset() == 0 and t.numel() == storage_numel
+            base = None
+            if not whole and t.numel():
+                base = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (storage_numel,), (1,))
+                if storage_numel > 2 * t.numel() and self._memo.peek(t, base) not in self._known:
+                    base = None  # a small window into a big unknown buffer: send just the window
+            if base is not None:
+                key = self._send(t, base)
+                refs.append({"base": key, "shape": list(t.shape), "stride": list(t.stride()),
+                             "offset": t.storage_offset()})
             else:
-                self.stats["bytes_reused"] += nbytes
-            keys.append(key)
-        return keys
+                refs.append(self._send(t, t.contiguous().reshape(-1)))
+        return refs
+
+    def _send(self, t: torch.Tensor, flat: torch.Tensor) -> str:
+        """Send ``flat`` (``t``'s memory) unless the worker holds it; returns its key."""
+        key = self._memo.key(t, flat)
+        nbytes = flat.numel() * flat.element_size()
+        if key in self._known:
+            self.stats["bytes_reused"] += nbytes
+            return key
+        cap = self.info["max_payload"]
+        if nbytes > cap:
+            raise PayloadTooLarge(f"a {nbytes}-byte tensor exceeds the worker's payload cap of {cap} "
+                                  "bytes (tapml worker --max-payload)")
+        try:
+            self._data.settimeout(self.timeout)
+            self.stats["bytes_sent"] += send_tensor(self._data, key, flat)
+        except OSError as e:
+            self._recover_quietly()
+            raise WorkerCrashed(f"the data channel broke while sending: {e}") from None
+        self._known.add(key)
+        return key
 
     def worker_stats(self) -> dict[str, Any]:
         return self._call("stats", timeout=self.timeout)

@@ -59,6 +59,7 @@ class SpawnedWorker:
 def _start(config: WorkerConfig, env: dict | None, pass_fds=()) -> tuple[subprocess.Popen, Path]:
     log = Path(tempfile.mkstemp(prefix="tapml-worker-", suffix=".log")[1])
     child_env = dict(os.environ if env is None else env, TAPML_WORKER_TOKEN=config.token)
+    child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # do not spin on cores the client needs
     public = replace(config, token="")  # the token travels in the environment, not argv
     proc = subprocess.Popen(
         [sys.executable, "-m", "tapml.remote.worker", public.dumps()],

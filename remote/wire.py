@@ -16,11 +16,10 @@ import socket
 import struct
 
 import torch
-import xxhash
 
 from tapml.platforms.tensors import dtype_from_name, dtype_name
 
-__all__ = ["CHUNK", "send_frame", "send_tensor", "recv_frame", "read_preamble", "wire_key", "WireError"]
+__all__ = ["CHUNK", "send_frame", "send_tensor", "recv_frame", "read_preamble", "WireError"]
 
 CHUNK = 4 << 20
 _LEN = struct.Struct("<I")
@@ -29,18 +28,6 @@ _MAX_HEADER = 16 << 20
 
 class WireError(ConnectionError):
     """The data channel broke or carried something malformed."""
-
-
-def wire_key(flat: torch.Tensor) -> str:
-    """Cache key of a flat contiguous tensor on the wire: xxh3-128 of bytes + dtype.
-
-    Fast (~30 GB/s) rather than cryptographic: keys only name tensors within one
-    client's session on the worker, so no other client can collide with them.
-    """
-    h = xxhash.xxh3_128(dtype_name(flat.dtype).encode() + b"\0")
-    if flat.numel():
-        h.update(memoryview(flat.view(torch.uint8).numpy()))
-    return h.hexdigest()
 
 
 def _recv_exact_into(sock: socket.socket, view: memoryview) -> None:

@@ -27,8 +27,9 @@ from rpyc.utils.authenticators import AuthenticationError
 from rpyc.utils.server import ThreadedServer
 
 from tapml.platforms import OpCall, PlatformError, Unsupported, get_platform
+from tapml.platforms.tensors import content_key
 
-from .wire import WireError, read_preamble, recv_frame, send_frame, send_tensor, wire_key
+from .wire import WireError, read_preamble, recv_frame, send_frame, send_tensor
 
 __all__ = ["WorkerConfig", "serve", "SERVER_CONFIG", "READY"]
 
@@ -165,13 +166,16 @@ class _Session:
                 return send_frame(sock, {"kind": "reply", "ok": False, "error": "unknown-op"})
             op = replace(op, index=header["index"], module=header["module"], call=header["call"])
             inputs, missing = [], []
-            for key, spec in zip(header["keys"], op.inputs, strict=True):
+            for ref, spec in zip(header["keys"], op.inputs, strict=True):
+                key = ref["base"] if isinstance(ref, dict) else ref
                 if key in self.refused:
                     return send_frame(sock, {"kind": "reply", "ok": False, "error": "refused",
                                              "message": self.refused[key]})
                 t = self.cache.get(key)
                 if t is None:
                     missing.append(key)
+                elif isinstance(ref, dict):  # a view into a tensor the worker holds
+                    inputs.append(t.reshape(-1).as_strided(ref["shape"], ref["stride"], ref["offset"]))
                 else:
                     inputs.append(t.reshape(spec.shape))
             if missing:
@@ -191,7 +195,7 @@ class _Session:
                                      "message": f"{type(e).__name__}: {str(e)[:500]}"})
         for t in outputs:  # kept under their key: an output the next op consumes is not sent back
             t = t.detach().contiguous()
-            key = wire_key(t.reshape(-1))
+            key = content_key(t.reshape(-1))
             self.cache.put(key, t)
             send_tensor(sock, key, t)
         send_frame(sock, {"kind": "reply", "ok": True, "kernel_s": kernel_s})
@@ -273,6 +277,7 @@ def serve(config: WorkerConfig) -> None:
                             logger=_quiet_logger())
     if config.watch_stdin:
         threading.Thread(target=_exit_on_stdin_eof, daemon=True).start()
+    server._listen()  # listen before announcing: rpyc binds in __init__ but listens in start(); idempotent
     if config.announce:
         print(f"{READY} {config.host} {server.port}", flush=True)
     else:

@@ -57,6 +57,12 @@ def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, worst: int
     if got.dtype != want.dtype:
         m["problem"] = f"dtype {str(got.dtype).removeprefix('torch.')} instead of {m['dtype']}"
         got = got.to(want.dtype)
+    elif torch.equal(got, want):  # the common case on a good target: skip the float64 work
+        nan = int(torch.isnan(want).sum()) if want.is_floating_point() else 0
+        inf = int(torch.isinf(want).sum()) if want.is_floating_point() else 0
+        m.update(ok=True, exact=True, max_abs=0.0, max_rel=0.0, mismatch_fraction=0.0, mismatches=0, cosine=1.0,
+                 sqnr_db=math.inf, max_ulp=0, nan=[nan, nan], inf=[inf, inf], worst=[])
+        return m
     n = want.numel()
     if not (want.is_floating_point() or want.is_complex()):
         diff = (got.long() - want.long()).abs() if want.dtype != torch.bool else (got != want).long()

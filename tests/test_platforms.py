@@ -102,7 +102,8 @@ def test_emulation_rules_keep_integer_ops_exact():
 
 
 @pytest.mark.slow
-def test_tvm_llvm_runs_or_refuses_every_op_and_caches(minilm_store):
+def test_tvm_llvm_runs_or_refuses_every_op_and_caches(minilm_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path))  # a cold cache of its own
     tvm = get_platform("tvm-llvm")
     results = run_ops(minilm_store, tvm)
     assert not by_status(results, "crashed"), by_status(results, "crashed")[:3]

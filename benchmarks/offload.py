@@ -1,0 +1,138 @@
+"""Offload costs on zoo:minilm as ratios measured in one run.
+
+- compiles: TVM builds per model vs unique compute signatures, then a rerun with
+  the disk cache (goal: builds = signatures, then 0)
+- bytes: bytes sent to the worker in a repeated offloaded forward / bytes of
+  activations that cross from the reference to the target (goal ≤ 1.1)
+- time: a full offload of MiniLM to a spawned torch-cpu worker vs the local
+  forward (median of N), split into transfer, kernel, comparison and reference
+
+Usage: python benchmarks/offload.py [--repeats 5] [--skip-tvm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import weakref
+
+import torch
+
+from tapml.carving import FixtureStore, carve
+from tapml.judge import Judge
+from tapml.localize import local_pass, skip_reason
+from tapml.offload import run_step
+from tapml.platforms import Platform
+from tapml.remote import RemotePlatform
+from tapml.workloads import load_workload
+
+
+class Crossing(Platform):
+    """Wraps the target and classifies each input: weight, target-made, or a crossing activation."""
+
+    def __init__(self, inner: Platform, model: torch.nn.Module):
+        super().__init__()
+        self.inner, self.name = inner, inner.name
+        self.weights = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
+        self.made: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.crossing = 0
+        self.stats = inner.stats
+
+    def capabilities(self):
+        return self.inner.capabilities()
+
+    def prepare(self, op):
+        return self.inner.prepare(op)
+
+    def execute(self, op, inputs):
+        for t in inputs:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.weights and ptr not in self.made:
+                self.crossing += t.numel() * t.element_size()
+        outputs = self.inner.execute(op, inputs)
+        for o in outputs:
+            self.made[o.untyped_storage().data_ptr()] = o.untyped_storage()
+        return outputs
+
+
+def other_tokens(workload):
+    """The same shapes and mask with other token ids: new activations, same dispatch sequence."""
+    inputs = dict(workload.inputs)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 20000, inputs["input_ids"].shape, generator=g)
+    inputs["input_ids"] = torch.where(inputs["attention_mask"].bool(), ids, inputs["input_ids"])
+    return lambda: workload.model(**inputs)
+
+
+def bytes_and_time(workload, store, repeats: int) -> dict:
+    everything = {op["index"] for op in store.ops if not skip_reason(op)}
+    with RemotePlatform(spawn="torch-cpu") as target:
+        run_step(workload.run, store, target, everything, Judge())  # first forward: weights go over once
+        wrapped = Crossing(target, workload.model)
+        before = target.stats["bytes_sent"]
+        run_step(other_tokens(workload), store, wrapped, everything, Judge())
+        sent = target.stats["bytes_sent"] - before
+        rows = []
+        for _ in range(repeats):
+            k0 = target.stats["kernel_us"]
+            _, off, wall = run_step(workload.run, store, target, everything, Judge())
+            kernel = (target.stats["kernel_us"] - k0) / 1e6
+            rows.append({"wall": wall, "target": off.target_s, "kernel": kernel, "compare": off.compare_s})
+    forward = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            workload.run()
+            forward.append(time.perf_counter() - start)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {"bytes_sent": sent, "crossing": wrapped.crossing, "forward": statistics.median(forward), **med}
+
+
+def compiles(store) -> dict:
+    cache = tempfile.mkdtemp(prefix="tapml-bench-cache-")
+    env = dict(os.environ, TAPML_CACHE_DIR=cache)
+    judge = Judge()
+    signatures = {op["signature"] for op in store.ops if not skip_reason(op)}
+    out = {"signatures": len(signatures)}
+    for label in ("cold", "warm"):
+        with RemotePlatform(spawn="tvm-llvm", spawn_options={"env": env}) as target:
+            start = time.perf_counter()
+            local_pass(store, target, judge)
+            out[f"{label}_s"] = time.perf_counter() - start
+            stats = target.worker_stats()
+            out[f"{label}_builds"] = stats.get("builds", 0)
+            out[f"{label}_unsupported"] = len(signatures) - stats.get("compiles", 0)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-tvm", action="store_true")
+    args = parser.parse_args()
+    workload = load_workload("zoo:minilm")
+    with tempfile.TemporaryDirectory() as tmp:
+        carve(workload.model, workload.run, f"{tmp}/store")
+        store = FixtureStore(f"{tmp}/store")
+        b = bytes_and_time(workload, store, args.repeats)
+        c = None if args.skip_tvm else compiles(store)
+    print("| measure | value | goal |")
+    print("|---|---|---|")
+    if c:
+        print(f"| tvm-llvm builds, cold cache | {c['cold_builds']} for {c['signatures']} unique compute signatures "
+              f"({c['cold_unsupported']} refused before building), {c['cold_s']:.1f} s | = signatures |")
+        print(f"| tvm-llvm builds, rerun with the disk cache | {c['warm_builds']} ({c['warm_s']:.1f} s) | 0 |")
+    print(f"| bytes sent in a second offloaded forward (other tokens) / activation bytes crossing to the target | "
+          f"{b['bytes_sent']} / {b['crossing']} = **{b['bytes_sent'] / max(b['crossing'], 1):.3f}** | ≤ 1.1 |")
+    print(f"| full offload to a spawned torch-cpu worker / local forward | {b['wall'] * 1e3:.0f} ms / "
+          f"{b['forward'] * 1e3:.1f} ms = **{b['wall'] / b['forward']:.0f}×** | report |")
+    print(f"| where the offload time goes | kernel {b['kernel'] * 1e3:.0f} ms, transfer + RPC "
+          f"{(b['target'] - b['kernel']) * 1e3:.0f} ms, comparison {b['compare'] * 1e3:.0f} ms, reference + "
+          f"tapml dispatch {(b['wall'] - b['target'] - b['compare']) * 1e3:.0f} ms | |")
+
+
+if __name__ == "__main__":
+    main()
