@@ -41,7 +41,13 @@ def run_local(store: FixtureStore, target: Platform, judge: Judge, index: int) -
            "signature": rec["signature"], "layer": rec["layer"], "step": rec["step"]}
     why = skip_reason(rec)
     if why:
-        return dict(row, status="skipped", reason=why)
+        row = dict(row, status="skipped", reason=why)
+        if rec["nondeterministic"] and not rec["view"]:  # show the reference's own noise, not blame the target
+            try:
+                row["reference_noise"] = reference_noise(store, index)
+            except Exception:
+                pass
+        return row
     op = store.op_call(index)
     try:
         support = target.prepare(op)

@@ -133,6 +133,8 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Platform, *, ju
                  "source": rec["source"], "step": rec["step"], "layer": rec["layer"], "signature": rec["signature"]}
         if row is not None:
             entry.update(status=row["status"], reason=row.get("reason"), local=row.get("local"))
+            if "reference_noise" in row:
+                entry["reference_noise"] = row["reference_noise"]
         elif p.get("status") in ("unsupported", "crashed", "timeout"):
             entry.update(status=p["status"], reason=p["reason"])
         elif "propagated" in p:

@@ -202,3 +202,19 @@ def test_tvm_llvm_minilm_runs_end_to_end(minilm, minilm_store):
     assert all(o["status"] in ("ok", "divergent", "unsupported", "skipped") for o in r["ops"])
     assert all(o["reason"] for o in r["ops"] if o["status"] in ("unsupported", "skipped"))
     assert 0.8 < r["coverage"] <= 1.0 and len(r["steps"]) == 8
+
+
+def test_nondeterministic_ops_report_reference_noise(tmp_path):
+    import torch
+
+    from tapml.carving import FixtureStore, carve
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5)).train()
+    x = torch.randn(4, 8)
+    carve(model, lambda: model(x), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    r = migrate(lambda: model(x), store, get_platform("torch-cpu"), judge=Judge(), plan="all")
+    random_ops = [o for o in r["ops"] if "nondeterministic" in (o["reason"] or "")]
+    assert random_ops and all(o["status"] == "skipped" for o in random_ops)
+    assert any(o.get("reference_noise", 0) > 0 for o in random_ops)  # the reference differs from itself
