@@ -25,6 +25,7 @@ demo: setup
 	rc=$$?; [ $$rc -le 1 ] && echo "run record: $(OUT)/minilm-tvm/run.json"; [ $$rc -le 1 ]
 
 test: setup
+	scripts/ensure-chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 lint: setup

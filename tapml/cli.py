@@ -422,16 +422,18 @@ def offload(model, platform_name, remote, token_file, timeout, tolerances, confi
                 progress.start()
             record = migrate(run, store, target, judge=_judge(target, tolerances, config, rule), plan=plan,
                              layers=layers_re, all_calls=all_calls, check_reference=check_reference,
-                             model_info=info, on_event=on_event)
+                             model_info=info, on_event=on_event,
+                             store_path=str(Path(out) / "store") if store_dir is None else store_dir)
         except ModelRaised as e:
             raise TapmlError(f"{model} raised during a mixed run: {e}") from e
         finally:
             if progress:
                 progress.stop()
             target.close()
-        if store_dir is None:
-            record["store"] = str(Path(out) / "store")
         (outdir.tmp / "run.json").write_text(json.dumps(record, indent=1, allow_nan=False))
+        from .reports import render_report
+
+        (outdir.tmp / "report.html").write_text(render_report(record))
         outdir.commit()
     _show_run(record, Path(out), as_json)
     if record["verdict"] != "ok":
@@ -443,6 +445,7 @@ def _show_run(r: dict, out: Path, as_json: bool) -> None:
                                "offloaded_ops", "first_nonfinite")}
     brief["victims"] = len(r["victims"])
     brief["run"] = str(out / "run.json")
+    brief["report"] = str(out / "report.html")
     brief["steps"] = [{"name": s["name"], "offloaded": s["offloaded"], "end_to_end_max_abs": s["end_to_end"]["max_abs"],
                        "ok": s["end_to_end"]["ok"]} for s in r["steps"]]
     if as_json:
@@ -469,11 +472,49 @@ def _show_run(r: dict, out: Path, as_json: bool) -> None:
     if r["first_nonfinite"]:
         f = r["first_nonfinite"]
         o.print(f"first NaN/Inf: op {f['index']} {f['op']} in {f['module'] or '(model)'} ({f['where']})")
-    o.print(f"run record: {out / 'run.json'}")
+    o.print(f"run record: {out / 'run.json'}  report: {out / 'report.html'}")
 
 
 def _f(x) -> str:
     return x if isinstance(x, str) else f"{x:.3g}"
+
+
+@cli.command()
+@click.argument("run_json", metavar="RUN.json", type=click.Path())
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="HTML file to write.")
+def report(run_json, out):
+    """Render a run record as one self-contained HTML report."""
+    from .reports import ReportError, write_report
+
+    try:
+        path = write_report(run_json, out)
+    except ReportError as e:
+        raise TapmlError(str(e)) from e
+    except OSError as e:
+        raise TapmlError(f"cannot write {out}: {e.strerror or e}") from e
+    click.echo(str(path))
+
+
+@cli.command()
+@click.argument("run_a", metavar="RUN_A.json", type=click.Path())
+@click.argument("run_b", metavar="RUN_B.json", type=click.Path())
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="HTML file to write.")
+@click.option("--json", "as_json", is_flag=True, help="Also print the per-change counts as JSON.")
+def diff(run_a, run_b, out, as_json):
+    """Compare the same ops across two runs: worse, better, newly unsupported."""
+    from .reports import ReportError, diff_records, load_run, write_diff
+
+    try:
+        path = write_diff(run_a, run_b, out)
+        counts = dict(diff_records(load_run(run_a), load_run(run_b))["counts"])
+    except ReportError as e:
+        raise TapmlError(str(e)) from e
+    except OSError as e:
+        raise TapmlError(f"cannot write {out}: {e.strerror or e}") from e
+    if as_json:
+        _emit_json({"diff": str(path), "counts": counts})
+    else:
+        click.echo(f"{path}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,10 @@ import torch
 
 from .tolerance import Tolerance
 
-__all__ = ["compare", "compare_outputs", "has_nonfinite", "saturated", "rmse"]
+__all__ = ["compare", "compare_outputs", "has_nonfinite", "saturated", "rmse", "HISTOGRAM_EDGES"]
+
+# element-error histogram bins: exact, then decades 1e-10 .. 1e4, then inf/NaN
+HISTOGRAM_EDGES = [10.0**k for k in range(-10, 5)]
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
              torch.bfloat16: torch.int16}
@@ -98,7 +101,19 @@ def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, worst: int
     )
     m["ok"] = not bool(bad.any()) and "problem" not in m
     m["worst"] = _worst(got, want, diff, worst)
+    m["histogram"] = _histogram(diff)
     return m
+
+
+def _histogram(diff: torch.Tensor) -> list[int]:
+    """Counts of element errors: [exact, <1e-10, 1e-10..1e-9, ..., 1e3..1e4, >=1e4 finite, inf/NaN]."""
+    flat = diff.reshape(-1)
+    finite = flat[torch.isfinite(flat)]
+    exact = int((finite == 0).sum())
+    nonzero = finite[finite > 0]
+    edges = torch.tensor(HISTOGRAM_EDGES, dtype=nonzero.dtype)
+    counts = torch.bincount(torch.bucketize(nonzero, edges), minlength=len(HISTOGRAM_EDGES) + 1)
+    return [exact, *counts.tolist(), int(flat.numel() - finite.numel())]
 
 
 def _worst(got: torch.Tensor, want: torch.Tensor, diff: torch.Tensor, k: int) -> list[dict]:

@@ -73,7 +73,8 @@ def _check_store(store: FixtureStore) -> None:
 
 def migrate(run: Callable[[], Any], store: FixtureStore, target: Platform, *, judge: Judge, plan: str = "layers",
             layers: str | None = None, all_calls: bool = False, check_reference: bool = False,
-            model_info: dict | None = None, on_event: Callable[[str, Any], None] | None = None) -> dict:
+            model_info: dict | None = None, on_event: Callable[[str, Any], None] | None = None,
+            store_path: str | None = None) -> dict:
     """Migrate step by step, localize, and return the run record (plain data)."""
     _check_store(store)
     emit = on_event or (lambda *_: None)
@@ -144,6 +145,7 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Platform, *, ju
         if "propagated" in p:
             entry["propagated"] = p["propagated"]
             entry["offloaded"] = p["status"] == "offloaded"
+            entry["target_ms"] = p["target_ms"]
             local_abs = (entry.get("local") or {}).get("max_abs")
             if local_abs:
                 entry["amplification"] = p["propagated"]["max_abs"] / local_abs
@@ -163,7 +165,7 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Platform, *, ju
         culprit = {k: culprit_row[k] for k in ("index", "op", "module", "call", "source", "signature")}
         culprit.update(local=culprit_row["local"], victims_downstream=len(downstream),
                        random_inputs=random_input_check(store, target, judge, i),
-                       repro=f"tapml replay {store.path} --platform {target.name} --op {i}")
+                       repro=f"tapml replay {store_path or store.path} --platform {target.name} --op {i}")
     final = steps[-1]["end_to_end"] if steps else {"ok": True}
     failed = counts.get("crashed", 0) + counts.get("timeout", 0)
     verdict = "divergent" if (culprit or not final["ok"]) else ("incomplete" if failed else "ok")
@@ -175,7 +177,7 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Platform, *, ju
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": {"tapml": __version__, "torch": torch.__version__, "python": _platform.python_version()},
         "model": model_info or store.manifest.get("model", {}),
-        "store": str(store.path),
+        "store": store_path or str(store.path),
         "reference": "torch-cpu (eager)",
         "target": target.describe(),
         "plan": {"kind": plan, "layers": layers, "steps": [s["name"] for s in steps_plan]},

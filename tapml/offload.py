@@ -69,6 +69,7 @@ class Offloader(TorchDispatchMode):
             self._diverge(f"op {index} ({rec['op']}): input shapes differ from the carve")
             return func(*args, **kwargs)
         start = time.perf_counter()
+        elapsed = 0.0
         try:
             support = self.target.prepare(op)
             if not support:
@@ -81,7 +82,8 @@ class Offloader(TorchDispatchMode):
             self.results[index] = {"status": getattr(e, "status", "crashed"), "reason": f"{type(e).__name__}: {e}"}
             return func(*args, **kwargs)
         finally:
-            self.target_s += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.target_s += elapsed
             if self.on_op is not None:
                 self.on_op()
         start = time.perf_counter()
@@ -89,7 +91,8 @@ class Offloader(TorchDispatchMode):
         metrics = self.judge.judge(op, outputs, want, live, oracle=False)  # the oracle is for local errors
         self.compare_s += time.perf_counter() - start
         usable = len(outputs) == len(want) and all(o.shape == w.shape for o, w in zip(outputs, want, strict=False))
-        self.results[index] = {"status": "offloaded" if usable else "fell back", "propagated": metrics}
+        self.results[index] = {"status": "offloaded" if usable else "fell back", "propagated": metrics,
+                               "target_ms": elapsed * 1e3}
         if metrics.get("new_nonfinite") and self.first_nonfinite is None:
             self.first_nonfinite = {"index": index, "op": rec["op"], "module": rec["module"]}
         if not usable:  # a wrong shape cannot flow on: the reference result does

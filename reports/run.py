@@ -1,0 +1,36 @@
+"""Reading a run record: the only input the reports have."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["ReportError", "load_run", "SUPPORTED_SCHEMA"]
+
+SUPPORTED_SCHEMA = 1
+_REQUIRED = ("schema", "verdict", "ops", "steps", "counts", "target")
+
+
+class ReportError(Exception):
+    """A run record that cannot be reported; the message names the file and the problem."""
+
+
+def load_run(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ReportError(f"{path} does not exist") from None
+    except OSError as e:
+        raise ReportError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise ReportError(f"{path} is not JSON ({e})") from None
+    missing = [k for k in _REQUIRED if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ReportError(f"{path} is not a tapml run record (missing {', '.join(missing)})")
+    if not isinstance(record["schema"], int) or record["schema"] > SUPPORTED_SCHEMA:
+        raise ReportError(f"{path} has run schema {record['schema']}, newer than this tapml reads "
+                          f"({SUPPORTED_SCHEMA}); upgrade tapml")
+    return record
