@@ -517,6 +517,57 @@ def diff(run_a, run_b, out, as_json):
         click.echo(f"{path}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("store_dir", metavar="STORE", type=click.Path())
+@click.option("--platform", "platforms", multiple=True, help="Target platform(s) (default torch-cpu).")
+@click.option("--remote", help="Pool of running workers HOST:PORT[,HOST:PORT...].")
+@click.option("--all-calls", is_flag=True, help="One test per call, not per unique signature.")
+@click.pass_context
+def test(ctx, store_dir, platforms, remote, all_calls):
+    """Run a store's carved ops as pytest tests (extra arguments go to pytest)."""
+    import pytest
+
+    _open_store(store_dir)
+    args = [str(Path(store_dir) / "manifest.json"), "-p", "no:cacheprovider"]
+    if platforms:
+        args += ["--tapml-platform", ",".join(platforms)]
+    if remote:
+        args += ["--tapml-remote", remote]
+    if all_calls:
+        args.append("--tapml-all-calls")
+    code = pytest.main(args + list(ctx.args))
+    if code not in (0, 1):
+        raise TapmlError(f"pytest exited with {int(code)} ({code.name.lower().replace('_', ' ')})")
+    if code == 1:
+        raise CheckFailed("some carved ops failed on the target")
+
+
+@cli.command(name="emit-tests")
+@click.argument("store_dir", metavar="STORE", type=click.Path())
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Directory to write the tests into.")
+@click.option("--only", help="Only ops whose overload matches this glob (aten.addmm*).")
+@click.option("--all-calls", is_flag=True, help="One test per call, not per unique signature.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def emit_tests_command(store_dir, out, only, all_calls, force, as_json):
+    """Write standalone pytest files plus the tensors they need (a subset store)."""
+    from .carving import OutputError
+    from .emit import emit_tests
+
+    store = _open_store(store_dir)
+    try:
+        result = emit_tests(store, out, only=only, all_calls=all_calls, force=force)
+    except OutputError as e:
+        raise TapmlError(str(e)) from e
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"{result['emitted']} tests written to {result['path']} "
+               f"({result['skipped_by_design']} view/random ops left out)")
+    for index, why in result["not_reproducible"].items():
+        click.echo(f"not emitted: op {index} does not reproduce on the reference: {why}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps errors to exit codes (0 ok, 1 check failed, 2 bad input)."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -17,7 +17,7 @@ from .carving import FixtureStore
 from .judge import Judge
 from .platforms import Platform, TorchPlatform, Unsupported
 
-__all__ = ["local_pass", "run_local", "find_culprit", "find_victims", "random_input_check", "skip_reason",
+__all__ = ["local_pass", "run_local", "select_ops", "find_culprit", "find_victims", "random_input_check", "skip_reason",
            "reference_noise", "DRAWS"]
 
 PYTHON_VALUE = "aten._local_scalar_dense.default"
@@ -34,8 +34,9 @@ def skip_reason(rec: dict) -> str | None:
     return None
 
 
-def run_local(store: FixtureStore, target: Platform, judge: Judge, index: int) -> dict:
-    """One op on the target with the reference inputs: status and local metrics."""
+def run_local(store: FixtureStore, target: Platform, judge: Judge, index: int, *, keep_outputs: bool = False) -> dict:
+    """One op on the target with the reference inputs: status and local metrics
+    (``keep_outputs`` adds the target's tensors under ``"outputs"``, not JSON)."""
     rec = store.ops[index]
     row = {"index": index, "op": rec["op"], "module": rec["module"], "call": rec["call"], "source": rec["source"],
            "signature": rec["signature"], "layer": rec["layer"], "step": rec["step"]}
@@ -60,7 +61,26 @@ def run_local(store: FixtureStore, target: Platform, judge: Judge, index: int) -
     except Exception as e:  # remote failures carry their status; anything else crashed the kernel
         return dict(row, status=getattr(e, "status", "crashed"), reason=f"{type(e).__name__}: {e}")
     metrics = judge.judge(op, got, store.outputs(index), inputs)
-    return dict(row, status="ok" if metrics["ok"] else "divergent", local=metrics)
+    row = dict(row, status="ok" if metrics["ok"] else "divergent", local=metrics)
+    if keep_outputs:
+        row["outputs"] = got
+    return row
+
+
+def select_ops(store: FixtureStore, *, all_calls: bool = False, only: str | None = None) -> list[int]:
+    """The ops an isolated pass (or a carved test suite) covers: the first call of each
+    signature, or every call; ``only`` is a glob on the overload name."""
+    import fnmatch
+
+    seen: set[str] = set()
+    indices = []
+    for rec in store.ops:
+        if only and not fnmatch.fnmatchcase(rec["op"], only):
+            continue
+        if all_calls or rec["signature"] not in seen:
+            indices.append(rec["index"])
+            seen.add(rec["signature"])
+    return indices
 
 
 def local_pass(store: FixtureStore, target: Platform, judge: Judge, *, indices: Iterable[int] | None = None,
@@ -68,12 +88,7 @@ def local_pass(store: FixtureStore, target: Platform, judge: Judge, *, indices: 
     """The isolated pass over ``indices`` (default: every op, or the first call of each
     signature unless ``all_calls``). Returns rows by op index."""
     if indices is None:
-        seen: set[str] = set()
-        indices = []
-        for rec in store.ops:
-            if all_calls or skip_reason(rec) or rec["signature"] not in seen:
-                indices.append(rec["index"])
-                seen.add(rec["signature"])
+        indices = select_ops(store, all_calls=all_calls)
     rows = {}
     for i in indices:
         rows[i] = run_local(store, target, judge, i)

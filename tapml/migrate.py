@@ -118,6 +118,7 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Platform, *, ju
     # the isolated pass: every unique signature, plus every call whose chained output went wrong
     emit("local", None)
     rows = local_pass(store, target, judge, all_calls=all_calls, on_result=lambda _: emit("op", None))
+    isolated = Counter(r["status"] for r in rows.values())
     for i in sorted(propagated):
         p = propagated[i].get("propagated")
         if i not in rows and p is not None and not p["ok"]:
@@ -187,6 +188,7 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Platform, *, ju
         "culprit": culprit,
         "victims": victims,
         "counts": {s: counts.get(s, 0) for s in STATUSES},
+        "isolated_counts": {s: isolated.get(s, 0) for s in STATUSES},
         "coverage": len(offloaded) / len(compute) if compute else 1.0,
         "compute_ops": len(compute),
         "offloaded_ops": len(offloaded),

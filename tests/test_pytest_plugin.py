@@ -1,0 +1,180 @@
+"""The pytest plugin and emitted tests, run as a user runs them: pytest in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tapml.cli import main
+from tapml.remote import spawn_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+HELPERS = Path(__file__).resolve().parent / "helpers" / "failing_platforms.py"
+FAULTY = f"{ROOT}/examples/faulty_gelu.py:FaultyGelu"
+
+
+def pytest_run(*args, cwd, env=None):
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, env=env or dict(os.environ), timeout=600)
+    return proc
+
+
+def junit_outcomes(path: Path) -> dict[str, str]:
+    out = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        kind = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+        out[case.get("name")] = kind
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(minilm_store):
+    return minilm_store
+
+
+def test_collects_unique_signatures_with_readable_ids(store, tmp_path):
+    proc = pytest_run("--collect-only", "-q", "--tapml-store", store.path, cwd=tmp_path)
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert len(ids) == len({op["signature"] for op in store.ops})
+    addmm = next(op for op in store.ops if op["module"] == "encoder.layer.0.attention.self.query"
+                 and op["op"] == "aten.addmm.default")
+    expected = (f"manifest.json::{addmm['index']:04d}-aten.addmm.default"
+                "[encoder.layer.0.attention.self.query][torch-cpu]")
+    assert any(line.endswith(expected) for line in ids)
+    proc = pytest_run("--collect-only", "-q", "--tapml-store", store.path, "-k", "softmax", cwd=tmp_path)
+    assert sum("::" in line for line in proc.stdout.splitlines()) == 1
+    proc = pytest_run("--collect-only", "-q", "--tapml-store", store.path, "-m", "view", cwd=tmp_path)
+    assert all(".view." in line or "transpose" in line or ".t." in line or "expand" in line or "slice" in line
+               or "unsqueeze" in line or "select" in line for line in proc.stdout.splitlines() if "::" in line)
+
+
+@pytest.mark.parametrize("platform", ["fp16", pytest.param("tvm-llvm", marks=pytest.mark.slow)])
+def test_counts_match_the_isolated_pass_of_offload(store, tmp_path, platform):
+    run = tmp_path / "run"
+    verdict = main(["offload", "zoo:minilm", "--platform", platform, "--store", str(store.path), "-o", str(run),
+                    "--plan", "all"])
+    isolated = json.loads((run / "run.json").read_text())["isolated_counts"]
+    summary = tmp_path / "summary.json"
+    proc = pytest_run("--tapml-store", store.path, "--tapml-platform", platform, "--junitxml", tmp_path / "j.xml",
+                      "--tapml-json", summary, cwd=tmp_path)
+    outcomes = Counter(junit_outcomes(tmp_path / "j.xml").values())
+    assert proc.returncode == (1 if isolated["divergent"] else 0) and verdict in (0, 1)
+    assert outcomes["passed"] == isolated["ok"] and outcomes["failure"] == isolated["divergent"]
+    assert outcomes["skipped"] == isolated["unsupported"] + isolated["skipped"]
+    assert json.loads(summary.read_text())["counts"] == {k: v for k, v in isolated.items() if v}
+    assert "tapml" in proc.stdout and "carved ops:" in proc.stdout
+    root = ET.parse(tmp_path / "j.xml").getroot()
+    props = {p.get("name") for p in root.iter("property")}
+    assert {"tapml_max_abs", "tapml_status", "tapml_cosine"} <= props
+
+
+def test_fault_injection_fails_exactly_the_culprit_readably(store, tmp_path):
+    proc = pytest_run("--tapml-store", store.path, "--tapml-platform", FAULTY, "--tapml-all-calls",
+                      "--tapml-artifacts", tmp_path / "art", cwd=tmp_path)
+    assert proc.returncode == 1
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and "aten.gelu.default[encoder.layer.3.intermediate.intermediate_act_fn]" in failed[0]
+    assert "Traceback" not in proc.stdout and "Error" not in proc.stdout.split("FAILURES")[1].split("tapml ==")[0]
+    for text in ("out of tolerance", "index |     expected |          got |", "allowed", "repro: tapml replay",
+                 "from default for float32 (torch.testing)"):
+        assert text in proc.stdout
+    assert len(list((tmp_path / "art").glob("*.safetensors"))) == 1
+
+
+def test_ini_and_pyproject_settings(store, tmp_path):
+    (tmp_path / "pyproject.toml").write_text(f'[tool.pytest.ini_options]\ntapml_store = "{store.path}"\n'
+                                             '[tool.tapml]\nplatform = "bf16"\n')
+    proc = pytest_run("--collect-only", "-q", cwd=tmp_path)
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert ids and all(line.endswith("[bf16]") for line in ids)
+
+
+def test_tapml_test_wrapper(store, capsys):
+    assert main(["test", str(store.path), "--platform", "torch-cpu", "-q", "-k", "addmm"]) == 0
+    assert main(["test", str(store.path), "--platform", FAULTY, "--all-calls", "-q", "-k", "gelu"]) == 1
+
+
+def two_devices(env=None):
+    return [spawn_worker(f"{HELPERS}:KillSelf", token="pool-token", env=env),
+            spawn_worker(f"{HELPERS}:KillSelf", token="pool-token")]
+
+
+def test_xdist_pool_one_device_per_worker_and_rescheduling(store, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("pool-token")
+    victim = next(op["index"] for op in store.ops if op["op"] == "aten.gelu.default")
+    devices = two_devices(dict(os.environ, TAPML_TEST_OP_INDEX=str(victim)))  # the first device dies on that op
+    pool = ",".join(d.address for d in devices)
+    try:
+        common = ["--tapml-store", store.path, "--tapml-remote", pool, "--tapml-token-file", token,
+                  "--tapml-platform", "kill-self"]
+        serial = pytest_run("--collect-only", "-q", *common, cwd=tmp_path)
+        parallel = pytest_run("--collect-only", "-q", "-n", "2", *common, cwd=tmp_path)
+        ids = sorted(line for line in serial.stdout.splitlines() if "::" in line)
+        assert ids and len(ids) == len({op["signature"] for op in store.ops})
+        assert f"{len(ids)} tests collected" in parallel.stdout or f"{len(ids)} items" in parallel.stdout
+        proc = pytest_run("-n", "2", "--dist", "load", *common, "--junitxml", tmp_path / "j.xml", cwd=tmp_path)
+        outcomes = junit_outcomes(tmp_path / "j.xml")
+        assert "failure" not in outcomes.values(), proc.stdout[-3000:]
+        assert "rescheduled to another device" in proc.stdout
+        devices_used = {p.get("value") for p in ET.parse(tmp_path / "j.xml").getroot().iter("property")
+                        if p.get("name") == "tapml_device"}
+        assert devices_used == {d.address for d in devices}
+        assert not devices[0].alive() and devices[1].alive()
+    finally:
+        for d in devices:
+            d.stop()
+
+
+def test_a_dead_device_is_an_error_not_a_failure(store, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("pool-token")
+    victim = next(op["index"] for op in store.ops if op["op"] == "aten.gelu.default")
+    device = spawn_worker(f"{HELPERS}:KillSelf", token="pool-token",
+                          env=dict(os.environ, TAPML_TEST_OP_INDEX=str(victim)))
+    try:
+        proc = pytest_run("--tapml-store", store.path, "--tapml-remote", device.address, "--tapml-token-file", token,
+                          "--tapml-platform", "kill-self", "--junitxml", tmp_path / "j.xml", "-k", "gelu or softmax",
+                          cwd=tmp_path)
+        outcomes = junit_outcomes(tmp_path / "j.xml")
+        assert "failure" not in outcomes.values()
+        assert "error" in outcomes.values() and proc.returncode == 1
+        assert "crashed on kill-self" in proc.stdout
+    finally:
+        device.stop()
+
+
+def test_emitted_tests_pass_with_plain_pytest_elsewhere(store, tmp_path, capsys):
+    out = tmp_path / "carved"
+    assert main(["emit-tests", str(store.path), "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["emitted"] > 30 and not result["not_reproducible"]
+    assert {p.name for p in out.iterdir()} == {"test_carved_ops.py", "conftest.py", "carved_store"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = pytest_run(out, "-q", cwd=elsewhere, env={k: v for k, v in os.environ.items()
+                                                      if not k.startswith("PYTEST")})
+    assert proc.returncode == 0 and f"{result['emitted']} passed" in proc.stdout, proc.stdout[-2000:]
+    env = dict(os.environ, TAPML_PLATFORM=FAULTY)
+    proc = pytest_run(out, "-q", "-k", "gelu", cwd=elsewhere, env=env)
+    assert proc.returncode == 0  # only the first gelu call was emitted; the fault is in layer 3
+
+
+def test_emit_refuses_ops_that_do_not_reproduce(store, tmp_path, monkeypatch):
+    import tapml.emit as emit
+    from tapml.carving.replay import Mismatch, ReplayReport
+
+    def fake_replay(store, indices):
+        indices = list(indices)
+        return ReplayReport(checked=len(indices), mismatches=[Mismatch(indices[0], "x", "", "bytes differ")])
+
+    monkeypatch.setattr(emit, "replay", fake_replay)
+    result = emit.emit_tests(store, tmp_path / "carved", only="aten.addmm*")
+    assert result["emitted"] == 3 and list(result["not_reproducible"].values()) == ["bytes differ"]
