@@ -85,7 +85,9 @@ def canonical(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
         t = t.as_strided(narrow, stride, t.storage_offset())
     if _overlaps(narrow, stride):
         return t.contiguous().reshape(-1), False
-    return t.permute(storage_order(narrow, stride)).reshape(-1), True
+    flat = t.permute(storage_order(narrow, stride)).reshape(-1)
+    # a strided 1-D result (gaps between elements) is still a view: the bytes must be packed
+    return (flat if flat.is_contiguous() else flat.contiguous()), True
 
 
 def materialize(flat: torch.Tensor, ref: TensorRef) -> torch.Tensor:

@@ -182,3 +182,12 @@ def test_out_variant_is_recorded_as_inplace(tmp_path):
     assert torch.equal(store.load(add["kwargs"]["dict"]["out"]["tensor"]), torch.zeros(3))  # before
     assert torch.equal(store.load(add["outputs"]["tensor"]), torch.full((3,), 3.0))  # after
     assert replay(store).ok
+
+
+def test_strided_1d_views_are_stored_packed(tmp_path):
+    """Regression (gpt_neox, bart): a 1-D view with gaps reshaped to itself, not to packed bytes."""
+    base = torch.randn(4, 6)
+    store = carve_fn(tmp_path, nn.Identity(), lambda: base[:, 2] * 2 + base.reshape(-1)[::3].sum())
+    mul = ops_named(store, "aten.mul.Tensor")[0]
+    assert mul["args"][0]["tensor"]["stride"] == [6]
+    assert replay(store).ok
