@@ -184,10 +184,35 @@ def inspect(store_dir, as_json, do_replay, no_verify):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
-def zoo(as_json):
-    """List the built-in workloads."""
+@click.option("--matrix", is_flag=True, help="Carve every workload and offload it to every target.")
+@click.option("--targets", default="torch-cpu,fp16,bf16,tvm-llvm", show_default=True, help="With --matrix.")
+@click.option("--only", help="With --matrix: comma-separated workload names.")
+@click.option("-o", "--out", "out", type=click.Path(), help="With --matrix: write zoo-matrix.md and .json here.")
+def zoo(as_json, matrix, targets, only, out):
+    """List the built-in workloads (or run the zoo matrix)."""
     from .zoo import ZOO
 
+    if matrix:
+        from .matrix import run_matrix, to_markdown
+
+        names = [n.strip() for n in only.split(",")] if only else list(ZOO)
+        unknown = [n for n in names if n not in ZOO]
+        if unknown:
+            raise TapmlError(f"no zoo workload {unknown[0]!r}; `tapml zoo` lists them")
+        chosen = tuple(t.strip() for t in targets.split(",") if t.strip())
+        rows = run_matrix(names, chosen, on_row=lambda r: _err.print(
+            f"{r['model']:18s} {r['target']:10s} {r['verdict']:10s} {r['offload_s']:6.1f}s"))
+        text = to_markdown(rows, chosen)
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "zoo-matrix.md").write_text(text)
+            from .migrate import jsonable
+
+            (Path(out) / "zoo-matrix.json").write_text(json.dumps(jsonable(rows), indent=1))
+        click.echo(_emit_json(rows) if as_json else text)
+        if any(r["verdict"] == "error" for r in rows):
+            raise CheckFailed("tapml itself failed on some workloads (see the table)")
+        return
     entries = [e.to_json() for e in ZOO.values()]
     if as_json:
         _emit_json(entries)

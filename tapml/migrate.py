@@ -62,6 +62,20 @@ def _end_to_end(got, want, judge: Judge) -> dict:
     return worst or {"ok": True, "max_abs": 0.0}
 
 
+def _tokens(got, want, store: FixtureStore) -> dict | None:
+    """For a generation (an integer token tensor out): where the target's greedy choice first differs."""
+    if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or want.is_floating_point() \
+            or want.dim() != 2 or got.shape != want.shape:
+        return None
+    differs = (got != want).any(dim=0).nonzero()
+    first = int(differs[0]) if differs.numel() else None
+    generated = [s["name"] for s in store.steps if s["name"] not in ("outside the model",)]
+    prompt = want.shape[1] - len(generated)
+    step = generated[first - prompt] if first is not None and 0 <= first - prompt < len(generated) else None
+    return {"reference": want[0].tolist(), "target": got[0].tolist(), "first_difference": first,
+            "first_difference_generated": (first - prompt) if first is not None else None, "step": step}
+
+
 def _check_store(store: FixtureStore) -> None:
     m = store.manifest
     if m.get("truncated"):
@@ -107,6 +121,7 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Platform, *, ju
             "unsupported": counts.get("unsupported", 0),
             "failed": counts.get("crashed", 0) + counts.get("timeout", 0),
             "end_to_end": _end_to_end(output, reference_out, judge),
+            "tokens": _tokens(output, reference_out, store),
             "diverged": off.diverged, "first_nonfinite": off.first_nonfinite,
             "timing": {"wall_s": wall, "target_s": off.target_s, "kernel_s": kernel_s,
                        "transfer_and_overhead_s": max(0.0, off.target_s - kernel_s),
@@ -165,6 +180,7 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Platform, *, ju
         downstream = [v for v in victims if v > i]
         culprit = {k: culprit_row[k] for k in ("index", "op", "module", "call", "source", "signature")}
         culprit.update(local=culprit_row["local"], victims_downstream=len(downstream),
+                       step=store.steps[store.ops[i]["step"]]["name"] if store.steps else None,
                        random_inputs=random_input_check(store, target, judge, i),
                        repro=f"tapml replay {store_path or store.path} --platform {target.name} --op {i}")
     final = steps[-1]["end_to_end"] if steps else {"ok": True}
@@ -195,6 +211,7 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Platform, *, ju
         "first_nonfinite": first_nonfinite,
         "saturated_ops": [o["index"] for o in ops if (o.get("local") or {}).get("saturated")],
         "end_to_end": final,
+        "tokens": steps[-1]["tokens"] if steps else None,
         "steps": steps,
         "ops": ops,
         "target_stats": {k: int(v) for k, v in (Counter(target.stats) - stats_before).items()},
@@ -206,16 +223,25 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Platform, *, ju
 def summary_line(r: dict) -> str:
     """The verdict in one sentence."""
     c = r["culprit"]
+    tokens = r.get("tokens") or {}
+    token_note = ""
+    if tokens.get("first_difference") is not None:
+        token_note = (f"; the generated tokens first differ at position {tokens['first_difference']} "
+                      f"(generated token {tokens['first_difference_generated']}, step {tokens['step']})")
     if c is not None:
         m, tol = c["local"], c["local"]["tolerance"]
         where = f"{c['source'].rsplit('/', 1)[-1]}" if c.get("source") else "unknown source"
         return (f"{c['op']} in {c['module'] or '(model)'} (call {c['call']}, {where}) diverges: max abs "
-                f"{m['max_abs']:.3g} against a tolerance of atol {tol['atol']:.3g} + rtol {tol['rtol']:.3g}; "
-                f"{c['victims_downstream']} later ops inherit it")
+                f"{_g(m['max_abs'])} against a tolerance of atol {tol['atol']:.3g} + rtol {tol['rtol']:.3g}; "
+                f"{c['victims_downstream']} later ops inherit it{token_note}")
     if r["verdict"] == "divergent":
         return (f"no single op is out of tolerance, but the model output is (max abs "
-                f"{r['end_to_end'].get('max_abs', 0):.3g}): small errors accumulate")
+                f"{_g(r['end_to_end'].get('max_abs', 0))}): small errors accumulate{token_note}")
     if r["verdict"] == "incomplete":
         return f"{r['counts']['crashed']} ops crashed and {r['counts']['timeout']} timed out on the target"
     return (f"every offloaded op is within tolerance on {r['target']['name']}; "
             f"{r['coverage']:.0%} of compute ops ran on the target")
+
+
+def _g(x) -> str:
+    return x if isinstance(x, str) else f"{x:.3g}"

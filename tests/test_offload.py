@@ -218,3 +218,19 @@ def test_nondeterministic_ops_report_reference_noise(tmp_path):
     random_ops = [o for o in r["ops"] if "nondeterministic" in (o["reason"] or "")]
     assert random_ops and all(o["status"] == "skipped" for o in random_ops)
     assert any(o.get("reference_noise", 0) > 0 for o in random_ops)  # the reference differs from itself
+
+
+def test_generation_reports_the_first_differing_token(tmp_path):
+    workload = load_workload("zoo:tiny-llama")
+    from tapml.carving import FixtureStore, carve
+
+    carve(workload.model, lambda: workload.run(4), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    with RemotePlatform(spawn=f"{HELPERS}:SecondDecodeLogits") as target:
+        r = migrate(lambda: workload.run(4), store, target, judge=Judge())
+    t = r["tokens"]
+    assert t["first_difference"] == 8 + 2 and t["first_difference_generated"] == 2 and t["step"] == "decode 2"
+    assert t["target"][10] == 5 and t["reference"][10] != 5
+    assert r["culprit"]["module"] == "lm_head" and r["culprit"]["call"] == 2 and r["culprit"]["step"] == "decode 2"
+    assert "first differ at position 10" in r["summary"]
+    assert [s["tokens"]["first_difference"] for s in r["steps"]] == [None, None, None, 10]

@@ -62,3 +62,16 @@ class NoSoftmax(TorchPlatform):
         if op.op == "aten._softmax.default":
             return Support.no("no softmax kernel on this target yet")
         return super().supports(op)
+
+
+class SecondDecodeLogits(TorchPlatform):
+    """Pushes one vocabulary entry's logit up in lm_head's third call (decode step 2)."""
+
+    name = "second-decode-logits"
+
+    def run(self, kernel, op, inputs):
+        outputs = super().run(kernel, op, inputs)
+        if op.module == "lm_head" and op.call == 2 and op.op in ("aten.mm.default", "aten.addmm.default"):
+            outputs = [o.clone() for o in outputs]
+            outputs[0][..., 5] += 100.0
+        return outputs
