@@ -87,6 +87,7 @@ class StoreWriter:
         ``cached=False`` for outputs of in-place ops: their version counter is bumped
         only after the dispatch mode returns, so the hash cache cannot see the write yet.
         """
+        held = t  # the caller's tensor: its version counter sees later in-place writes; a detach() would not
         if t.requires_grad:
             t = t.detach()
         if not t.is_cpu:
@@ -94,7 +95,7 @@ class StoreWriter:
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
         flat, exact = canonical(t)
-        key = self._memo.key(t, flat, memo=cached)
+        key = self._memo.key(held if held.device == t.device else t, flat, memo=cached)
         storage = flat.untyped_storage().data_ptr()
         shares = flat.numel() > 0 and storage == t.untyped_storage().data_ptr()
         nbytes = flat.numel() * flat.element_size()

@@ -116,7 +116,7 @@ def content_key(flat: torch.Tensor) -> str:
     """
     h = xxhash.xxh3_128(dtype_name(flat.dtype).encode() + b"\0")
     if flat.numel():
-        h.update(memoryview(flat.view(torch.uint8).numpy()))
+        h.update(memoryview(flat.detach().view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
@@ -135,7 +135,10 @@ class HashMemo:
         self._seen: dict[tuple, tuple] = {}
 
     def key(self, t: torch.Tensor, flat: torch.Tensor, *, memo: bool = True) -> str:
-        """The content key of ``flat`` (``t``'s elements, flattened), memoized when it aliases ``t``."""
+        """The content key of ``flat`` (``t``'s elements, flattened), memoized when it aliases ``t``.
+
+        ``t`` must be the tensor the program holds, not a ``detach()`` of it: a detached
+        alias does not see the version bumps of later in-place writes."""
         aliases = flat.numel() > 0 and flat.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
         if not (aliases and memo):
             return content_key(flat)

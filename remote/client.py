@@ -235,8 +235,7 @@ class RemotePlatform(Platform):
         plus shape/stride/offset, so a transposed weight or a view of a target output
         is never copied, hashed or sent again."""
         refs = []
-        for t in inputs:
-            t = t.detach()
+        for t in inputs:  # not detached: the memo needs the caller's version counter
             storage_numel = t.untyped_storage().nbytes() // t.element_size() if t.numel() else 0
             whole = t.is_contiguous() and t.storage_offset() == 0 and t.numel() == storage_numel
             base = None

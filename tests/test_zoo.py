@@ -62,3 +62,19 @@ def test_matrix_fast_subset(tmp_path, capsys):
                                                           for t in ("torch-cpu", "fp16")}
     assert all(r["verdict"] == "ok" for r in rows if r["target"] == "torch-cpu")
     assert (tmp_path / "zoo-matrix.md").read_text().startswith("| model |")
+
+
+def test_t5_through_a_worker_is_exact():
+    """Regression: the client hashed a detach()ed alias, whose version counter misses in-place
+    writes, and sent T5's relative-position buckets from before their `+=`."""
+    from tapml.remote import RemotePlatform
+
+    workload = load_workload("zoo:t5")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        carve(workload.model, workload.run, f"{tmp}/s")
+        store = FixtureStore(f"{tmp}/s")
+        with RemotePlatform(spawn="torch-cpu") as target:
+            r = migrate(workload.run, store, target, judge=Judge(), plan="all")
+    assert r["verdict"] == "ok" and r["end_to_end"]["max_abs"] == 0.0
