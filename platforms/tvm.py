@@ -47,6 +47,12 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """TVM's DLPack import requires 64-byte aligned data; a view at an offset is not."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 class _OneOp(torch.nn.Module):
     def __init__(self, fn, op: OpCall):
         super().__init__()
@@ -124,7 +130,9 @@ class TVMPlatform(Platform):
                 raise Unsupported(f"TVM build: {_one_line(e)}") from None
 
     def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        args = [self._tvm.runtime.from_dlpack(t.contiguous()) for t in inputs]
+        # an empty tensor is allocated by TVM itself: its DLPack strides for zero-size dims do not match TVM's
+        args = [self._tvm.runtime.empty(tuple(t.shape), str(t.dtype).removeprefix("torch."), self.dev)
+                if t.numel() == 0 else self._tvm.runtime.from_dlpack(_aligned(t)) for t in inputs]
         result = kernel["main"](*args)
         results = list(result) if not hasattr(result, "shape") else [result]
         # returned as TVM computed them: a wrong shape or dtype is the comparison's finding, not an error

@@ -135,3 +135,28 @@ def test_fault_injection_platform_via_file_class(minilm_store, capsys):
     wrong = [r for r in summary["ops"] if "local" in r and r["local"]["max_abs"] > 0]
     assert [(r["op"], r["module"]) for r in wrong] == [
         ("aten.gelu.default", "encoder.layer.3.intermediate.intermediate_act_fn")]
+
+
+def test_tvm_accepts_unaligned_inputs(tmp_path, monkeypatch):
+    """Regression (zoo:mamba): a contiguous view at an offset is not 64-byte aligned for DLPack."""
+    monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path))
+    spec = {"dtype": "float32", "shape": [3], "stride": [1]}
+    op = OpCall(op="aten.add.Tensor", args=[{"tensor": spec}, {"tensor": spec}], kwargs={"dict": {}},
+                outputs={"tensor": spec}, signature="unaligned-add")
+    base = torch.arange(8.0)
+    x = base[1:4]  # 4 bytes past an aligned allocation
+    assert x.data_ptr() % 64 != 0
+    (out,) = get_platform("tvm-llvm").execute(op, [x, x])
+    assert torch.equal(out, x * 2)
+
+
+def test_tvm_accepts_empty_inputs(tmp_path, monkeypatch):
+    """Regression (zoo:phi3): partial rotary concatenates a zero-width tensor."""
+    monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path))
+    a = {"dtype": "float32", "shape": [1, 2, 3, 4], "stride": [24, 12, 4, 1]}
+    b = {"dtype": "float32", "shape": [1, 2, 3, 0], "stride": [0, 0, 0, 1]}
+    op = OpCall(op="aten.cat.default", args=[[{"tensor": a}, {"tensor": b}], -1], kwargs={"dict": {}},
+                outputs={"tensor": a}, signature="cat-empty")
+    x = torch.randn(1, 2, 3, 4)
+    (out,) = get_platform("tvm-llvm").execute(op, [x, torch.empty(1, 2, 3, 0)])
+    assert torch.equal(out, x)
