@@ -41,23 +41,12 @@ class TensorRef:
         return TensorSpec(self.dtype, self.shape, self.stride, self.offset, self.exact)
 
     def to_json(self) -> dict:
-        out = {"key": self.key, "dtype": self.dtype, "shape": list(self.shape), "stride": list(self.stride)}
-        if self.offset:
-            out["offset"] = self.offset
-        if not self.exact:
-            out["exact"] = False
-        return out
+        return {"key": self.key, **self.spec.to_json()}
 
     @classmethod
     def from_json(cls, obj: dict) -> TensorRef:
-        return cls(
-            key=obj["key"],
-            dtype=obj["dtype"],
-            shape=tuple(obj["shape"]),
-            stride=tuple(obj["stride"]),
-            offset=int(obj.get("offset", 0)),
-            exact=bool(obj.get("exact", True)),
-        )
+        spec = TensorSpec.from_json(obj)
+        return cls(obj["key"], spec.dtype, spec.shape, spec.stride, spec.offset, spec.exact)
 
 
 def _overlaps(shape, stride) -> bool:
