@@ -116,6 +116,7 @@ class _State:
         workerinput = getattr(config, "workerinput", None)
         self.pool = pool
         self.device = workerinput.get("tapml_device") if workerinput else (pool[0] if pool else None)
+        self.assigned = self.device  # the device the controller gave this process
         self.dead: set[str] = set()
         self.judges: dict[str, object] = {}
 
@@ -218,6 +219,7 @@ class CarvedOpItem(pytest.Item):
 
         state = self.config.stash[STASH]
         store = state.store(str(self.path.parent))
+        self.user_properties.append(("tapml_assigned_device", state.assigned or "spawned"))
         rescheduled = False
         for _ in range(max(1, len(state.pool))):
             try:

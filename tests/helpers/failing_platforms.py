@@ -15,13 +15,23 @@ def _target(op) -> bool:
 
 
 class KillSelf(TorchPlatform):
-    """SIGKILLs its own process on one op: a segfault or OOM kill, as far as the client can tell."""
+    """SIGKILLs its own process on one op: a segfault or OOM kill, as far as the client can tell.
+
+    With TAPML_TEST_KILL_ONCE=FILE only the first worker to reach the op dies (it creates FILE),
+    so a pool of devices sharing the setting loses exactly one."""
 
     name = "kill-self"
 
     def run(self, kernel, op, inputs):
         if _target(op):
-            os.kill(os.getpid(), signal.SIGKILL)
+            once = os.environ.get("TAPML_TEST_KILL_ONCE")
+            if once is None:
+                os.kill(os.getpid(), signal.SIGKILL)
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL))
+                os.kill(os.getpid(), signal.SIGKILL)
+            except FileExistsError:
+                pass
         return super().run(kernel, op, inputs)
 
 
