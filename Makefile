@@ -12,7 +12,7 @@ OUT ?= out
 $(BIN)/.tapml-ready: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[zoo,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[zoo,dev,webgpu]'
 	touch $@
 
 setup: $(BIN)/.tapml-ready
@@ -25,7 +25,7 @@ demo: setup
 	rc=$$?; [ $$rc -le 1 ] && echo "run record: $(OUT)/minilm-tvm/run.json"; [ $$rc -le 1 ]
 
 test: setup
-	scripts/ensure-chromium
+	scripts/ensure-system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 lint: setup

@@ -20,6 +20,7 @@ BUILTINS = {
     "fp16": "tapml.platforms.emulation:Float16",
     "bf16": "tapml.platforms.emulation:BFloat16",
     "tvm-llvm": "tapml.platforms.tvm:TVMLLVM",
+    "tvm-webgpu": "tapml.platforms.webgpu:TVMWebGPU",
 }
 
 

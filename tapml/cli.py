@@ -248,6 +248,8 @@ def platforms(names, as_json):
     table = Table("platform", "available", "device / why not", "description")
     for r in rows:
         where = r["capabilities"]["device"] if r["available"] else r["reason"]
+        if r["available"] and r["capabilities"].get("limits"):
+            where += "\n" + "\n".join(f"{k}: {v}" for k, v in r["capabilities"]["limits"])
         table.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", where, r["description"])
     _out().print(table)
 
