@@ -110,10 +110,24 @@ class TVMPlatform(Platform):
         return relax.VirtualMachine(executable, self.dev)
 
     def _build(self, op: OpCall):
+        mod = self.import_op(op)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return self._tvm.compile(mod, target=self.target)
+            except Exception as e:
+                raise Unsupported(f"TVM build: {_one_line(e)}") from None
+
+    @staticmethod
+    def import_op(op: OpCall, *, narrow_int64: bool = False):
+        """The op as a Relax IRModule: a one-op module, ``torch.export``, TVM's frontend.
+
+        ``narrow_int64`` exports int64 inputs as int32 (for targets without 64-bit integers)."""
         from tvm.relax.frontend.torch import from_exported_program
 
         fn = _functional(op)
-        examples = tuple(torch.zeros(s.shape, dtype=s.torch_dtype) for s in op.inputs)
+        examples = tuple(torch.zeros(s.shape, dtype=torch.int32 if narrow_int64 and s.dtype == "int64"
+                                     else s.torch_dtype) for s in op.inputs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -121,13 +135,9 @@ class TVMPlatform(Platform):
             except Exception as e:
                 raise Unsupported(f"torch.export failed: {_one_line(e)}") from None
             try:
-                mod = from_exported_program(exported)
+                return from_exported_program(exported)
             except Exception as e:
                 raise Unsupported(f"TVM frontend: {_one_line(e)}") from None
-            try:
-                return self._tvm.compile(mod, target=self.target)
-            except Exception as e:
-                raise Unsupported(f"TVM build: {_one_line(e)}") from None
 
     def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         # an empty tensor is allocated by TVM itself: its DLPack strides for zero-size dims do not match TVM's

@@ -21,7 +21,7 @@ import torch
 
 from .base import Capabilities, Support, Unsupported
 from .opcall import OpCall
-from .tvm import TVMPlatform, _functional, _one_line, _OneOp
+from .tvm import TVMPlatform, _one_line
 
 __all__ = ["TVMWebGPU"]
 
@@ -131,20 +131,12 @@ class TVMWebGPU(TVMPlatform):
         import tvm
         import tvm.s_tir.dlight as dl
         from tvm import relax
-        from tvm.relax.frontend.torch import from_exported_program
 
-        fn = _functional(op)
         # int64 inputs (indices) are narrowed to int32; the range is checked at run time
-        examples = tuple(torch.zeros(s.shape, dtype=torch.int32 if s.dtype == "int64" else s.torch_dtype)
-                         for s in op.inputs)
+        mod = self.import_op(op, narrow_int64=True)
         target = tvm.target.Target("webgpu", host="llvm")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                exported = torch.export.export(_OneOp(fn, op), examples)
-                mod = from_exported_program(exported)
-            except Exception as e:
-                raise Unsupported(f"TVM frontend: {_one_line(e)}") from None
             try:
                 with target:
                     mod = relax.transform.LegalizeOps()(mod)
@@ -160,8 +152,6 @@ class TVMWebGPU(TVMPlatform):
                     if len(built.mod.imports):
                         parts = _SECTION.split(built.mod.imports[0].inspect_source())
                         sections.update({parts[i]: parts[i + 1] for i in range(1, len(parts), 2)})
-            except Unsupported:
-                raise
             except Exception as e:
                 raise Unsupported(f"TVM webgpu build: {_one_line(e)}") from None
         self.stats["builds"] += 1

@@ -85,13 +85,17 @@ def render_report(record: dict) -> str:
     )
 
 
-def write_report(run_json: str | Path, out: str | Path) -> Path:
-    html = render_report(load_run(run_json))
+def _write(out: str | Path, html: str) -> Path:
+    """Write beside the destination, then rename: a failed write leaves no half file."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(html)
     tmp.replace(out)
     return out
+
+
+def write_report(run_json: str | Path, out: str | Path) -> Path:
+    return _write(out, render_report(load_run(run_json)))
 
 
 def _key(o: dict) -> tuple:
@@ -141,9 +145,4 @@ def render_diff(a: dict, b: dict, names: tuple[str, str]) -> str:
 
 def write_diff(run_a: str | Path, run_b: str | Path, out: str | Path) -> Path:
     a, b = load_run(run_a), load_run(run_b)
-    html = render_diff(a, b, (str(run_a), str(run_b)))
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(html)
-    tmp.replace(out)
-    return out
+    return _write(out, render_diff(a, b, (str(run_a), str(run_b))))

@@ -6,6 +6,7 @@ and exit 2; a failed check exits 1; a traceback only with --debug or TAPML_DEBUG
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -37,13 +38,38 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
+class _Ticker:
+    """A live op counter; every method is a no-op when stderr is not a terminal."""
+
+    def __init__(self, progress=None, task=None):
+        self._progress, self._task = progress, task
+
+    def count(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=n)
+
+    def advance(self, *_) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def describe(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
+
+@contextlib.contextmanager
 def _progress(label: str):
-    """A live op counter on stderr when it is a terminal; silent otherwise."""
+    """Progress on stderr only when it is a terminal."""
+    if not sys.stderr.isatty():
+        yield _Ticker()
+        return
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    if not sys.stderr.isatty():
-        return None
-    return Progress(SpinnerColumn(), TextColumn(label + " {task.completed} ops"), console=_err, transient=True)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description} {task.completed} ops"), console=_err,
+                        transient=True)
+    task = progress.add_task(label, total=None)
+    with progress:
+        yield _Ticker(progress, task)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,24 +110,16 @@ def carve(model, out, force, generate, modules, op_globs, unique, max_bytes, ver
     workload = load_workload(model)
     info = {"spec": model, "name": workload.name, "description": workload.description,
             "class": type(workload.model).__name__, "generate": generate}
-    progress = _progress("carving")
-    task = progress.add_task("carve", total=None) if progress else None
     try:
-        if progress:
-            progress.start()
-        result = carve_model(
-            workload.model, lambda: workload.run(generate), out, force=force, options=options,
-            model_info=info, on_op=(lambda n: progress.update(task, completed=n)) if progress else None,
-        )
+        with _progress("carving") as ticker:
+            result = carve_model(workload.model, lambda: workload.run(generate), out, force=force,
+                                 options=options, model_info=info, on_op=ticker.count)
     except StoreError as e:
         raise TapmlError(str(e)) from e
     except ModelRaised as e:
         if isinstance(e.__cause__, TapmlError):
             raise e.__cause__ from None
         raise TapmlError(f"{model} raised while carving: {e}") from e
-    finally:
-        if progress:
-            progress.stop()
     store = FixtureStore(result.path)
     _show_summary(store, verified=False, as_json=as_json, replay=_replay(store) if verify_replay else None)
 
@@ -354,17 +372,11 @@ def replay(store_dir, platform_name, remote, token_file, timeout, tolerances, co
     if bad:
         raise TapmlError(f"--op {bad[0]}: the store has ops 0..{len(store.ops) - 1}")
     target = open_target(platform_name, remote=remote, token_file=token_file, timeout=timeout)
-    progress = _progress(f"replaying on {target.name}")
-    task = progress.add_task("replay", total=None) if progress else None
     try:
-        judge = _judge(target, tolerances, config, rule)
-        if progress:
-            progress.start()
-        rows = local_pass(store, target, judge, indices=list(op_indices) or None, all_calls=all_calls,
-                          on_result=(lambda r: progress.advance(task)) if progress else None)
+        with _progress(f"replaying on {target.name}") as ticker:
+            rows = local_pass(store, target, _judge(target, tolerances, config, rule),
+                              indices=list(op_indices) or None, all_calls=all_calls, on_result=ticker.advance)
     finally:
-        if progress:
-            progress.stop()
         target.close()
     results = list(rows.values())
     counts = Counter(r["status"] for r in results)
@@ -434,28 +446,20 @@ def offload(model, platform_name, remote, token_file, timeout, tolerances, confi
                 raise TapmlError(f"{store_dir} was carved from {carved.get('spec')} "
                                  f"(generate={carved.get('generate')}), not {model} (generate={generate})")
         target = open_target(platform_name, remote=remote, token_file=token_file, timeout=timeout)
-        progress = _progress(f"offloading to {target.name}")
-        task = progress.add_task("offload", total=None) if progress else None
-
-        def on_event(kind, payload):
-            if progress is None:
-                return
-            if kind == "step":
-                progress.update(task, description=f"step {payload[0] + 1}/{payload[1]}: {payload[2]}")
-            progress.advance(task)
-
         try:
-            if progress:
-                progress.start()
-            record = migrate(run, store, target, judge=_judge(target, tolerances, config, rule), plan=plan,
-                             layers=layers_re, all_calls=all_calls, check_reference=check_reference,
-                             model_info=info, on_event=on_event,
-                             store_path=str(Path(out) / "store") if store_dir is None else store_dir)
+            with _progress(f"offloading to {target.name}") as ticker:
+                def on_event(kind, payload):
+                    if kind == "step":
+                        ticker.describe(f"step {payload[0] + 1}/{payload[1]}: {payload[2]}")
+                    ticker.advance()
+
+                record = migrate(run, store, target, judge=_judge(target, tolerances, config, rule), plan=plan,
+                                 layers=layers_re, all_calls=all_calls, check_reference=check_reference,
+                                 model_info=info, on_event=on_event,
+                                 store_path=str(Path(out) / "store") if store_dir is None else store_dir)
         except ModelRaised as e:
             raise TapmlError(f"{model} raised during a mixed run: {e}") from e
         finally:
-            if progress:
-                progress.stop()
             target.close()
         (outdir.tmp / "run.json").write_text(json.dumps(record, indent=1, allow_nan=False))
         from .reports import render_report
