@@ -22,24 +22,25 @@ import weakref
 import torch
 
 from tapml.carving import FixtureStore, carve
-from tapml.judge import Judge
-from tapml.localize import local_pass, skip_reason
-from tapml.offload import run_step
-from tapml.platforms import Platform
-from tapml.remote import RemotePlatform
+from tapml.engine import local_pass, run_step, skip_reason
+from tapml.judging import Judge
+from tapml.platforms import Target
+from tapml.remote import RemoteTarget
 from tapml.workloads import load_workload
 
 
-class Crossing(Platform):
+class Crossing(Target):
     """Wraps the target and classifies each input: weight, target-made, or a crossing activation."""
 
-    def __init__(self, inner: Platform, model: torch.nn.Module):
-        super().__init__()
+    def __init__(self, inner: Target, model: torch.nn.Module):
         self.inner, self.name = inner, inner.name
         self.weights = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
         self.made: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.crossing = 0
-        self.stats = inner.stats
+
+    @property
+    def stats(self):
+        return self.inner.stats
 
     def capabilities(self):
         return self.inner.capabilities()
@@ -69,7 +70,7 @@ def other_tokens(workload):
 
 def bytes_and_time(workload, store, repeats: int) -> dict:
     everything = {op["index"] for op in store.ops if not skip_reason(op)}
-    with RemotePlatform(spawn="torch-cpu") as target:
+    with RemoteTarget(spawn="torch-cpu") as target:
         run_step(workload.run, store, target, everything, Judge())  # first forward: weights go over once
         wrapped = Crossing(target, workload.model)
         before = target.stats["bytes_sent"]
@@ -98,7 +99,7 @@ def compiles(store) -> dict:
     signatures = {op["signature"] for op in store.ops if not skip_reason(op)}
     out = {"signatures": len(signatures)}
     for label in ("cold", "warm"):
-        with RemotePlatform(spawn="tvm-llvm", spawn_options={"env": env}) as target:
+        with RemoteTarget(spawn="tvm-llvm", spawn_options={"env": env}) as target:
             start = time.perf_counter()
             local_pass(store, target, judge)
             out[f"{label}_s"] = time.perf_counter() - start

@@ -116,14 +116,13 @@ def tvm_rpc(nbytes: int, repeats: int) -> float:
 
 
 def tapml_worker(nbytes: int, repeats: int) -> tuple[float, float]:
-    from tapml.platforms import OpCall
-    from tapml.remote import RemotePlatform
+    from tapml.core import OpCall
+    from tapml.remote import RemoteTarget
 
     n = nbytes // 4
     spec = {"dtype": "float32", "shape": [n], "stride": [1]}
-    op = OpCall(op="aten.clone.default", args=[{"tensor": spec}], kwargs={"dict": {}}, outputs={"tensor": spec},
-                signature=f"bench-clone-{n}")
-    with RemotePlatform(spawn="torch-cpu") as target:
+    op = OpCall(op="aten.clone.default", args=[{"tensor": spec}], kwargs={"dict": {}}, outputs={"tensor": spec})
+    with RemoteTarget(spawn="torch-cpu") as target:
         target.execute(op, [torch.randn(n)])
         kernel = []
 

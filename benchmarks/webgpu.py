@@ -11,10 +11,9 @@ import statistics
 import tempfile
 
 from tapml.carving import FixtureStore, carve
-from tapml.judge import Judge
-from tapml.localize import skip_reason
-from tapml.offload import run_step
-from tapml.remote import RemotePlatform
+from tapml.engine import run_step, skip_reason
+from tapml.judging import Judge
+from tapml.remote import RemoteTarget
 from tapml.workloads import load_workload
 
 
@@ -29,9 +28,9 @@ def main() -> None:
         everything = {op["index"] for op in store.ops if not skip_reason(op)}
         rows = {}
         for name in ("tvm-llvm", "tvm-webgpu"):
-            with RemotePlatform(spawn=name, timeout=600) as target:
+            with RemoteTarget(spawn=name, timeout=600) as target:
                 _, off, _ = run_step(workload.run, store, target, everything, Judge())  # compiles
-                offloaded = sum(1 for r in off.results.values() if r["status"] == "offloaded")
+                offloaded = sum(1 for r in off.results.values() if r.status == "offloaded")
                 walls, kernels = [], []
                 for _ in range(args.repeats):
                     k0 = target.stats["kernel_us"]

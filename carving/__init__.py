@@ -7,8 +7,9 @@ its ops on the reference, mark named ``step``s of a multi-call run.
 from .atomic import AtomicDir, OutputError
 from .carve import CarveResult, ModelRaised, carve
 from .layout import TensorRef
-from .replay import ReplayReport, replay, resolve_op, run_op
-from .store import SCHEMA_VERSION, FixtureStore, StoreError
+from .manifest import Manifest, check_manifest, store_schema
+from .replay import Mismatch, ReplayReport, replay, run_op
+from .store import SCHEMA_VERSION, FixtureStore, StoreError, StoreWriter
 from .tracer import CarveOptions, signature, step
 
 __all__ = [
@@ -18,14 +19,18 @@ __all__ = [
     "CarveOptions",
     "CarveResult",
     "FixtureStore",
+    "Manifest",
+    "Mismatch",
     "ModelRaised",
     "ReplayReport",
     "StoreError",
+    "StoreWriter",
     "TensorRef",
     "carve",
+    "check_manifest",
     "replay",
-    "resolve_op",
     "run_op",
     "signature",
     "step",
+    "store_schema",
 ]

@@ -9,10 +9,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tapml.core import TapmlError
+
 __all__ = ["AtomicDir", "OutputError"]
 
 
-class OutputError(Exception):
+class OutputError(TapmlError):
     """The destination cannot be written; the message names it."""
 
 

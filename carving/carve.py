@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from tapml.core import __version__
+
 from .store import StoreWriter
 from .tracer import CarveOptions, Tracer
 
@@ -49,8 +51,6 @@ def carve(
 
     The store appears at ``out`` only if the run finished; otherwise nothing is left.
     """
-    from tapml import __version__
-
     options = options or CarveOptions()
     with StoreWriter(out, force=force, shard_bytes=shard_bytes) as writer:
         tracer = Tracer(writer, model, options, on_op=on_op)

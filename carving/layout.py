@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tapml.platforms.tensors import (
+from tapml.core import (
     TensorSpec,
     broadcast_narrowed,
     content_key,

@@ -13,14 +13,13 @@ from typing import Any
 
 import torch
 
-from tapml.platforms.torch_eager import resolve_op
-from tapml.platforms.values import Opaque
-from tapml.platforms.values import decode_value as decode
+from tapml.core import Opaque, resolve_op
+from tapml.core import decode_value as decode
 
 from .layout import canonical, content_key
 from .store import FixtureStore
 
-__all__ = ["resolve_op", "run_op", "replay", "ReplayReport", "Mismatch"]
+__all__ = ["run_op", "replay", "ReplayReport", "Mismatch"]
 
 
 def run_op(store: FixtureStore, rec: dict) -> Any:

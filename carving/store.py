@@ -20,12 +20,11 @@ import safetensors
 import safetensors.torch
 import torch
 
-from tapml.platforms.opcall import OpCall
-from tapml.platforms.tensors import HashMemo
-from tapml.platforms.values import iter_specs
+from tapml.core import HashMemo, OpCall, iter_specs
 
 from .atomic import AtomicDir, OutputError
 from .layout import TensorRef, canonical, content_key, dtype_from_name, dtype_name, materialize
+from .manifest import check_manifest
 
 __all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "FixtureStore", "MANIFEST"]
 
@@ -186,17 +185,20 @@ class FixtureStore:
         try:
             text = mpath.read_text()
             self.manifest = json.loads(text)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
             raise StoreError(f"{mpath} is corrupt: {e}") from None
-        if not isinstance(self.manifest, dict) or "schema" not in self.manifest:
-            raise StoreError(f"{mpath} is not a tapml manifest")
-        if self.manifest["schema"] > SCHEMA_VERSION:
-            raise StoreError(
-                f"{mpath} has schema {self.manifest['schema']}, newer than this tapml reads "
-                f"({SCHEMA_VERSION}); upgrade tapml"
-            )
+        schema = self.manifest.get("schema") if isinstance(self.manifest, dict) else None
+        if not isinstance(schema, int) or isinstance(schema, bool):
+            raise StoreError(f"{mpath} is not a tapml manifest (no integer schema)")
+        if schema > SCHEMA_VERSION:
+            raise StoreError(f"{mpath} has schema {schema}, newer than this tapml reads ({SCHEMA_VERSION}); "
+                             "upgrade tapml")
         if not _unseal(text):
             raise StoreError(f"{mpath} was modified after the carve (digest mismatch)")
+        try:
+            check_manifest(self.manifest)  # a resealed manifest is still only data: check all of it
+        except ValueError as e:
+            raise StoreError(f"{mpath} is malformed: {e}") from None
         for name, meta in self.manifest["shards"].items():
             shard = self._shard_path(name)
             if not shard.is_file():
@@ -206,6 +208,7 @@ class FixtureStore:
                     f"{shard} is truncated or altered (size {shard.stat().st_size}, expected {meta['bytes']})"
                 )
         self._handles: dict[str, Any] = {}
+        self._calls: dict[int, OpCall] = {}
 
     # -- contents ----------------------------------------------------------------
     @property
@@ -263,10 +266,13 @@ class FixtureStore:
 
     def op_call(self, index: int) -> OpCall:
         """Carved op ``index`` as a platform sees it."""
-        rec = self.ops[index]
-        return OpCall(op=rec["op"], args=rec["args"], kwargs=rec["kwargs"], outputs=rec["outputs"],
-                      signature=rec["signature"], module=rec["module"], index=rec["index"], call=rec["call"],
-                      view=rec["view"], inplace=rec["inplace"])
+        op = self._calls.get(index)
+        if op is None:
+            rec = self.ops[index]
+            op = self._calls[index] = OpCall(op=rec["op"], args=rec["args"], kwargs=rec["kwargs"],
+                                             outputs=rec["outputs"], module=rec["module"], index=rec["index"],
+                                             call=rec["call"])
+        return op
 
     def inputs(self, index: int) -> list[torch.Tensor]:
         """The recorded input tensors of op ``index``, in ``OpCall.inputs`` order, exact layout."""

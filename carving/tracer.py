@@ -17,20 +17,17 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
-from tapml.platforms.values import encode
+from tapml.core import dtype_name, encode, op_info
 
-from .layout import dtype_name
 from .store import StoreWriter
 
-__all__ = ["CarveOptions", "Tracer", "step", "op_info", "OpInfo"]
+__all__ = ["CarveOptions", "Tracer", "step", "signature"]
 
-_UNINITIALIZED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 _INTERNAL_DIRS = tuple(
     os.path.dirname(m.__file__) + os.sep for m in (torch, contextlib, sys.modules[__package__])
 )
@@ -61,34 +58,6 @@ class CarveOptions:
 
     def to_json(self) -> dict:
         return {"modules": self.modules, "ops": list(self.ops), "unique": self.unique, "max_bytes": self.max_bytes}
-
-
-@dataclass(frozen=True)
-class OpInfo:
-    """What the schema says about an overload, computed once per overload."""
-
-    name: str
-    mutated: tuple[int | str, ...]  # positions/names of arguments written in place
-    view: bool
-    nondeterministic: bool
-
-
-_INFO: dict[Any, OpInfo] = {}
-
-
-def op_info(func) -> OpInfo:
-    info = _INFO.get(func)
-    if info is None:
-        schema = func._schema
-        mutated = tuple(
-            (a.name if a.kwarg_only else i)
-            for i, a in enumerate(schema.arguments)
-            if a.alias_info is not None and a.alias_info.is_write
-        )
-        view = not mutated and any(r.alias_info is not None for r in schema.returns)
-        nondet = torch.Tag.nondeterministic_seeded in func.tags or func._opname in _UNINITIALIZED
-        info = _INFO[func] = OpInfo(str(func), mutated, view, nondet)
-    return info
 
 
 def _meta(value):

@@ -1,40 +1,48 @@
-"""Target platforms: the ``Platform`` interface, the registry and the built-ins.
+"""Target platforms: the ``Platform`` plugin interface, the engine-facing ``Target``, the registry, the built-ins.
 
 A platform says what it ``supports``, ``compile``s an op (``OpCall``) into a
-kernel — once per signature — and ``run``s it. Third parties add one through the
+kernel and ``run``s it. The engine talks to a ``Target`` (``prepare``/``execute``
+/``stats``): a ``LocalTarget`` wraps a platform in this process; the remote
+proxy in ``tapml.remote`` is another. Third parties add platforms through the
 ``tapml.platforms`` entry-point group or as ``FILE.py:Class``. Nothing here
 knows about RPC or about carving.
 """
 
-from .base import Capabilities, Platform, PlatformError, Support, Unsupported, WrappedPlatform
+from .base import ALL_DTYPES, Capabilities, Platform, PlatformError, Support, Unsupported
 from .emulation import BFloat16, Float16, ReducedPrecision
-from .opcall import OpCall, bind_args, flatten_outputs
-from .registry import BUILTINS, ENTRY_POINT_GROUP, get_platform, import_object, list_platforms, platform_class
-from .tensors import TensorSpec, relayout
-from .torch_eager import TorchCUDA, TorchPlatform, resolve_op
+from .registry import (
+    BUILTINS,
+    ENTRY_POINT_GROUP,
+    describe_platforms,
+    get_platform,
+    list_platforms,
+    open_local,
+    platform_class,
+)
+from .target import LocalTarget, Target
+from .torch_eager import TorchCUDA, TorchPlatform
+from .wrapped import WrappedPlatform
 
 __all__ = [
+    "ALL_DTYPES",
     "BUILTINS",
     "ENTRY_POINT_GROUP",
     "BFloat16",
     "Capabilities",
     "Float16",
-    "OpCall",
+    "LocalTarget",
     "Platform",
     "PlatformError",
     "ReducedPrecision",
     "Support",
-    "TensorSpec",
+    "Target",
     "TorchCUDA",
     "TorchPlatform",
     "Unsupported",
     "WrappedPlatform",
-    "bind_args",
-    "flatten_outputs",
+    "describe_platforms",
     "get_platform",
-    "import_object",
     "list_platforms",
+    "open_local",
     "platform_class",
-    "relayout",
-    "resolve_op",
 ]

@@ -1,9 +1,10 @@
-"""The ``Platform`` interface: what a target supports, compiling an op, running a kernel.
+"""The ``Platform`` interface for plugin authors: what a target supports, compiling an op, running a kernel.
 
 Why this shape (after Polygraphy's runners): a platform is three small methods
-— ``supports``, ``compile``, ``run`` — and everything the engine needs on top
-(compile once per signature, remember refusals, count compiles) is provided
-here, so a new target or a fault-injecting wrapper is a few lines.
+— ``supports``, ``compile``, ``run`` — and nothing else. What the engine needs
+on top (compile once per signature, remember refusals, count) is the separate
+engine-facing ``Target`` interface (``target.py``), which a local platform gets
+by wrapping and a remote worker implements over RPC.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from .opcall import OpCall
+from tapml.core import OpCall, TapmlError
 
-__all__ = ["Platform", "WrappedPlatform", "Capabilities", "Support", "Unsupported", "PlatformError"]
+__all__ = ["Platform", "Capabilities", "Support", "Unsupported", "PlatformError", "ALL_DTYPES"]
 
 
-class PlatformError(Exception):
+class PlatformError(TapmlError):
     """A platform that cannot be found, loaded or started; the message says which and why."""
 
 
@@ -66,6 +67,13 @@ class Capabilities:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, obj: dict) -> Capabilities:
+        caps = dict(obj)
+        caps["dtypes"] = tuple(caps.get("dtypes", ALL_DTYPES))
+        caps["limits"] = tuple(tuple(x) for x in caps.get("limits", ()))
+        return cls(**{k: v for k, v in caps.items() if k in cls.__dataclass_fields__})
+
 
 class Platform:
     """Subclass and set ``name``; override ``run`` (and ``compile``/``supports`` if needed)."""
@@ -75,11 +83,8 @@ class Platform:
     runs_views: ClassVar[bool] = False  # view/metadata ops stay on the reference unless claimed
 
     def __init__(self) -> None:
-        self._kernels: dict[str, Any] = {}
-        self._support: dict[str, Support] = {}
-        self.stats: Counter = Counter()
+        self.stats: Counter = Counter()  # the platform's own counters (builds, disk hits, ...)
 
-    # -- what a platform implements ------------------------------------------------
     @classmethod
     def availability(cls) -> Support:
         """Whether this platform can run on this machine at all, and why not."""
@@ -110,66 +115,14 @@ class Platform:
         """Run a kernel on tensors laid out as ``op.inputs``; return ``op.output_specs``' tensors."""
         raise NotImplementedError
 
+    def counters(self) -> Counter:
+        """The platform's own counters, for the engine's statistics."""
+        return Counter(self.stats)
+
     def close(self) -> None:
         """Release devices, processes or sockets."""
-
-    # -- what the engine calls -----------------------------------------------------
-    def prepare(self, op: OpCall) -> Support:
-        """Check and compile once per signature; refusals are remembered too."""
-        known = self._support.get(op.signature)
-        if known is not None:
-            self.stats["cache_hits"] += 1
-            return known
-        support = self.supports(op)
-        if support:
-            try:
-                self._kernels[op.signature] = self.compile(op)
-                self.stats["compiles"] += 1
-            except Unsupported as e:
-                support = Support.no(e.reason)
-        self._support[op.signature] = support
-        return support
-
-    def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Run one call; raises ``Unsupported`` when the target cannot."""
-        support = self.prepare(op)
-        if not support:
-            raise Unsupported(support.reason)
-        outputs = self.run(self._kernels[op.signature], op, inputs)
-        self.stats["runs"] += 1
-        return outputs
 
     def describe(self) -> dict:
         available = self.availability()
         return {"name": self.name, "description": self.description, "available": available.ok,
                 "reason": available.reason, "capabilities": self.capabilities().to_json()}
-
-
-class WrappedPlatform(Platform):
-    """A platform that delegates to another by name: override ``run`` to alter what it returns."""
-
-    inner: ClassVar[str] = "torch-cpu"
-
-    def __init__(self) -> None:
-        super().__init__()
-        from .registry import get_platform
-
-        self.wrapped = get_platform(self.inner)
-
-    @classmethod
-    def availability(cls) -> Support:
-        from .registry import platform_class
-
-        return platform_class(cls.inner).availability()
-
-    def capabilities(self) -> Capabilities:
-        return self.wrapped.capabilities()
-
-    def supports(self, op: OpCall) -> Support:
-        return self.wrapped.prepare(op)
-
-    def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.wrapped.execute(op, inputs)
-
-    def close(self) -> None:
-        self.wrapped.close()

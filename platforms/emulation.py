@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from tapml.core import OpCall, bind_args, flatten_outputs, relayout
+
 from .base import Capabilities, Unsupported
-from .opcall import OpCall, bind_args, flatten_outputs
-from .tensors import relayout
 from .torch_eager import TorchPlatform
 
 __all__ = ["ReducedPrecision", "Float16", "BFloat16"]

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
-import importlib.util
-import sys
-from pathlib import Path
-from typing import Any
+
+from tapml.core import TapmlError, import_object
 
 from .base import Platform, PlatformError
+from .target import LocalTarget
 
-__all__ = ["BUILTINS", "ENTRY_POINT_GROUP", "import_object", "platform_class", "get_platform", "list_platforms"]
+__all__ = ["BUILTINS", "ENTRY_POINT_GROUP", "platform_class", "get_platform", "open_local", "list_platforms",
+           "describe_platforms"]
 
 ENTRY_POINT_GROUP = "tapml.platforms"
 BUILTINS = {
@@ -24,48 +23,19 @@ BUILTINS = {
 }
 
 
-def import_object(spec: str, what: str = "object") -> Any:
-    """``path/to/file.py:name`` or ``pkg.module:name`` → the named attribute."""
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise PlatformError(f"{what} {spec!r} is not FILE.py:NAME or pkg.module:NAME")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise PlatformError(f"{what} file {target} does not exist")
-        name = f"tapml_user_{abs(hash(str(path.resolve())))}"
-        module = sys.modules.get(name)
-        if module is None:
-            mod_spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[name] = module
-            try:
-                mod_spec.loader.exec_module(module)
-            except Exception as e:
-                sys.modules.pop(name, None)
-                raise PlatformError(f"importing {target} raised {type(e).__name__}: {e}") from e
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise PlatformError(f"cannot import module {target!r}: {e}") from e
-        except Exception as e:
-            raise PlatformError(f"importing {target} raised {type(e).__name__}: {e}") from e
-    if not hasattr(module, attr):
-        raise PlatformError(f"{target} has no {attr!r}")
-    return getattr(module, attr)
-
-
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def platform_class(name: str) -> type[Platform]:
     """Resolve a platform name, entry point or ``FILE.py:Class`` to its class."""
-    if name in BUILTINS:
-        cls = import_object(BUILTINS[name], "platform")
-    elif ":" in name:
-        cls = import_object(name, "platform")
+    if name in BUILTINS or ":" in name:
+        try:
+            cls = import_object(BUILTINS.get(name, name), "platform")
+        except PlatformError:
+            raise
+        except TapmlError as e:
+            raise PlatformError(str(e)) from None
     else:
         eps = _entry_points()
         if name not in eps:
@@ -97,6 +67,11 @@ def get_platform(name: str) -> Platform:
     return platform
 
 
+def open_local(name: str) -> LocalTarget:
+    """The named platform in this process, behind the engine-facing interface."""
+    return LocalTarget(get_platform(name))
+
+
 def list_platforms() -> list[dict]:
     """Every known platform with whether it is available here and why not."""
     rows = []
@@ -112,4 +87,18 @@ def list_platforms() -> list[dict]:
         except PlatformError as e:
             row.update(description="", available=False, reason=str(e))
         rows.append(row)
+    return rows
+
+
+def describe_platforms(extra: tuple[str, ...] | list[str] = ()) -> list[dict]:
+    """``list_platforms`` plus the named ``FILE.py:Class`` / module platforms (loading them)."""
+    rows = list_platforms()
+    for name in extra:
+        if any(r["name"] == name for r in rows):
+            continue
+        cls = platform_class(name)
+        available = cls.availability()
+        rows.append({"name": name, "source": "file" if ".py:" in name else "module", "description": cls.description,
+                     "available": available.ok, "reason": available.reason,
+                     **({"capabilities": cls().capabilities().to_json()} if available else {})})
     return rows

@@ -10,17 +10,11 @@ from typing import Any
 
 import torch
 
+from tapml.core import OpCall, bind_args, flatten_outputs, relayout
+
 from .base import Capabilities, Platform, Support
-from .opcall import OpCall, bind_args, flatten_outputs
-from .tensors import relayout
 
-__all__ = ["TorchPlatform", "TorchCUDA", "resolve_op"]
-
-
-def resolve_op(name: str):
-    """``"aten.addmm.default"`` → ``torch.ops.aten.addmm.default``."""
-    namespace, op, overload = name.split(".")
-    return getattr(getattr(getattr(torch.ops, namespace), op), overload)
+__all__ = ["TorchPlatform", "TorchCUDA"]
 
 
 class TorchPlatform(Platform):
@@ -32,7 +26,7 @@ class TorchPlatform(Platform):
         return Capabilities(device=self.device)
 
     def compile(self, op: OpCall) -> Any:
-        return resolve_op(op.op)
+        return op.func
 
     def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         # each input in its recorded layout: some kernels take other paths for other strides;

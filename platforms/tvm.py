@@ -18,9 +18,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from tapml.core import OpCall, OpRefused, bind_args, flatten_outputs, resolve_op
+
 from .base import Capabilities, Platform, Support, Unsupported
-from .opcall import OpCall, bind_args, flatten_outputs
-from .torch_eager import resolve_op
 
 __all__ = ["TVMPlatform", "TVMLLVM", "cache_dir"]
 
@@ -37,9 +37,9 @@ def _functional(op: OpCall):
     if op.inplace and name.endswith("_"):
         try:
             return resolve_op(f"{namespace}.{name[:-1]}.{overload}")
-        except AttributeError:
+        except OpRefused:
             raise Unsupported(f"in-place {op.op} has no functional variant") from None
-    return resolve_op(op.op)
+    return op.func
 
 
 def _one_line(e: BaseException) -> str:

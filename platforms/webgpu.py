@@ -19,8 +19,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from tapml.core import OpCall
+
 from .base import Capabilities, Support, Unsupported
-from .opcall import OpCall
 from .tvm import TVMPlatform, _one_line
 
 __all__ = ["TVMWebGPU"]

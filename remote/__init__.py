@@ -1,17 +1,16 @@
-"""Reaching a target over RPC: the worker, the client proxy that is a ``Platform``, spawning.
+"""Reaching a target over RPC: the worker, the client proxy that is a ``Target``, spawning.
 
 Control calls are JSON over rpyc in service mode; tensor bytes travel as raw
 frames on a separate data socket and are cached on the worker by content hash.
 """
 
-from .client import OpFailed, PayloadTooLarge, RemotePlatform, WorkerCrashed, WorkerTimeout, parse_address
-from .spawn import SpawnedWorker, spawn_worker, supervise
+from .client import PayloadTooLarge, RemoteTarget, WorkerCrashed, WorkerTimeout, parse_address
+from .spawn import SpawnedWorker, run_worker, spawn_worker, supervise_worker
 from .worker import WorkerConfig, serve
 
 __all__ = [
-    "OpFailed",
     "PayloadTooLarge",
-    "RemotePlatform",
+    "RemoteTarget",
     "SpawnedWorker",
     "WorkerConfig",
     "WorkerCrashed",
@@ -19,5 +18,6 @@ __all__ = [
     "parse_address",
     "serve",
     "spawn_worker",
-    "supervise",
+    "supervise_worker",
+    "run_worker",
 ]

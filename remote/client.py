@@ -1,4 +1,4 @@
-"""``RemotePlatform``: the client-side proxy that *is* a ``Platform``.
+"""``RemoteTarget``: the client-side proxy that *is* a ``Target`` (the engine-facing interface).
 
 The engine calls ``prepare``/``execute`` as on any platform; ``prepare`` is a
 JSON call over rpyc, ``execute`` a run frame plus tensor frames on the data
@@ -15,39 +15,43 @@ import json
 import socket
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import rpyc
 import torch
 from rpyc.core.async_ import AsyncResultTimeout
 
-from tapml.platforms import Capabilities, OpCall, Platform, PlatformError, Support, Unsupported
-from tapml.platforms.tensors import HashMemo
+from tapml.core import HashMemo, OpCall, OpFailed, Status
+from tapml.platforms import Capabilities, PlatformError, Support, Target, Unsupported
 
 from .spawn import SpawnedWorker, spawn_worker
 from .wire import WireError, recv_frame, send_frame, send_tensor
 
-__all__ = ["RemotePlatform", "OpFailed", "WorkerCrashed", "WorkerTimeout", "PayloadTooLarge", "parse_address"]
+__all__ = ["RemoteTarget", "WorkerCrashed", "WorkerTimeout", "PayloadTooLarge", "parse_address"]
 
 CLIENT_CONFIG = {"allow_public_attrs": False, "allow_pickle": False, "sync_request_timeout": 30}
 
 
-class OpFailed(Exception):
-    """The op could not complete on the target; ``status`` is how the engine records it."""
-
-    status = "crashed"
-
-
 class WorkerCrashed(OpFailed):
-    status = "crashed"
+    """The worker died (or its connection broke) while it held the op."""
+
+    def __init__(self, message: str):
+        super().__init__(message, Status.CRASHED)
 
 
 class WorkerTimeout(OpFailed):
-    status = "timeout"
+    """No answer within the op's timeout."""
+
+    def __init__(self, message: str):
+        super().__init__(message, Status.TIMEOUT)
 
 
 class PayloadTooLarge(OpFailed):
-    status = "crashed"
+    """A tensor over the worker's payload cap."""
+
+    def __init__(self, message: str):
+        super().__init__(message, Status.CRASHED)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -57,13 +61,12 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-class RemotePlatform(Platform):
+class RemoteTarget(Target):
     """A platform hosted by a worker process: spawned here (``spawn=NAME``) or at ``address``."""
 
     def __init__(self, address: str | None = None, *, spawn: str | None = None, token: str | None = None,
                  timeout: float = 60.0, compile_timeout: float = 600.0, connect_timeout: float = 10.0,
                  reconnect_s: float = 30.0, spawn_options: dict | None = None):
-        super().__init__()
         if (address is None) == (spawn is None):
             raise PlatformError("give either a worker address or a platform to spawn")
         self.timeout, self.compile_timeout = timeout, compile_timeout
@@ -74,6 +77,8 @@ class RemotePlatform(Platform):
         self._token = token or ""
         self._memo = HashMemo()
         self._lock = threading.RLock()  # one op in flight per data socket
+        self._support: dict[str, Support] = {}
+        self._stats: Counter = Counter()
         self._conn = None
         self.restarts = 0
         self._connect()
@@ -159,15 +164,16 @@ class RemotePlatform(Platform):
 
     # -- the Platform interface ------------------------------------------------------
     def capabilities(self) -> Capabilities:
-        caps = dict(self.info["capabilities"])
-        caps["dtypes"] = tuple(caps["dtypes"])
-        caps["limits"] = tuple(tuple(x) for x in caps.get("limits", ()))
-        return Capabilities(**caps)
+        return Capabilities.from_json(self.info["capabilities"])
+
+    @property
+    def stats(self) -> Counter:
+        return Counter(self._stats)
 
     def prepare(self, op: OpCall) -> Support:
         known = self._support.get(op.signature)
         if known is not None:
-            self.stats["cache_hits"] += 1
+            self._stats["cache_hits"] += 1
             return known
         with self._lock:
             reply = self._call("prepare", op.dumps(), timeout=self.compile_timeout)
@@ -193,8 +199,8 @@ class RemotePlatform(Platform):
                 if reply["error"] == "refused":
                     raise PayloadTooLarge(reply["message"])
                 raise OpFailed(f"the kernel failed on the worker: {reply.get('message', reply['error'])}")
-            self.stats["runs"] += 1
-            self.stats["kernel_us"] += int(reply["kernel_s"] * 1e6)
+            self._stats["runs"] += 1
+            self._stats["kernel_us"] += int(reply["kernel_s"] * 1e6)
             return outputs
 
     def _run(self, op: OpCall, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
@@ -218,7 +224,7 @@ class RemotePlatform(Platform):
                 outputs.append(t)
                 self._known.add(frame["key"])  # the worker keeps its outputs by this key
                 self._memo.remember(t, frame["key"])
-                self.stats["bytes_received"] += t.numel() * t.element_size()
+                self._stats["bytes_received"] += t.numel() * t.element_size()
             return outputs, frame
         except TimeoutError:
             self._recover_quietly()
@@ -256,7 +262,7 @@ class RemotePlatform(Platform):
         key = self._memo.key(t, flat)
         nbytes = flat.numel() * flat.element_size()
         if key in self._known:
-            self.stats["bytes_reused"] += nbytes
+            self._stats["bytes_reused"] += nbytes
             return key
         cap = self.info["max_payload"]
         if nbytes > cap:
@@ -264,7 +270,7 @@ class RemotePlatform(Platform):
                                   "bytes (tapml worker --max-payload)")
         try:
             self._data.settimeout(self.timeout)
-            self.stats["bytes_sent"] += send_tensor(self._data, key, flat)
+            self._stats["bytes_sent"] += send_tensor(self._data, key, flat)
         except OSError as e:
             self._recover_quietly()
             raise WorkerCrashed(f"the data channel broke while sending: {e}") from None
@@ -275,13 +281,10 @@ class RemotePlatform(Platform):
         return self._call("stats", timeout=self.timeout)
 
     def describe(self) -> dict:
-        return dict(super().describe(), address=self.address, worker_pid=self.info.get("pid"))
+        return {"name": self.name, "description": self.description, "available": True, "reason": "",
+                "capabilities": self.capabilities().to_json(), "address": self.address,
+                "worker_pid": self.info.get("pid")}
 
     def close(self) -> None:
         self._drop()
 
-    def __enter__(self) -> RemotePlatform:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

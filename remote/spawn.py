@@ -6,6 +6,7 @@ out of memory must cost one op, not the run; the parent kills and respawns it.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import select
@@ -20,9 +21,9 @@ from pathlib import Path
 
 from tapml.platforms import PlatformError
 
-from .worker import READY, WorkerConfig
+from .worker import READY, WorkerConfig, serve
 
-__all__ = ["SpawnedWorker", "spawn_worker", "supervise"]
+__all__ = ["SpawnedWorker", "spawn_worker", "supervise_worker", "run_worker"]
 
 
 @dataclass
@@ -108,7 +109,7 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def supervise(config: WorkerConfig, *, kernel_timeout: float = 60.0, startup_timeout: float = 120.0) -> None:
+def supervise_worker(config: WorkerConfig, *, kernel_timeout: float = 60.0, startup_timeout: float = 120.0) -> None:
     """Keep an execution subprocess serving ``config`` on a fixed port; restart it when it
     dies, and kill it when one kernel runs past ``kernel_timeout`` (a watchdog)."""
     port = config.port or _free_port(config.host)
@@ -152,3 +153,46 @@ def supervise(config: WorkerConfig, *, kernel_timeout: float = 60.0, startup_tim
             print(f"tapml worker: execution process exited ({proc.returncode}); restarting "
                   f"({log.read_text(errors='replace').strip().splitlines()[-1:] or ''})", file=sys.stderr,
                   flush=True)
+
+
+def _token_file(port_hint: int) -> Path:
+    """A private file for a generated token: only this user can read it."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache" / "tapml")
+    base.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="worker-token-", suffix=".txt", dir=base)
+    os.fchmod(fd, 0o600)
+    os.close(fd)
+    return Path(name)
+
+
+def run_worker(config: WorkerConfig, *, supervise: bool = False, kernel_timeout: float = 60.0) -> None:
+    """``tapml worker``: refuse a public bind without a token, generate a token when none is
+    given (and say where it is), then serve — supervised or not — until killed."""
+    import ipaddress
+
+    from tapml.platforms import platform_class
+
+    try:
+        loopback = ipaddress.ip_address(config.host).is_loopback
+    except ValueError:
+        loopback = config.host == "localhost"
+    if not loopback and not config.token:
+        raise PlatformError(f"binding to {config.host} exposes the worker beyond this machine; give --token-file")
+    if not math.isfinite(kernel_timeout) or kernel_timeout <= 0:
+        raise PlatformError("--kernel-timeout must be a positive number of seconds")
+    available = platform_class(config.platform).availability()
+    if not available:
+        raise PlatformError(f"platform {config.platform} is not available here: {available.reason}")
+    if not config.token:
+        config = replace(config, token=secrets.token_hex(16))
+        path = _token_file(config.port)
+        path.write_text(config.token + "\n")
+        print(f"tapml worker: no --token-file given; clients must present the token written to {path} "
+              f"(--token-file {path})", file=sys.stderr, flush=True)
+    try:
+        if supervise:
+            supervise_worker(config, kernel_timeout=kernel_timeout)
+        else:
+            serve(config)
+    except OSError as e:
+        raise PlatformError(f"cannot serve on {config.host}:{config.port}: {e.strerror or e}") from e

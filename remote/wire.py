@@ -17,7 +17,7 @@ import struct
 
 import torch
 
-from tapml.platforms.tensors import dtype_from_name, dtype_name
+from tapml.core import dtype_from_name, dtype_name
 
 __all__ = ["CHUNK", "send_frame", "send_tensor", "recv_frame", "read_preamble", "WireError"]
 

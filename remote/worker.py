@@ -26,8 +26,8 @@ import torch
 from rpyc.utils.authenticators import AuthenticationError
 from rpyc.utils.server import ThreadedServer
 
-from tapml.platforms import OpCall, PlatformError, Unsupported, get_platform
-from tapml.platforms.tensors import content_key
+from tapml.core import OpCall, content_key
+from tapml.platforms import PlatformError, Unsupported, open_local
 
 from .wire import WireError, read_preamble, recv_frame, send_frame, send_tensor
 
@@ -91,7 +91,7 @@ class _Worker:
 
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self.platform = get_platform(config.platform)
+        self.platform = open_local(config.platform)
         self.sessions: dict[str, _Session] = {}
         self.lock = threading.Lock()  # platforms compile and keep caches: one call at a time
         self.watchdog = os.fdopen(config.watchdog_fd, "w", buffering=1) if config.watchdog_fd is not None else None

@@ -8,17 +8,20 @@ from pathlib import Path
 
 import jinja2
 
-from .plots import end_to_end_by_step, error_along_model, error_histogram
-from .run import load_run
+from tapml.record import Run
 
-__all__ = ["render_report", "write_report", "render_diff", "write_diff"]
+from .plots import end_to_end_by_step, error_along_model, error_histogram
+from .run import ReportError, load_run
+
+__all__ = ["render_report", "write_report", "render_diff", "write_diff", "diff_records", "fmt"]
 
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader("tapml.reports", "templates"),
                           autoescape=jinja2.select_autoescape(["html", "j2"]), trim_blocks=True,
                           lstrip_blocks=True)
 
 
-def _fmt(x) -> str:
+def fmt(x) -> str:
+    """A number as reports show it: 3 significant digits, blanks for missing values."""
     if x is None:
         return ""
     if isinstance(x, str):
@@ -32,56 +35,54 @@ def _fmt(x) -> str:
     return str(x)
 
 
-_ENV.filters["num"] = _fmt
+_ENV.filters["num"] = fmt
 
 
-def _boundaries(record: dict) -> list[tuple[int, str]]:
-    groups = [g for s in record["steps"] for g in s.get("groups", [])]
+def _boundaries(record: Run) -> list[tuple[int, str]]:
+    groups = [g for s in record.steps for g in s.groups]
     seen, out = set(), []
     for g in dict.fromkeys(groups):
         module = g.split(" ", 1)[1] if g.startswith(("before ", "after ")) else g
-        first = next((o["index"] for o in record["ops"] if o["module"] == module
-                      or o["module"].startswith(module + ".")), None)
+        first = next((o.index for o in record.ops if o.module == module
+                      or o.module.startswith(module + ".")), None)
         if first is not None and g not in seen and not g.startswith(("before ", "after ")):
             seen.add(g)
             out.append((first, g))
     return out
 
 
-def _coverage(record: dict) -> tuple[list[dict], list[dict]]:
+def _coverage(record: Run) -> tuple[list[dict], list[dict]]:
     by_type: dict[str, Counter] = defaultdict(Counter)
     reasons: dict[str, list] = defaultdict(list)
-    for o in record["ops"]:
-        if o["status"] == "skipped" and not o.get("offloaded"):
+    for o in record.ops:
+        if o.status == "skipped" and not o.offloaded:
             continue
-        state = "offloaded" if o.get("offloaded") else "fell back"
-        by_type[o["op"]][state] += 1
-        if o["status"] in ("unsupported", "crashed", "timeout") or (o.get("offloaded") is False):
-            reasons[o.get("reason") or (o.get("propagated") or {}).get("problem") or o["status"]].append(o)
+        state = "offloaded" if o.offloaded else "fell back"
+        by_type[o.op][state] += 1
+        if o.status in ("unsupported", "crashed", "timeout") or (o.offloaded is False):
+            reasons[o.reason or (o.propagated.problem if o.propagated else None) or str(o.status)].append(o)
     rows = [{"op": op, "offloaded": c["offloaded"], "fell_back": c["fell back"]} for op, c in by_type.items()]
     rows.sort(key=lambda r: (-r["fell_back"], r["op"]))
-    grouped = [{"reason": r, "count": len(v), "ops": sorted({o["op"] for o in v})} for r, v in reasons.items()]
+    grouped = [{"reason": r, "count": len(v), "ops": sorted({o.op for o in v})} for r, v in reasons.items()]
     grouped.sort(key=lambda g: -g["count"])
     return rows, grouped
 
 
-def render_report(record: dict) -> str:
-    ops = record["ops"]
-    culprit = record.get("culprit")
-    first = record.get("first_nonfinite")
-    tol = (culprit or {}).get("local", {}).get("tolerance") or next(
-        (o["tolerance"] for o in ops if o.get("tolerance")), None)
+def render_report(record: Run) -> str:
+    ops = record.ops
+    culprit = record.culprit
+    first = record.first_nonfinite
+    tol = culprit.local.tolerance if culprit else next((o.tolerance for o in ops if o.tolerance), None)
     plots = {
-        "along": error_along_model(ops, _boundaries(record), tol["atol"] if tol else None,
-                                   culprit["index"] if culprit else None, first["index"] if first else None),
-        "steps": end_to_end_by_step(record["steps"]) if record["steps"] else "",
-        "histogram": error_histogram(culprit["local"]["histogram"])
-        if culprit and culprit["local"].get("histogram") else "",
+        "along": error_along_model(ops, _boundaries(record), tol.atol if tol else None,
+                                   culprit.index if culprit else None, first.index if first else None),
+        "steps": end_to_end_by_step(record.steps) if record.steps else "",
+        "histogram": error_histogram(culprit.local.histogram) if culprit and culprit.local.histogram else "",
     }
     coverage, reasons = _coverage(record)
     return _ENV.get_template("report.html.j2").render(
         r=record, ops=ops, culprit=culprit, plots=plots, coverage=coverage, reasons=reasons,
-        op_types=sorted({o["op"] for o in ops}), statuses=[s for s, n in record["counts"].items() if n],
+        op_types=sorted({o.op for o in ops}), statuses=[s for s, n in record.counts.items() if n],
     )
 
 
@@ -89,8 +90,12 @@ def _write(out: str | Path, html: str) -> Path:
     """Write beside the destination, then rename: a failed write leaves no half file."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(html)
-    tmp.replace(out)
+    try:
+        tmp.write_text(html)
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ReportError(f"cannot write {out}: {e.strerror or e}") from None
     return out
 
 
@@ -98,33 +103,30 @@ def write_report(run_json: str | Path, out: str | Path) -> Path:
     return _write(out, render_report(load_run(run_json)))
 
 
-def _key(o: dict) -> tuple:
-    return (o["index"], o["op"], o["module"])
+def _key(o) -> tuple:
+    return (o.index, o.op, o.module)
 
 
-def _err(o: dict | None) -> float | None:
-    v = ((o or {}).get("local") or {}).get("max_abs")
-    if isinstance(v, str):
-        return math.inf
-    return v
+def _err(o) -> float | None:
+    return o.local.max_abs if o is not None and o.local is not None else None
 
 
-def diff_records(a: dict, b: dict) -> dict:
+def diff_records(a: Run, b: Run) -> dict:
     """Ops compared across two runs: worse, better, newly unsupported, newly supported."""
-    b_ops = {_key(o): o for o in b["ops"]}
+    b_ops = {_key(o): o for o in b.ops}
     rows = []
-    for oa in a["ops"]:
+    for oa in a.ops:
         ob = b_ops.get(_key(oa))
         if ob is None:
             continue
         ea, eb = _err(oa), _err(ob)
-        if oa["status"] != "unsupported" and ob["status"] == "unsupported":
+        if oa.status != "unsupported" and ob.status == "unsupported":
             change = "newly unsupported"
-        elif oa["status"] == "unsupported" and ob["status"] != "unsupported":
+        elif oa.status == "unsupported" and ob.status != "unsupported":
             change = "newly supported"
-        elif oa["status"] == "ok" and ob["status"] == "divergent":
+        elif oa.status == "ok" and ob.status == "divergent":
             change = "worse"
-        elif oa["status"] == "divergent" and ob["status"] == "ok":
+        elif oa.status == "divergent" and ob.status == "ok":
             change = "better"
         elif ea is not None and eb is not None and eb > 2 * ea and eb > 0:
             change = "worse"
@@ -132,13 +134,13 @@ def diff_records(a: dict, b: dict) -> dict:
             change = "better"
         else:
             change = "same"
-        rows.append({"index": oa["index"], "op": oa["op"], "module": oa["module"], "a_status": oa["status"],
-                     "b_status": ob["status"], "a_err": ea, "b_err": eb, "change": change,
-                     "reason": ob.get("reason") if change == "newly unsupported" else ""})
-    return {"rows": rows, "counts": Counter(r["change"] for r in rows), "unmatched": len(a["ops"]) - len(rows)}
+        rows.append({"index": oa.index, "op": oa.op, "module": oa.module, "a_status": str(oa.status),
+                     "b_status": str(ob.status), "a_err": ea, "b_err": eb, "change": change,
+                     "reason": ob.reason if change == "newly unsupported" else ""})
+    return {"rows": rows, "counts": Counter(r["change"] for r in rows), "unmatched": len(a.ops) - len(rows)}
 
 
-def render_diff(a: dict, b: dict, names: tuple[str, str]) -> str:
+def render_diff(a: Run, b: Run, names: tuple[str, str]) -> str:
     d = diff_records(a, b)
     return _ENV.get_template("diff.html.j2").render(a=a, b=b, names=names, d=d)
 

@@ -47,7 +47,7 @@ def _plottable(v: float) -> float:
     return FLOOR if v == 0 else v
 
 
-def error_along_model(ops: list[dict], boundaries: list[tuple[int, str]], atol: float | None,
+def error_along_model(ops: list, boundaries: list[tuple[int, str]], atol: float | None,
                       culprit: int | None, first_nonfinite: int | None) -> str:
     """Local and propagated max abs error per op, in execution order, log scale."""
     fig, ax = _figure(10, 3.4)
@@ -56,13 +56,14 @@ def error_along_model(ops: list[dict], boundaries: list[tuple[int, str]], atol: 
                               ("propagated", "propagated error", dict(marker="x", s=12, color="#ff7f0e"))):
         xs, ys, inf_x = [], [], []
         for o in ops:
-            v = _num((o.get(key) or {}).get("max_abs"))
+            metrics = getattr(o, key)
+            v = _num(metrics.max_abs) if metrics is not None else None
             if v is None:
                 continue
             if math.isinf(v) or math.isnan(v):
-                inf_x.append(o["index"])
+                inf_x.append(o.index)
             else:
-                xs.append(o["index"])
+                xs.append(o.index)
                 ys.append(_plottable(v))
                 top = max(top, v)
         ax.scatter(xs, ys, label=label, **style)
@@ -87,13 +88,13 @@ def error_along_model(ops: list[dict], boundaries: list[tuple[int, str]], atol: 
     return _svg(fig)
 
 
-def end_to_end_by_step(steps: list[dict]) -> str:
+def end_to_end_by_step(steps: list) -> str:
     fig, ax = _figure(10, 2.6)
-    names = [s["name"] for s in steps]
-    values = [_num(s["end_to_end"].get("max_abs")) or 0.0 for s in steps]
+    names = [s.name for s in steps]
+    values = [_num(s.end_to_end.max_abs) or 0.0 for s in steps]
     finite = [v for v in values if math.isfinite(v)] or [1.0]
     shown = [_plottable(v) if math.isfinite(v) else max(finite) * 10 for v in values]
-    colors = ["#2ca02c" if s["end_to_end"].get("ok") else "#d62728" for s in steps]
+    colors = ["#2ca02c" if s.end_to_end.ok else "#d62728" for s in steps]
     ax.bar(range(len(steps)), shown, color=colors)
     ax.set_yscale("log")
     ax.set_xticks(range(len(steps)), names, rotation=30, ha="right", fontsize=7)

@@ -5,24 +5,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tapml.core import SchemaError, TapmlError
+from tapml.record import RUN_SCHEMA, Run
+
 __all__ = ["ReportError", "load_run", "SUPPORTED_SCHEMA"]
 
-SUPPORTED_SCHEMA = 1
+SUPPORTED_SCHEMA = RUN_SCHEMA
 _REQUIRED = ("schema", "verdict", "ops", "steps", "counts", "target")
 
 
-class ReportError(Exception):
+class ReportError(TapmlError):
     """A run record that cannot be reported; the message names the file and the problem."""
 
 
-def load_run(path: str | Path) -> dict:
+def load_run(path: str | Path) -> Run:
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ReportError(f"{path} does not exist") from None
-    except OSError as e:
-        raise ReportError(f"cannot read {path}: {e.strerror or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
         record = json.loads(text)
     except ValueError as e:
@@ -33,4 +36,7 @@ def load_run(path: str | Path) -> dict:
     if not isinstance(record["schema"], int) or record["schema"] > SUPPORTED_SCHEMA:
         raise ReportError(f"{path} has run schema {record['schema']}, newer than this tapml reads "
                           f"({SUPPORTED_SCHEMA}); upgrade tapml")
-    return record
+    try:
+        return Run.from_json(record)
+    except SchemaError as e:
+        raise ReportError(f"{path} is not a valid run record: {e}") from None

@@ -1,4 +1,9 @@
-"""tapml: bring PyTorch models to new platforms top-down — carve, migrate, localize, test."""
+"""tapml: bring PyTorch models to new platforms top-down — carve, migrate, localize, test.
+
+The Python API (``tapml.carve``, ``tapml.offload``, ``tapml.replay``, ``tapml.inspect``)
+is what the ``tapml`` command line runs; see ``tapml.api``. Importing ``tapml``
+loads torch and nothing heavier: compilers, browsers and plotting load where used.
+"""
 
 import os
 
@@ -7,8 +12,23 @@ import os
 # set before torch loads, so it lives here; a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ._version import __version__  # noqa: E402
-from .errors import CheckFailed, TapmlError  # noqa: E402
-from .workloads import Workload, load_workload  # noqa: E402
+from .core import CheckFailed, TapmlError, __version__  # noqa: E402
 
-__all__ = ["__version__", "CheckFailed", "TapmlError", "Workload", "load_workload"]
+_LAZY = {
+    "carve": "api", "offload": "api", "replay": "api", "inspect": "api", "open_store": "api",
+    "Workload": "workloads", "load_workload": "workloads", "Run": "record", "Settings": "settings",
+}
+
+__all__ = ["__version__", "CheckFailed", "TapmlError", *_LAZY]
+
+
+def __getattr__(name: str):
+    """The API on first use, so ``import tapml`` stays light (``tapml.core`` needs torch only)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tapml' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

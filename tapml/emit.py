@@ -10,10 +10,9 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from .carving import AtomicDir, FixtureStore, replay
-from .carving.store import StoreWriter
-from .localize import select_ops, skip_reason
-from .platforms.values import decode_value, encode
+from .carving import AtomicDir, FixtureStore, StoreWriter, replay
+from .core import decode_value, encode
+from .engine import select_ops, skip_reason
 
 __all__ = ["emit_tests"]
 
@@ -29,31 +28,30 @@ from pathlib import Path
 import pytest
 
 from tapml.carving import FixtureStore
-from tapml.judge import Judge
-from tapml.localize import run_local
-from tapml.platforms import get_platform
+from tapml.engine import run_local
+from tapml.settings import Settings
 
 STORE = FixtureStore(Path(__file__).with_name("carved_store"))
-PLATFORM = os.environ.get("TAPML_PLATFORM", "torch-cpu")
+SETTINGS = Settings(platform=os.environ.get("TAPML_PLATFORM", "torch-cpu"), in_process=True)
 OPS = {ops!r}
 
 
 @pytest.fixture(scope="module")
 def target():
-    platform = get_platform(PLATFORM)
-    yield platform
-    platform.close()
+    target = SETTINGS.open_target()
+    yield target
+    target.close()
 
 
 @pytest.mark.parametrize("index", [i for i, _ in OPS], ids=[name for _, name in OPS])
 def test_carved_op(index, target):
-    row = run_local(STORE, target, Judge(compute_dtype=target.capabilities().compute_dtype), index)
-    if row["status"] in ("unsupported", "skipped"):
-        pytest.skip(row["reason"])
-    local = row.get("local") or {{}}
-    assert row["status"] == "ok", (
-        f"{{row['op']}} in {{row['module']}}: {{row['status']}}: max abs {{local.get('max_abs')}} "
-        f"({{local.get('why') or row.get('reason')}}); tolerance {{local.get('tolerance')}}"
+    result = run_local(STORE, target, SETTINGS.judge(target), index)
+    if result.status in ("unsupported", "skipped"):
+        pytest.skip(result.reason)
+    local = result.local
+    assert result.status == "ok", (
+        f"{{result.op}} in {{result.module}}: {{result.status}}: max abs {{local and local.max_abs}} "
+        f"({{(local and local.why) or result.reason}}); tolerance {{local and local.tolerance}}"
     )
 '''
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .carving import FixtureStore
-from .platforms.values import iter_specs as iter_tensor_refs
+from .carving import FixtureStore, ReplayReport
+from .core import iter_specs as iter_tensor_refs
 
 __all__ = ["summarize"]
 
 
-def summarize(store: FixtureStore, *, verified: bool) -> dict:
+def summarize(store: FixtureStore, *, verified: bool, replay: ReplayReport | None = None) -> dict:
     ops = store.ops
     refs = [r for op in ops for part in ("args", "kwargs", "outputs") for r in iter_tensor_refs(op[part])]
     m = store.manifest
-    return {
+    summary = {
         "path": str(store.path),
         "schema": m["schema"],
         "model": m["model"],
@@ -35,3 +35,7 @@ def summarize(store: FixtureStore, *, verified: bool) -> dict:
         "truncated": m["truncated"],
         "verified": verified,
     }
+    if replay is not None:
+        summary["replay"] = {"checked": replay.checked, "skipped_nondeterministic": replay.skipped,
+                             "fidelity": replay.fidelity, "mismatches": [vars(m) for m in replay.mismatches]}
+    return summary

@@ -3,18 +3,19 @@ spawned worker, as a table (markdown + JSON) of what survives and what diverges.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from .carving import FixtureStore, carve
-from .judge import Judge
-from .migrate import migrate
-from .remote import RemotePlatform
+from .core import jsonable
+from .engine import migrate
+from .settings import Settings
 from .workloads import load_workload
 
-__all__ = ["TARGETS", "run_matrix", "to_markdown"]
+__all__ = ["TARGETS", "run_matrix", "run_matrix_to", "to_markdown"]
 
 TARGETS = ("torch-cpu", "fp16", "bf16", "tvm-llvm")
 
@@ -22,7 +23,8 @@ TARGETS = ("torch-cpu", "fp16", "bf16", "tvm-llvm")
 def run_matrix(names: list[str], targets: tuple[str, ...] = TARGETS,
                on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per workload × target; one worker per target serves every workload."""
-    workers = {t: RemotePlatform(spawn=t, timeout=300) for t in targets}
+    settings = Settings(timeout=300)
+    workers = {t: settings.open_target(t) for t in targets}
     rows = []
     try:
         for name in names:
@@ -34,24 +36,23 @@ def run_matrix(names: list[str], targets: tuple[str, ...] = TARGETS,
                 store = FixtureStore(Path(tmp) / "store")
                 signatures = len({op["signature"] for op in store.ops})
                 for target_name, target in workers.items():
-                    judge = Judge(compute_dtype=target.capabilities().compute_dtype)
                     start = time.perf_counter()
                     try:
-                        r = migrate(workload.run, store, target, judge=judge, plan="all")
+                        r = migrate(workload.run, store, target, judge=settings.judge(target), plan="all")
                     except Exception as e:  # a tapml bug: the matrix records it instead of stopping
                         row = {"model": name, "target": target_name, "verdict": "error",
                                "error": f"{type(e).__name__}: {e}"}
                     else:
-                        c = r["culprit"] or {}
-                        local = [o["local"]["max_abs"] for o in r["ops"] if o.get("local")]
-                        row = {"model": name, "target": target_name, "verdict": r["verdict"], "ops": len(store.ops),
-                               "signatures": signatures, "coverage": r["coverage"], "counts": r["counts"],
-                               "culprit_op": c.get("op"), "culprit_module": c.get("module"),
-                               "culprit_error": (c.get("local") or {}).get("max_abs"),
-                               "culprit_why": (c.get("local") or {}).get("why"),
-                               "end_to_end": r["end_to_end"].get("max_abs"),
-                               "max_local_error": max(local, key=lambda v: float(v)) if local else None,
-                               "unsupported": sorted({o["reason"] for o in r["ops"] if o["status"] == "unsupported"})}
+                        c = r.culprit
+                        local = [o.local.max_abs for o in r.ops if o.local is not None]
+                        row = {"model": name, "target": target_name, "verdict": str(r.verdict), "ops": len(store.ops),
+                               "signatures": signatures, "coverage": r.coverage, "counts": r.counts,
+                               "culprit_op": c.op if c else None, "culprit_module": c.module if c else None,
+                               "culprit_error": c.local.max_abs if c else None,
+                               "culprit_why": c.local.why if c else None,
+                               "end_to_end": r.end_to_end.max_abs,
+                               "max_local_error": max(local) if local else None,
+                               "unsupported": sorted({o.reason for o in r.ops if o.status == "unsupported"})}
                     row["carve_s"], row["offload_s"] = carve_s, time.perf_counter() - start
                     rows.append(row)
                     if on_row is not None:
@@ -96,3 +97,21 @@ def to_markdown(rows: list[dict], targets: tuple[str, ...] = TARGETS) -> str:
             lines.append(f"| {r['model']} | {r['target']} | `{r.get('culprit_op') or ''}` | "
                          f"{r.get('culprit_module') or ''} | {err} | {why} |")
     return "\n".join(lines) + "\n"
+
+
+def run_matrix_to(names: list[str], targets: tuple[str, ...], out: str | None,
+                  on_row: Callable[[dict], None] | None = None) -> tuple[list[dict], str]:
+    """``tapml zoo --matrix``: the rows and their markdown, written to ``out`` when given."""
+    from .core import TapmlError
+    from .zoo import ZOO
+
+    unknown = [n for n in names if n not in ZOO]
+    if unknown:
+        raise TapmlError(f"no zoo workload {unknown[0]!r}; `tapml zoo` lists them")
+    rows = run_matrix(names, targets, on_row=on_row)
+    text = to_markdown(rows, targets)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "zoo-matrix.md").write_text(text)
+        (Path(out) / "zoo-matrix.json").write_text(json.dumps(jsonable(rows), indent=1))
+    return rows, text

@@ -1,12 +1,16 @@
 """pytest plugin: every carved op is a unit test, replayed on any target.
 
-Register: the ``pytest11`` entry point ``tapml``. A fixture store given with
-``--tapml-store`` (or found as a ``manifest.json`` under the test paths) yields
-one item per unique op signature (per call with ``--tapml-all-calls``) × each
+Register: the ``pytest11`` entry point ``tapml``. A project that never mentions
+tapml sees no change: options are added (they must be, to be parsed), but the
+plugin's state, markers and hooks are registered only when a ``--tapml-*``
+option, a ``tapml_*`` ini key or a collected tapml store asks for them (as
+``_pytest/stepwise.py`` does), and xdist hooks are optional. A store given with
+``--tapml-store`` (or a tapml manifest found under the test paths) yields one
+item per unique op signature (per call with ``--tapml-all-calls``) × each
 ``--tapml-platform``. Outcomes follow the isolated pass of ``tapml offload``
 (one engine, two front ends): ok → PASSED, divergent → FAILED with a numeric
 report, unsupported or not comparable → SKIPPED with the reason, a worker that
-crashed or timed out → ERROR (infrastructure, not numerics).
+crashed or timed out or a broken store → ERROR (one short report, no traceback).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["CarvedOpItem", "StoreFile"]
+__all__ = ["CarvedOpItem", "StoreFile", "TapmlPlugin", "run_pytest", "is_tapml_manifest"]
 
 _SETTINGS = {
     # name: (help, kind) — kind: "path", "list", "bool", "text", "float"
@@ -28,26 +32,29 @@ _SETTINGS = {
     "remote": ("pool of running workers HOST:PORT,HOST:PORT (one device per xdist worker)", "list"),
     "token-file": ("token for --tapml-remote workers", "path"),
     "all-calls": ("one test per call, not per unique op signature", "bool"),
-    "tolerance": ("tolerance overrides as for tapml offload (comma separated)", "list"),
+    "tolerance": ("tolerance specs as for tapml offload (comma separated)", "text"),
     "config": ("TOML file with a [tolerance] section", "path"),
     "rule": ("tolerance or oracle", "text"),
     "json": ("write the tapml summary (counts per status and op type) to this file", "path"),
     "artifacts": ("directory for the obtained tensors of failing tests (default tapml-artifacts)", "path"),
     "timeout": ("seconds per op on the target (default 60)", "float"),
 }
-STASH = pytest.StashKey()
+PLUGIN_NAME = "tapml-session"
+
+
+def _dest(name: str) -> str:
+    return "tapml_" + name.replace("-", "_")
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("tapml", "tapml: carved ops as tests")
     for name, (help_, kind) in _SETTINGS.items():
-        dest = "tapml_" + name.replace("-", "_")
         if kind == "bool":
-            group.addoption(f"--tapml-{name}", dest=dest, action="store_true", default=None, help=help_)
-            parser.addini(dest, help_, type="bool", default=False)
+            group.addoption(f"--tapml-{name}", dest=_dest(name), action="store_true", default=None, help=help_)
+            parser.addini(_dest(name), help_, type="bool", default=None)
         else:
-            group.addoption(f"--tapml-{name}", dest=dest, default=None, help=help_)
-            parser.addini(dest, help_, type="string", default="")
+            group.addoption(f"--tapml-{name}", dest=_dest(name), default=None, help=help_)
+            parser.addini(_dest(name), help_, type="string", default=None)
 
 
 def _pyproject_table(config) -> dict:
@@ -55,19 +62,25 @@ def _pyproject_table(config) -> dict:
     if not path.is_file():
         return {}
     try:
-        return tomllib.loads(path.read_text()).get("tool", {}).get("tapml", {})
+        table = tomllib.loads(path.read_text()).get("tool", {}).get("tapml", {})
     except (OSError, tomllib.TOMLDecodeError):
         return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _raw(config, name: str):
+    value = config.getoption(_dest(name))
+    if value is None:
+        value = config.getini(_dest(name))
+    if value in (None, ""):
+        value = _pyproject_table(config).get(name.replace("-", "_"))
+    return value
 
 
 def setting(config, name: str):
     """Command line > ini key (tapml_NAME) > [tool.tapml] NAME in pyproject.toml."""
-    dest = "tapml_" + name.replace("-", "_")
     kind = _SETTINGS[name][1]
-    value = config.getoption(dest)
-    if value is None:
-        ini = config.getini(dest)
-        value = ini if ini not in ("", None, False) else _pyproject_table(config).get(name.replace("-", "_"))
+    value = _raw(config, name)
     if kind == "list":
         if isinstance(value, list):
             return [str(v) for v in value]
@@ -75,50 +88,95 @@ def setting(config, name: str):
     if kind == "bool":
         return bool(value)
     if kind == "float":
-        return float(value) if value not in (None, "") else None
+        try:
+            return float(value) if value not in (None, "") else None
+        except ValueError:
+            raise pytest.UsageError(f"tapml {name}: {value!r} is not a number") from None
     return value or None
 
 
+def _asked(config) -> bool:
+    return any(config.getoption(_dest(n)) not in (None, False) or config.getini(_dest(n)) not in (None, "")
+               for n in _SETTINGS)
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "tapml: a carved-op test generated by the tapml plugin")
-    for kind in ("compute", "view", "nondeterministic"):
-        config.addinivalue_line("markers", f"{kind}: carved op of that kind")
-    store = setting(config, "store")
-    if store:
-        manifest = Path(store) / "manifest.json"
-        if not manifest.is_file():
-            raise pytest.UsageError(f"--tapml-store {store}: not a fixture store (no manifest.json)")
-        config.args.append(str(manifest))
-    config.stash[STASH] = _State(config)
+    if _asked(config):
+        _ensure_plugin(config)
 
 
-def pytest_unconfigure(config):
-    state = config.stash.get(STASH, None)
-    if state is not None:
-        state.close()
+def _ensure_plugin(config) -> TapmlPlugin:
+    plugin = config.pluginmanager.get_plugin(PLUGIN_NAME)
+    if plugin is None:
+        plugin = TapmlPlugin(config)
+        config.pluginmanager.register(plugin, PLUGIN_NAME)
+    return plugin
+
+
+def is_tapml_manifest(path: Path) -> bool:
+    """A ``manifest.json`` written by tapml (schema, ops, tensors), not any JSON beside a ``tensors/``."""
+    if path.name != "manifest.json" or not (path.parent / "tensors").is_dir():
+        return False
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("schema"), int) and isinstance(obj.get("ops"), list) \
+        and isinstance(obj.get("tensors"), dict)
 
 
 def pytest_collect_file(file_path: Path, parent):
-    if file_path.name == "manifest.json" and (file_path.parent / "tensors").is_dir():
+    if is_tapml_manifest(file_path):
+        _ensure_plugin(parent.config)
         return StoreFile.from_parent(parent, path=file_path)
     return None
 
 
-class _State:
-    """Per-process: open stores, the targets (spawned, or this process's device), results."""
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """Called before configure, so it lives here; it answers only when a device pool is given."""
+    pool = setting(config, "remote")
+    return len(pool) if pool else None
+
+
+class TapmlPlugin:
+    """Per-process state (open stores, targets, results) and the hooks that need it."""
 
     def __init__(self, config):
         self.config = config
         self.stores: dict[str, object] = {}
         self.targets: dict[str, object] = {}
         self.results: list[dict] = []
-        pool = setting(config, "remote")
+        self.pool = setting(config, "remote")
         workerinput = getattr(config, "workerinput", None)
-        self.pool = pool
-        self.device = workerinput.get("tapml_device") if workerinput else (pool[0] if pool else None)
+        self.device = workerinput.get("tapml_device") if workerinput else (self.pool[0] if self.pool else None)
         self.assigned = self.device  # the device the controller gave this process
         self.dead: set[str] = set()
         self.judges: dict[str, object] = {}
+        self.settings = self._settings()
+        config.addinivalue_line("markers", "tapml: a carved-op test generated by the tapml plugin")
+        for kind in ("compute", "view", "nondeterministic"):
+            config.addinivalue_line("markers", f"{kind}: carved op of that kind")
+        store = setting(config, "store")
+        if store:
+            manifest = Path(store) / "manifest.json"
+            if not manifest.is_file():
+                raise pytest.UsageError(f"--tapml-store {store}: not a fixture store (no manifest.json)")
+            config.args.append(str(manifest))
+
+    def _settings(self):
+        from tapml.core import TapmlError
+        from tapml.judging import split_tolerances
+        from tapml.settings import Settings
+
+        try:
+            return Settings(timeout=setting(self.config, "timeout") or 60.0,
+                            token_file=setting(self.config, "token-file"),
+                            tolerances=tuple(split_tolerances(setting(self.config, "tolerance") or "")),
+                            config=setting(self.config, "config"), rule=setting(self.config, "rule") or "tolerance",
+                            reconnect_s=2.0)
+        except TapmlError as e:
+            raise pytest.UsageError(f"tapml: {e}") from None
 
     def store(self, path: str):
         from tapml.carving import FixtureStore
@@ -128,16 +186,9 @@ class _State:
         return self.stores[path]
 
     def target(self, platform: str):
-        from tapml.remote import RemotePlatform
-        from tapml.targets import read_token
-
         if platform not in self.targets:
-            timeout = setting(self.config, "timeout") or 60.0
-            if self.device is not None:
-                self.targets[platform] = RemotePlatform(self.device, token=read_token(setting(self.config,
-                                                        "token-file")), timeout=timeout, reconnect_s=2)
-            else:
-                self.targets[platform] = RemotePlatform(spawn=platform, timeout=timeout)
+            self.targets[platform] = self.settings.open_target(platform if self.device is None else None,
+                                                               remote=self.device)
         return self.targets[platform]
 
     def failover(self, platform: str) -> bool:
@@ -155,32 +206,66 @@ class _State:
         return False
 
     def judge(self, target):
-        from tapml.judge import Judge
-        from tapml.tolerance import ToleranceTable
+        if target.name not in self.judges:
+            self.judges[target.name] = self.settings.judge(target)
+        return self.judges[target.name]
 
-        key = target.name
-        if key not in self.judges:
-            self.judges[key] = Judge(ToleranceTable.build(tuple(setting(self.config, "tolerance")),
-                                                          setting(self.config, "config")),
-                                     target.capabilities().compute_dtype, setting(self.config, "rule") or "tolerance")
-        return self.judges[key]
-
-    def close(self):
+    def pytest_unconfigure(self, config):
         for t in self.targets.values():
             t.close()
         self.targets.clear()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node):
+        if self.pool:
+            n = int(node.gateway.id.removeprefix("gw") or 0)
+            node.workerinput["tapml_device"] = self.pool[n % len(self.pool)]
+
+    def pytest_sessionfinish(self, session):
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:
+            workeroutput["tapml_results"] = json.dumps(self.results)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error):
+        if "tapml_results" in getattr(node, "workeroutput", {}):
+            self.results.extend(json.loads(node.workeroutput["tapml_results"]))
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
+        if not self.results:
+            return
+        by_status = Counter(r["status"] for r in self.results)
+        by_op: dict[str, Counter] = {}
+        for r in self.results:
+            by_op.setdefault(r["op"], Counter())[r["status"]] += 1
+        tr = terminalreporter
+        tr.section("tapml")
+        rescheduled = sum(1 for r in self.results if r.get("rescheduled"))
+        tr.write_line("carved ops: " + ", ".join(f"{n} {s}" for s, n in by_status.most_common())
+                      + (f"; {rescheduled} rescheduled to another device after a worker failure"
+                         if rescheduled else ""))
+        for op, c in sorted(by_op.items(), key=lambda kv: -sum(kv[1].values()))[:15]:
+            tr.write_line(f"  {op:40s} " + ", ".join(f"{n} {s}" for s, n in c.most_common()))
+        path = setting(config, "json")
+        if path:
+            Path(path).write_text(json.dumps({"counts": dict(by_status), "rescheduled": rescheduled,
+                                              "by_op": {k: dict(v) for k, v in by_op.items()}}, indent=1))
+
+
+def _plugin(config) -> TapmlPlugin:
+    return config.pluginmanager.get_plugin(PLUGIN_NAME)
 
 
 class StoreFile(pytest.File):
     """A fixture store: one item per unique signature (or call) × platform, in store order."""
 
     def collect(self):
-        from tapml.carving import FixtureStore, StoreError
-        from tapml.localize import select_ops
+        from tapml.core import TapmlError
+        from tapml.engine import select_ops
 
         try:
-            store = FixtureStore(self.path.parent)
-        except StoreError as e:
+            store = _plugin(self.config).store(str(self.path.parent))
+        except TapmlError as e:
             raise pytest.UsageError(str(e)) from None
         platforms = setting(self.config, "platform") or ["torch-cpu"]
         for index in select_ops(store, all_calls=setting(self.config, "all-calls")):
@@ -202,61 +287,67 @@ class CarvedMismatch(AssertionError):
     """The target's output is out of tolerance (FAILED)."""
 
 
-class InfrastructureError(RuntimeError):
-    """The worker crashed or timed out (ERROR, not FAILED)."""
-
-
 class CarvedOpItem(pytest.Item):
     def __init__(self, *, index: int, platform: str, **kw):
         super().__init__(**kw)
         self.index, self.platform = index, platform
-        self.row: dict | None = None
+        self.result = None
+        self.rescheduled = False
 
     def setup(self):
-        """The op runs on the target here, so a dead or hung worker is an ERROR, not a FAILED."""
-        from tapml.localize import run_local
-        from tapml.platforms import PlatformError
+        """The op runs on the target here, so a dead or hung worker (or a broken store) is an ERROR,
+        reported in one short paragraph, not a FAILED."""
+        from tapml.core import TapmlError
+        from tapml.engine import run_local
 
-        state = self.config.stash[STASH]
-        store = state.store(str(self.path.parent))
-        self.user_properties.append(("tapml_assigned_device", state.assigned or "spawned"))
-        rescheduled = False
-        for _ in range(max(1, len(state.pool))):
-            try:
-                target = state.target(self.platform)
-                row = run_local(store, target, state.judge(target), self.index, keep_outputs=True)
-            except PlatformError as e:  # the device is unreachable
-                row = {"op": store.ops[self.index]["op"], "status": "crashed", "reason": str(e)}
-            if row["status"] not in ("crashed", "timeout") or not state.failover(self.platform):
-                break
-            rescheduled = True  # run it again on the next live device of the pool
-        row["rescheduled"] = rescheduled
-        self.row = row
-        self.user_properties.append(("tapml_device", state.device or "spawned"))
-        if rescheduled:
+        plugin = _plugin(self.config)
+        self.user_properties.append(("tapml_assigned_device", plugin.assigned or "spawned"))
+        result = None
+        try:
+            store = plugin.store(str(self.path.parent))
+            for _ in range(max(1, len(plugin.pool))):
+                try:
+                    target = plugin.target(self.platform)
+                except TapmlError as e:  # the device is unreachable: the next one of the pool, if any
+                    if plugin.failover(self.platform):
+                        self.rescheduled = True
+                        continue
+                    raise e
+                result = run_local(store, target, plugin.judge(target), self.index, keep_outputs=True)
+                if not result.status.failed or not plugin.failover(self.platform):
+                    break
+                self.rescheduled = True  # run it again on the next live device of the pool
+        except TapmlError as e:
+            plugin.results.append({"nodeid": self.nodeid, "op": "?", "status": "error", "platform": self.platform})
+            pytest.fail(f"tapml: {e}", pytrace=False)
+        if result is None:
+            pytest.fail(f"tapml: no live device left in the pool {plugin.pool}", pytrace=False)
+        self.result = result
+        self.user_properties.append(("tapml_device", plugin.device or "spawned"))
+        if self.rescheduled:
             self.user_properties.append(("tapml_rescheduled", True))
-        self.user_properties.append(("tapml_status", row["status"]))
-        if row["status"] in ("crashed", "timeout"):
-            state.results.append(self._summary())
-            raise InfrastructureError(f"{row['status']} on {self.platform}: {row['reason']}")
-
-    def runtest(self):
-        row = self.row
-        state = self.config.stash[STASH]
-        state.results.append(self._summary())
-        local = row.get("local") or {}
-        for key in ("max_abs", "max_rel", "mismatch_fraction", "cosine", "sqnr_db", "max_ulp"):
-            if key in local:
-                self.user_properties.append((f"tapml_{key}", local[key]))
-        if row["status"] in ("unsupported", "skipped"):
-            pytest.skip(f"{row['status']}: {row['reason']}")
-        if row["status"] == "divergent":
-            self._save_outputs()
-            raise CarvedMismatch(row["op"])
+        self.user_properties.append(("tapml_status", str(result.status)))
+        if result.status.failed:
+            plugin.results.append(self._summary())
+            pytest.fail(f"{self._where()}\n{result.status} on {self.platform}: {result.reason}", pytrace=False)
 
     def _summary(self) -> dict:
-        return {"nodeid": self.nodeid, "op": self.row["op"], "status": self.row["status"],
-                "platform": self.platform, "rescheduled": self.row.get("rescheduled", False)}
+        return {"nodeid": self.nodeid, "op": self.result.op, "status": str(self.result.status),
+                "platform": self.platform, "rescheduled": self.rescheduled}
+
+    def runtest(self):
+        result = self.result
+        _plugin(self.config).results.append(self._summary())
+        local = result.local
+        if local is not None:
+            for key in ("max_abs", "max_rel", "mismatch_fraction", "cosine", "sqnr_db", "max_ulp"):
+                if getattr(local, key) is not None:
+                    self.user_properties.append((f"tapml_{key}", getattr(local, key)))
+        if result.status in ("unsupported", "skipped"):
+            pytest.skip(f"{result.status}: {result.reason}")
+        if result.status == "divergent":
+            self._save_outputs()
+            raise CarvedMismatch(result.op)
 
     def _save_outputs(self) -> None:
         import safetensors.torch
@@ -265,46 +356,44 @@ class CarvedOpItem(pytest.Item):
         base.mkdir(parents=True, exist_ok=True)
         safe = re.sub(r"[^\w.\-\[\]()]", "_", self.name)
         path = base / f"{safe}.safetensors"
-        outputs = {f"output{i}": t.contiguous() for i, t in enumerate(self.row.get("outputs", []))}
-        safetensors.torch.save_file(outputs, str(path))
-        self.row["artifact"] = str(path)
+        safetensors.torch.save_file({f"output{i}": t.contiguous() for i, t in enumerate(self.result.outputs)},
+                                    str(path))
+        self.artifact = str(path)
 
     def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, (CarvedMismatch, InfrastructureError)):
-            return self._explain(excinfo.value)
+        if isinstance(excinfo.value, CarvedMismatch):
+            return self._explain()
         return super().repr_failure(excinfo, style)
 
-    def _explain(self, error) -> str:
-        from tapml.reports.html import _fmt as num
-
-        row = self.row
-        store = self.config.stash[STASH].store(str(self.path.parent))
+    def _where(self) -> str:
+        store = _plugin(self.config).store(str(self.path.parent))
+        rec = store.ops[self.index]
         op = store.op_call(self.index)
         shapes = ", ".join(f"{s.dtype}{list(s.shape)}" for s in op.inputs)
-        rec = store.ops[self.index]
-        where = f"{rec['module'] or '(model)'} (call {rec['call']}, {rec['source']})"
-        lines = [f"{rec['op']} in {where} on {self.platform}", f"inputs: {shapes}"]
-        if isinstance(error, InfrastructureError):
-            lines.append(str(error))
-            return "\n".join(lines)
-        m, tol = row["local"], row["local"]["tolerance"]
-        lines += [
-            f"outputs: {m['dtype']}{m['shape']}; {m.get('mismatches', '?')} of {_numel(m['shape'])} elements "
-            f"({100 * m['mismatch_fraction']:.2f}%) out of tolerance",
-            f"max abs {num(m['max_abs'])}, max rel {num(m.get('max_rel'))}, cosine {num(m.get('cosine'))}, "
-            f"SQNR {num(m.get('sqnr_db'))} dB, max ULP {num(m.get('max_ulp'))}, NaN {m.get('nan')}, Inf {m.get('inf')}",
-            f"tolerance: atol {num(tol['atol'])}, rtol {num(tol['rtol'])} — from {tol['origin']}",
-        ]
-        if m.get("why"):
-            lines.append(f"why: {m['why']}")
+        return (f"{rec['op']} in {rec['module'] or '(model)'} (call {rec['call']}, {rec['source']}) "
+                f"on {self.platform}\ninputs: {shapes}")
+
+    def _explain(self) -> str:
+        from tapml.reports import fmt as num
+
+        m, tol = self.result.local, self.result.local.tolerance
+        lines = [self._where(),
+                 f"outputs: {m.dtype}{m.shape}; {m.mismatches if m.mismatches is not None else '?'} of "
+                 f"{_numel(m.shape or [])} elements ({100 * (m.mismatch_fraction or 0):.2f}%) out of tolerance",
+                 f"max abs {num(m.max_abs)}, max rel {num(m.max_rel)}, cosine {num(m.cosine)}, "
+                 f"SQNR {num(m.sqnr_db)} dB, max ULP {num(m.max_ulp)}, NaN {m.nan}, Inf {m.inf}",
+                 f"tolerance: atol {num(tol.atol)}, rtol {num(tol.rtol)} — from {tol.origin}"]
+        if m.why:
+            lines.append(f"why: {m.why}")
         lines.append(f"{'index':>16} | {'expected':>12} | {'got':>12} | {'diff':>10} | {'allowed':>10}")
-        for w in m.get("worst", []):
-            exp = w["expected"]
-            allowed = tol["atol"] + tol["rtol"] * abs(exp) if isinstance(exp, (int, float)) else float("nan")
-            lines.append(f"{str(w['index']):>16} | {num(exp):>12} | {num(w['got']):>12} | {num(w['diff']):>10} | "
+        for w in m.worst:
+            exp = w.expected
+            allowed = tol.atol + tol.rtol * abs(exp) if isinstance(exp, (int, float)) else float("nan")
+            lines.append(f"{str(w.index):>16} | {num(exp):>12} | {num(w.got):>12} | {num(w.diff):>10} | "
                          f"{num(allowed):>10}")
-        if row.get("artifact"):
-            lines.append(f"obtained tensors: {row['artifact']}")
+        if getattr(self, "artifact", None):
+            lines.append(f"obtained tensors: {self.artifact}")
+        store = _plugin(self.config).store(str(self.path.parent))
         lines.append(f"repro: tapml replay {store.path} --platform {self.platform} --op {self.index}")
         return "\n".join(lines)
 
@@ -319,48 +408,19 @@ def _numel(shape) -> int:
     return n
 
 
-# -- xdist: one device per worker, assigned on the controller -------------------------------
-def pytest_xdist_auto_num_workers(config):
-    pool = setting(config, "remote")
-    return len(pool) if pool else None
+def run_pytest(store: Path, platforms: tuple[str, ...] | list[str], remote: str | None, all_calls: bool,
+               extra: list[str]) -> int:
+    """``tapml test``: pytest over one store; rootdir stays the current directory."""
+    from tapml.core import TapmlError
 
-
-def pytest_configure_node(node):
-    pool = setting(node.config, "remote")
-    if pool:
-        n = int(node.gateway.id.removeprefix("gw") or 0)
-        node.workerinput["tapml_device"] = pool[n % len(pool)]
-
-
-def pytest_sessionfinish(session):
-    state = session.config.stash.get(STASH, None)
-    workeroutput = getattr(session.config, "workeroutput", None)
-    if state is not None and workeroutput is not None:
-        workeroutput["tapml_results"] = json.dumps(state.results)
-
-
-def pytest_testnodedown(node, error):
-    state = node.config.stash.get(STASH, None)
-    if state is not None and "tapml_results" in getattr(node, "workeroutput", {}):
-        state.results.extend(json.loads(node.workeroutput["tapml_results"]))
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    state = config.stash.get(STASH, None)
-    if state is None or not state.results:
-        return
-    by_status = Counter(r["status"] for r in state.results)
-    by_op: dict[str, Counter] = {}
-    for r in state.results:
-        by_op.setdefault(r["op"], Counter())[r["status"]] += 1
-    tr = terminalreporter
-    tr.section("tapml")
-    rescheduled = sum(1 for r in state.results if r.get("rescheduled"))
-    tr.write_line("carved ops: " + ", ".join(f"{n} {s}" for s, n in by_status.most_common())
-                  + (f"; {rescheduled} rescheduled to another device after a worker failure" if rescheduled else ""))
-    for op, c in sorted(by_op.items(), key=lambda kv: -sum(kv[1].values()))[:15]:
-        tr.write_line(f"  {op:40s} " + ", ".join(f"{n} {s}" for s, n in c.most_common()))
-    path = setting(config, "json")
-    if path:
-        Path(path).write_text(json.dumps({"counts": dict(by_status), "rescheduled": rescheduled,
-                                          "by_op": {k: dict(v) for k, v in by_op.items()}}, indent=1))
+    args = [str(Path(store) / "manifest.json"), "-p", "no:cacheprovider", "--rootdir", str(Path.cwd())]
+    if platforms:
+        args += ["--tapml-platform", ",".join(platforms)]
+    if remote:
+        args += ["--tapml-remote", remote]
+    if all_calls:
+        args.append("--tapml-all-calls")
+    code = pytest.main(args + extra)
+    if code not in (0, 1):
+        raise TapmlError(f"pytest exited with {int(code)} ({code.name.lower().replace('_', ' ')})")
+    return int(code)

@@ -8,48 +8,20 @@ a dict of keyword arguments, or a single tensor.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .errors import TapmlError
+from .core import TapmlError, import_object
+from .zoo import Workload, zoo_factory
 
 __all__ = ["Workload", "load_workload"]
 
 
-@dataclass
-class Workload:
-    """A model, the inputs it is run on, and optionally a generation loop."""
-
-    model: torch.nn.Module
-    inputs: Any
-    name: str = ""
-    description: str = ""
-    generate: Callable[[int], Any] | None = None  # generate(n_tokens): prefill + decode steps
-
-    def run(self, generate: int | None = None) -> Any:
-        """One eager run: a forward on the inputs, or ``generate(n)`` when asked."""
-        if generate is not None:
-            if self.generate is None:
-                raise TapmlError(f"{self.name or 'this model'} has no generate entry; drop --generate")
-            return self.generate(generate)
-        if isinstance(self.inputs, dict):
-            return self.model(**self.inputs)
-        if isinstance(self.inputs, tuple):
-            return self.model(*self.inputs)
-        return self.model(self.inputs)
-
-
 def _import_factory(spec: str) -> Callable[[], Any]:
-    from .platforms import PlatformError, import_object
-
     if ":" not in spec:
         raise TapmlError(f"model spec {spec!r} is not zoo:NAME, FILE.py:factory or pkg.module:factory")
-    try:
-        factory = import_object(spec, "model")
-    except PlatformError as e:
-        raise TapmlError(str(e)) from e
+    factory = import_object(spec, "model")
     if not callable(factory):
         raise TapmlError(f"{spec} is not callable")
     return factory
@@ -58,8 +30,6 @@ def _import_factory(spec: str) -> Callable[[], Any]:
 def load_workload(spec: str) -> Workload:
     """Build the workload a spec names; any failure is a one-line ``TapmlError``."""
     if spec.startswith("zoo:"):
-        from .zoo import zoo_factory
-
         factory = zoo_factory(spec[4:])
     else:
         factory = _import_factory(spec)
@@ -67,7 +37,7 @@ def load_workload(spec: str) -> Workload:
         made = factory()
     except TapmlError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a factory that calls sys.exit() must not end tapml silently
         raise TapmlError(f"model factory {spec} raised {type(e).__name__}: {e}") from e
     if isinstance(made, Workload):
         workload = made

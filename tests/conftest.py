@@ -36,3 +36,30 @@ def _compile_cache(tmp_path_factory):
         os.environ.pop("TAPML_CACHE_DIR", None)
     else:
         os.environ["TAPML_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _every_run_json_matches_the_schema(tmp_path_factory):
+    """Every run.json the suite writes is checked against schemas/run.schema.json at the end of the session."""
+    yield
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).resolve().parent.parent / "schemas" / "run.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = []
+    from tapml.record import RUN_SCHEMA
+
+    for path in tmp_path_factory.getbasetemp().rglob("run.json"):
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            continue  # a bad-input test's deliberately broken file
+        if not isinstance(record, dict) or record.get("schema") != RUN_SCHEMA or "ops" not in record:
+            continue
+        error = next(iter(validator.iter_errors(record)), None)
+        if error is not None:
+            problems.append(f"{path}: {error.message} at {'/'.join(map(str, error.path))}")
+    assert not problems, "\n".join(problems)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from tapml.cli import main
-from tapml.errors import TapmlError
-from tapml.judge import Judge
-from tapml.migrate import migrate
-from tapml.platforms import get_platform
-from tapml.remote import RemotePlatform
-from tapml.tolerance import ToleranceTable, parse_tolerance
+from tapml.core import TapmlError
+from tapml.engine import migrate
+from tapml.judging import Judge, ToleranceTable, parse_tolerance
+from tapml.platforms import open_local
+from tapml.remote import RemoteTarget
+from tapml.settings import Settings
 from tapml.workloads import load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,115 +27,112 @@ def minilm():
 
 
 def offload(workload, store, target, **kw):
-    judge = Judge(ToleranceTable.build(kw.pop("tolerances", ())), target.capabilities().compute_dtype,
-                  kw.pop("rule", "tolerance"))
-    return migrate(workload.run, store, target, judge=judge, **kw)
+    settings = Settings(tolerances=kw.pop("tolerances", ()), rule=kw.pop("rule", "tolerance"))
+    return migrate(workload.run, store, target, judge=settings.judge(target), **kw)
 
 
 def test_torch_cpu_minilm_is_ok_with_zero_local_error(minilm, minilm_store):
-    with RemotePlatform(spawn="torch-cpu") as target:
+    with RemoteTarget(spawn="torch-cpu") as target:
         r = offload(minilm, minilm_store, target)
-    assert r["verdict"] == "ok" and r["culprit"] is None and not r["victims"]
-    local = [o["local"] for o in r["ops"] if o.get("local")]
+    assert r.verdict == "ok" and r.culprit is None and not r.victims
+    local = [o.local for o in r.ops if o.local is not None]
     unique = {o["signature"] for o in minilm_store.ops if not o["view"] and "scalar_dense" not in o["op"]}
-    assert len(local) == len(unique) and all(m["max_abs"] == 0.0 for m in local)
-    assert [s["name"] for s in r["steps"]][:2] == ["+ before encoder.layer.0", "+ encoder.layer.0"]
-    assert len(r["steps"]) == 8 and all(s["end_to_end"]["max_abs"] == 0.0 for s in r["steps"])
-    assert r["coverage"] > 0.95 and r["counts"]["crashed"] == 0
-    last = r["steps"][-1]["timing"]
-    assert last["target_s"] > 0 and last["kernel_s"] > 0
+    assert len(local) == len(unique) and all(m.max_abs == 0.0 for m in local)
+    assert [s.name for s in r.steps][:2] == ["+ before encoder.layer.0", "+ encoder.layer.0"]
+    assert len(r.steps) == 8 and all(s.end_to_end.max_abs == 0.0 for s in r.steps)
+    assert r.coverage > 0.95 and r.counts["crashed"] == 0
+    last = r.steps[-1].timing
+    assert last.target_s > 0 and last.kernel_s > 0
 
 
 def test_torch_cpu_tiny_llama_generate_is_ok(llama_generate_store):
     workload = load_workload("zoo:tiny-llama")
-    target = get_platform("torch-cpu")  # the engine cannot tell in-process from remote
+    target = open_local("torch-cpu")  # the engine cannot tell in-process from remote
     r = migrate(lambda: workload.run(4), llama_generate_store, target, judge=Judge())
-    assert r["verdict"] == "ok"
-    assert all(o["local"]["max_abs"] == 0.0 for o in r["ops"] if o.get("local"))
-    assert [s["name"] for s in r["steps"]] == ["+ before layers.0", "+ layers.0", "+ layers.1", "+ after layers.1"]
+    assert r.verdict == "ok"
+    assert all(o.local.max_abs == 0.0 for o in r.ops if o.local is not None)
+    assert [s.name for s in r.steps] == ["+ before layers.0", "+ layers.0", "+ layers.1", "+ after layers.1"]
 
 
 def test_fault_injection_names_the_culprit_call_and_its_victims(minilm, minilm_store):
-    with RemotePlatform(spawn=f"{ROOT}/examples/faulty_gelu.py:FaultyGelu") as target:
+    with RemoteTarget(spawn=f"{ROOT}/examples/faulty_gelu.py:FaultyGelu") as target:
         r = offload(minilm, minilm_store, target)
-    c = r["culprit"]
-    assert r["verdict"] == "divergent"
-    assert (c["op"], c["module"], c["call"]) == ("aten.gelu.default",
-                                                 "encoder.layer.3.intermediate.intermediate_act_fn", 0)
-    assert c["source"].endswith(".py:" + c["source"].rsplit(":", 1)[1])
-    assert [o["index"] for o in r["ops"] if o["status"] == "divergent"] == [c["index"]]
-    assert r["victims"] and all(v > c["index"] for v in r["victims"])
-    assert c["victims_downstream"] == len(r["victims"])
-    victim_modules = {o["module"] for o in r["ops"] if o["victim"]}
+    c = r.culprit
+    assert r.verdict == "divergent"
+    assert (c.op, c.module, c.call) == ("aten.gelu.default", "encoder.layer.3.intermediate.intermediate_act_fn", 0)
+    assert c.source.endswith(".py:" + c.source.rsplit(":", 1)[1])
+    assert [o.index for o in r.ops if o.status == "divergent"] == [c.index]
+    assert r.victims and all(v > c.index for v in r.victims)
+    assert c.victims_downstream == len(r.victims)
+    victim_modules = {o.module for o in r.ops if o.victim}
     assert any(m.startswith("encoder.layer.4") for m in victim_modules)
-    steps = {s["name"]: s["end_to_end"]["ok"] for s in r["steps"]}
+    steps = {s.name: s.end_to_end.ok for s in r.steps}
     assert steps["+ encoder.layer.2"] and not steps["+ encoder.layer.3"]
-    assert c["random_inputs"]["revealed"]  # a 1% scale error shows on any input
-    assert "55 later ops inherit it" in r["summary"] or "later ops inherit it" in r["summary"]
+    assert c.random_inputs.revealed  # a 1% scale error shows on any input
+    assert f"{c.victims_downstream} later ops inherit it" in r.summary
 
 
 def test_a_fault_only_realistic_inputs_trigger(minilm, minilm_store):
     """NaN for x > 8: BERT's FFN activations reach 24; N(0,1) and U(-1,1) draws never get there."""
-    with RemotePlatform(spawn=f"{HELPERS}:GeluNaNAbove8") as target:
+    with RemoteTarget(spawn=f"{HELPERS}:GeluNaNAbove8") as target:
         r = offload(minilm, minilm_store, target)
-    c = r["culprit"]
-    assert c["module"] == "encoder.layer.0.intermediate.intermediate_act_fn"
-    assert r["first_nonfinite"]["index"] == c["index"] and r["first_nonfinite"]["where"] == "local"
-    assert c["local"]["nan"][0] > 0 and "overflow" in c["local"]["why"]
-    rnd = c["random_inputs"]
-    assert not rnd["revealed"] and "missed" in rnd["summary"]
-    assert {d["draw"] for d in rnd["draws"]} == {"normal(0,1)", "uniform(0,1)", "uniform(-1,1)"}
+    c = r.culprit
+    assert c.module == "encoder.layer.0.intermediate.intermediate_act_fn"
+    assert r.first_nonfinite.index == c.index and r.first_nonfinite.where == "local"
+    assert c.local.nan[0] > 0 and "overflow" in c.local.why
+    rnd = c.random_inputs
+    assert not rnd.revealed and "missed" in rnd.summary
+    assert {d.draw for d in rnd.draws} == {"normal(0,1)", "uniform(0,1)", "uniform(-1,1)"}
 
 
 def test_a_crash_mid_run_costs_one_op(minilm, minilm_store):
     gelu = next(o["index"] for o in minilm_store.ops if o["op"] == "aten.gelu.default")
     env = dict(os.environ, TAPML_TEST_OP_INDEX=str(gelu))
-    with RemotePlatform(spawn=f"{HELPERS}:KillSelf", spawn_options={"env": env}) as target:
+    with RemoteTarget(spawn=f"{HELPERS}:KillSelf", spawn_options={"env": env}) as target:
         r = offload(minilm, minilm_store, target, plan="all")
-    assert r["verdict"] == "incomplete"
-    assert r["ops"][gelu]["status"] == "crashed" and r["counts"]["crashed"] == 1
-    assert r["steps"][0]["end_to_end"]["ok"]  # the model still ran end to end, the op fell back
+    assert r.verdict == "incomplete"
+    assert r.ops[gelu].status == "crashed" and r.counts["crashed"] == 1
+    assert r.steps[0].end_to_end.ok  # the model still ran end to end, the op fell back
 
 
 def test_unsupported_ops_stay_on_the_reference(minilm, minilm_store):
-    with RemotePlatform(spawn=f"{HELPERS}:NoSoftmax") as target:
+    with RemoteTarget(spawn=f"{HELPERS}:NoSoftmax") as target:
         r = offload(minilm, minilm_store, target, plan="all")
-    softmax = [o for o in r["ops"] if o["op"] == "aten._softmax.default"]
-    assert softmax and all(o["status"] == "unsupported" and "no softmax kernel" in o["reason"] for o in softmax)
-    assert r["verdict"] == "ok" and r["steps"][0]["end_to_end"]["max_abs"] == 0.0
-    assert r["coverage"] < 1.0
+    softmax = [o for o in r.ops if o.op == "aten._softmax.default"]
+    assert softmax and all(o.status == "unsupported" and "no softmax kernel" in o.reason for o in softmax)
+    assert r.verdict == "ok" and r.steps[0].end_to_end.max_abs == 0.0
+    assert r.coverage < 1.0
 
 
 def test_fp16_names_the_ops_out_of_fp16_tolerance_and_why(minilm, minilm_store):
-    with RemotePlatform(spawn="fp16") as target:
+    with RemoteTarget(spawn="fp16") as target:
         r = offload(minilm, minilm_store, target, plan="all")
-    assert r["compute_dtype"] == "float16"
-    divergent = [o for o in r["ops"] if o["status"] == "divergent"]
-    assert divergent and all(o["local"]["why"] for o in divergent)
-    assert all(o["local"]["tolerance"]["origin"] == "default for float16 (torch.testing)" for o in divergent)
-    whys = " ".join(o["local"]["why"] for o in divergent)
+    assert r.compute_dtype == "float16"
+    divergent = [o for o in r.ops if o.status == "divergent"]
+    assert divergent and all(o.local.why for o in divergent)
+    assert all(o.local.tolerance.origin == "default for float16 (torch.testing)" for o in divergent)
+    whys = " ".join(o.local.why for o in divergent)
     assert "overflow" in whys and "rounding to float16" in whys  # the mask's float32 min becomes -inf
-    assert r["first_nonfinite"]["op"] == "aten.scalar_tensor.default"
+    assert r.first_nonfinite.op == "aten.scalar_tensor.default"
 
 
 def test_tolerance_overrides_record_their_origin(minilm, minilm_store):
-    target = get_platform("fp16")
+    target = open_local("fp16")
     loose = "aten.*=atol:1,rtol:1"
     r = offload(minilm, minilm_store, target, plan="all", tolerances=("atol:0,rtol:0", loose))
-    tols = {o["local"]["tolerance"]["origin"] for o in r["ops"] if o.get("local")}
+    tols = {o.local.tolerance.origin for o in r.ops if o.local is not None}
     assert tols == {f"--tolerance {loose}"}
-    assert all(o["status"] != "divergent" or o["local"]["max_abs"] == float("inf") or
-               o["local"]["max_abs"] == "inf" for o in r["ops"])
+    assert all(o.status != "divergent" or o.local.max_abs == float("inf") for o in r.ops)
 
 
 def test_oracle_rule(minilm, minilm_store):
-    target = get_platform("fp16")
+    target = open_local("fp16")
     plain = offload(minilm, minilm_store, target, plan="all")
     oracle = offload(minilm, minilm_store, target, plan="all", rule="oracle")
-    n_plain, n_oracle = plain["counts"]["divergent"], oracle["counts"]["divergent"]
-    assert oracle["rule"] == "oracle" and n_oracle != n_plain
-    with_oracle = [o for o in oracle["ops"] if (o.get("local") or {}).get("oracle")]
-    assert with_oracle and all(o["local"]["rule"] == "oracle" for o in with_oracle)
+    n_plain, n_oracle = plain.counts["divergent"], oracle.counts["divergent"]
+    assert oracle.rule == "oracle" and n_oracle != n_plain
+    with_oracle = [o for o in oracle.ops if o.local is not None and o.local.oracle is not None]
+    assert with_oracle and all(o.local.rule == "oracle" for o in with_oracle)
 
 
 def test_parse_tolerance_and_config(tmp_path, monkeypatch):
@@ -154,8 +151,8 @@ def test_parse_tolerance_and_config(tmp_path, monkeypatch):
 
 
 def test_check_reference_reports_noise(minilm, minilm_store):
-    r = offload(minilm, minilm_store, get_platform("torch-cpu"), plan="all", check_reference=True)
-    noise = [o["reference_noise"] for o in r["ops"] if "reference_noise" in o]
+    r = offload(minilm, minilm_store, open_local("torch-cpu"), plan="all", check_reference=True)
+    noise = [o.reference_noise for o in r.ops if o.reference_noise is not None]
     assert noise and all(n == 0.0 for n in noise)
 
 
@@ -165,7 +162,8 @@ def test_offload_cli_writes_run_json(tmp_path, capsys):
     brief = json.loads(capsys.readouterr().out)
     assert code == 0 and brief["verdict"] == "ok"
     record = json.loads((out / "run.json").read_text())
-    for key in ("schema", "verdict", "culprit", "victims", "counts", "coverage", "ops", "steps"):
+    assert "culprit" not in record  # an ok run has none; absent fields are null by the schema
+    for key in ("schema", "verdict", "victims", "counts", "coverage", "ops", "steps"):
         assert key in record
     op = next(o for o in record["ops"] if o.get("local"))
     for key in ("index", "op", "module", "status", "local", "tolerance"):
@@ -195,13 +193,13 @@ def test_offload_bad_input(tmp_path, capsys, args, message):
 
 @pytest.mark.slow
 def test_tvm_llvm_minilm_runs_end_to_end(minilm, minilm_store):
-    with RemotePlatform(spawn="tvm-llvm") as target:
+    with RemoteTarget(spawn="tvm-llvm") as target:
         r = offload(minilm, minilm_store, target)
-    assert r["verdict"] in ("ok", "divergent")
-    assert r["counts"]["crashed"] == 0 and r["counts"]["timeout"] == 0
-    assert all(o["status"] in ("ok", "divergent", "unsupported", "skipped") for o in r["ops"])
-    assert all(o["reason"] for o in r["ops"] if o["status"] in ("unsupported", "skipped"))
-    assert 0.8 < r["coverage"] <= 1.0 and len(r["steps"]) == 8
+    assert r.verdict in ("ok", "divergent")
+    assert r.counts["crashed"] == 0 and r.counts["timeout"] == 0
+    assert all(o.status in ("ok", "divergent", "unsupported", "skipped") for o in r.ops)
+    assert all(o.reason for o in r.ops if o.status in ("unsupported", "skipped"))
+    assert 0.8 < r.coverage <= 1.0 and len(r.steps) == 8
 
 
 def test_nondeterministic_ops_report_reference_noise(tmp_path):
@@ -214,10 +212,10 @@ def test_nondeterministic_ops_report_reference_noise(tmp_path):
     x = torch.randn(4, 8)
     carve(model, lambda: model(x), tmp_path / "s")
     store = FixtureStore(tmp_path / "s")
-    r = migrate(lambda: model(x), store, get_platform("torch-cpu"), judge=Judge(), plan="all")
-    random_ops = [o for o in r["ops"] if "nondeterministic" in (o["reason"] or "")]
-    assert random_ops and all(o["status"] == "skipped" for o in random_ops)
-    assert any(o.get("reference_noise", 0) > 0 for o in random_ops)  # the reference differs from itself
+    r = migrate(lambda: model(x), store, open_local("torch-cpu"), judge=Judge(), plan="all")
+    random_ops = [o for o in r.ops if "nondeterministic" in (o.reason or "")]
+    assert random_ops and all(o.status == "skipped" for o in random_ops)
+    assert any((o.reference_noise or 0) > 0 for o in random_ops)  # the reference differs from itself
 
 
 def test_generation_reports_the_first_differing_token(tmp_path):
@@ -226,11 +224,11 @@ def test_generation_reports_the_first_differing_token(tmp_path):
 
     carve(workload.model, lambda: workload.run(4), tmp_path / "s")
     store = FixtureStore(tmp_path / "s")
-    with RemotePlatform(spawn=f"{HELPERS}:SecondDecodeLogits") as target:
+    with RemoteTarget(spawn=f"{HELPERS}:SecondDecodeLogits") as target:
         r = migrate(lambda: workload.run(4), store, target, judge=Judge())
-    t = r["tokens"]
-    assert t["first_difference"] == 8 + 2 and t["first_difference_generated"] == 2 and t["step"] == "decode 2"
-    assert t["target"][10] == 5 and t["reference"][10] != 5
-    assert r["culprit"]["module"] == "lm_head" and r["culprit"]["call"] == 2 and r["culprit"]["step"] == "decode 2"
-    assert "first differ at position 10" in r["summary"]
-    assert [s["tokens"]["first_difference"] for s in r["steps"]] == [None, None, None, 10]
+    t = r.tokens
+    assert t.first_difference == 8 + 2 and t.first_difference_generated == 2 and t.step == "decode 2"
+    assert t.target[10] == 5 and t.reference[10] != 5
+    assert r.culprit.module == "lm_head" and r.culprit.call == 2 and r.culprit.step == "decode 2"
+    assert "first differ at position 10" in r.summary
+    assert [s.tokens.first_difference for s in r.steps] == [None, None, None, 10]

@@ -11,21 +11,15 @@ import torch
 
 from helpers import ran, run_ops
 from tapml.cli import main
-from tapml.platforms import (
-    BUILTINS,
-    OpCall,
-    PlatformError,
-    get_platform,
-    list_platforms,
-    platform_class,
-)
+from tapml.core import OpCall
+from tapml.platforms import BUILTINS, PlatformError, list_platforms, open_local, platform_class
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPERS = Path(__file__).resolve().parent / "helpers" / "failing_platforms.py"
 
 
 def by_status(results, status):
-    return [r for r in results if r["status"] == status]
+    return [r for r in results if r.status == status]
 
 
 def test_registry_lists_builtins_with_availability():
@@ -57,35 +51,36 @@ def test_platforms_cli_json(capsys):
 
 
 def test_torch_cpu_local_error_is_exactly_zero(minilm_store):
-    results = run_ops(minilm_store, get_platform("torch-cpu"))
+    results = run_ops(minilm_store, "torch-cpu")
     done = ran(results)
-    assert len(done) >= 150 and all(r["local"]["max_abs"] == 0.0 for r in done)
-    assert {r["reason"] for r in by_status(results, "unsupported")} <= {
+    assert len(done) >= 150 and all(r.local.max_abs == 0.0 for r in done)
+    assert {r.reason for r in by_status(results, "unsupported")} <= {
         "view op (no compute): stays on the reference",
         "returns a Python value, not tensors: stays on the reference",
     }
 
 
 def test_fp16_error_is_nonzero_but_bounded(minilm_store):
-    results = run_ops(minilm_store, get_platform("fp16"))
+    results = run_ops(minilm_store, "fp16")
     done = ran(results)
-    errors = {r["index"]: r["local"]["max_abs"] for r in done}
+    errors = {r.index: r.local.max_abs for r in done}
     finite = [e for e in errors.values() if e != float("inf")]
     assert max(finite) > 0 and max(finite) < 1.0
     # BERT's attention mask holds float32's lowest value, which fp16 rounds to -inf
-    overflow = [r for r in done if r["local"]["max_abs"] == float("inf")]
-    assert overflow and {r["op"] for r in overflow} <= {"aten.scalar_tensor.default", "aten.where.self",
+    overflow = [r for r in done if r.local.max_abs == float("inf")]
+    assert overflow and {r.op for r in overflow} <= {"aten.scalar_tensor.default", "aten.where.self",
                                                           "aten.add.Tensor"}
-    ints = [r for r in done if r["op"] in ("aten.embedding.default", "aten.arange.default")]
+    ints = [r for r in done if r.op in ("aten.embedding.default", "aten.arange.default")]
+    assert ints
     for r in ints:
-        if r["op"] == "aten.arange.default":
-            assert r["local"]["max_abs"] == 0.0
+        if r.op == "aten.arange.default":
+            assert r.local.max_abs == 0.0
 
 
 def test_bf16_is_coarser_than_fp16(minilm_store):
     def median_error(name):
-        errs = sorted(r["local"]["max_abs"] for r in run_ops(minilm_store, get_platform(name))
-                      if "local" in r and r["local"]["max_abs"] not in (0.0, float("inf")))
+        errs = sorted(r.local.max_abs for r in ran(run_ops(minilm_store, name))
+                      if r.local.max_abs not in (0.0, float("inf")))
         return errs[len(errs) // 2]
 
     assert median_error("bf16") > median_error("fp16")
@@ -94,27 +89,26 @@ def test_bf16_is_coarser_than_fp16(minilm_store):
 def test_emulation_rules_keep_integer_ops_exact():
     op = OpCall(op="aten.add.Tensor", args=[{"tensor": {"dtype": "int64", "shape": [3], "stride": [1]}},
                                             {"tensor": {"dtype": "int64", "shape": [3], "stride": [1]}}],
-                kwargs={"dict": {}}, outputs={"tensor": {"dtype": "int64", "shape": [3], "stride": [1]}},
-                signature="int-add")
+                kwargs={"dict": {}}, outputs={"tensor": {"dtype": "int64", "shape": [3], "stride": [1]}})
     big = torch.tensor([70000, 2**40, -5])
-    (out,) = get_platform("fp16").execute(op, [big, big])
+    (out,) = open_local("fp16").execute(op, [big, big])
     assert out.dtype == torch.int64 and torch.equal(out, big * 2)
 
 
 @pytest.mark.slow
 def test_tvm_llvm_runs_or_refuses_every_op_and_caches(minilm_store, tmp_path, monkeypatch):
     monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path))  # a cold cache of its own
-    tvm = get_platform("tvm-llvm")
+    tvm = open_local("tvm-llvm")
     results = run_ops(minilm_store, tvm)
     assert not by_status(results, "crashed"), by_status(results, "crashed")[:3]
     done = ran(results)
     assert len(done) >= 150
-    assert all(r["reason"] for r in by_status(results, "unsupported"))
-    addmm = [r for r in done if r["op"] == "aten.addmm.default"]
-    assert addmm and max(r["local"]["max_abs"] for r in addmm) < 1e-3
+    assert all(r.reason for r in by_status(results, "unsupported"))
+    addmm = [r for r in done if r.op == "aten.addmm.default"]
+    assert addmm and max(r.local.max_abs for r in addmm) < 1e-3
     builds = tvm.stats["builds"]
-    assert builds == len({minilm_store.ops[r["index"]]["signature"] for r in done})
-    again = get_platform("tvm-llvm")  # a new process would see the same disk cache
+    assert builds == len({minilm_store.ops[r.index]["signature"] for r in done})
+    again = open_local("tvm-llvm")  # a new process would see the same disk cache
     run_ops(minilm_store, again)
     assert again.stats["builds"] == 0 and again.stats["disk_hits"] == builds
 
@@ -142,11 +136,11 @@ def test_tvm_accepts_unaligned_inputs(tmp_path, monkeypatch):
     monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path))
     spec = {"dtype": "float32", "shape": [3], "stride": [1]}
     op = OpCall(op="aten.add.Tensor", args=[{"tensor": spec}, {"tensor": spec}], kwargs={"dict": {}},
-                outputs={"tensor": spec}, signature="unaligned-add")
+                outputs={"tensor": spec})
     base = torch.arange(8.0)
     x = base[1:4]  # 4 bytes past an aligned allocation
     assert x.data_ptr() % 64 != 0
-    (out,) = get_platform("tvm-llvm").execute(op, [x, x])
+    (out,) = open_local("tvm-llvm").execute(op, [x, x])
     assert torch.equal(out, x * 2)
 
 
@@ -156,7 +150,7 @@ def test_tvm_accepts_empty_inputs(tmp_path, monkeypatch):
     a = {"dtype": "float32", "shape": [1, 2, 3, 4], "stride": [24, 12, 4, 1]}
     b = {"dtype": "float32", "shape": [1, 2, 3, 0], "stride": [0, 0, 0, 1]}
     op = OpCall(op="aten.cat.default", args=[[{"tensor": a}, {"tensor": b}], -1], kwargs={"dict": {}},
-                outputs={"tensor": a}, signature="cat-empty")
+                outputs={"tensor": a})
     x = torch.randn(1, 2, 3, 4)
-    (out,) = get_platform("tvm-llvm").execute(op, [x, torch.empty(1, 2, 3, 0)])
+    (out,) = open_local("tvm-llvm").execute(op, [x, torch.empty(1, 2, 3, 0)])
     assert torch.equal(out, x)

@@ -170,7 +170,7 @@ def test_emitted_tests_pass_with_plain_pytest_elsewhere(store, tmp_path, capsys)
 
 def test_emit_refuses_ops_that_do_not_reproduce(store, tmp_path, monkeypatch):
     import tapml.emit as emit
-    from tapml.carving.replay import Mismatch, ReplayReport
+    from tapml.carving import Mismatch, ReplayReport
 
     def fake_replay(store, indices):
         indices = list(indices)

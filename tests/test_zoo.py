@@ -8,9 +8,9 @@ import pytest
 
 from tapml.carving import FixtureStore, carve, replay
 from tapml.cli import main
-from tapml.judge import Judge
-from tapml.migrate import migrate
-from tapml.platforms import get_platform
+from tapml.engine import migrate
+from tapml.judging import Judge
+from tapml.platforms import open_local
 from tapml.workloads import load_workload
 from tapml.zoo import ZOO
 
@@ -35,9 +35,9 @@ def test_every_entry_carves_replays_and_offloads_exactly(name, tmp_path):
         carve(workload.model, lambda gen=gen: workload.run(gen), path)
         store = FixtureStore(path)
         assert replay(store).ok
-        r = migrate(lambda gen=gen: workload.run(gen), store, get_platform("torch-cpu"), judge=Judge(), plan="all")
-        assert r["verdict"] == "ok", r["summary"]
-        assert all(o["local"]["max_abs"] == 0.0 for o in r["ops"] if o.get("local"))
+        r = migrate(lambda gen=gen: workload.run(gen), store, open_local("torch-cpu"), judge=Judge(), plan="all")
+        assert r.verdict == "ok", r.summary
+        assert all(o.local.max_abs == 0.0 for o in r.ops if o.local is not None)
         if gen:
             assert len([s for s in store.steps if s["name"] != "outside the model"]) == gen
 
@@ -67,7 +67,7 @@ def test_matrix_fast_subset(tmp_path, capsys):
 def test_t5_through_a_worker_is_exact():
     """Regression: the client hashed a detach()ed alias, whose version counter misses in-place
     writes, and sent T5's relative-position buckets from before their `+=`."""
-    from tapml.remote import RemotePlatform
+    from tapml.remote import RemoteTarget
 
     workload = load_workload("zoo:t5")
     import tempfile
@@ -75,6 +75,6 @@ def test_t5_through_a_worker_is_exact():
     with tempfile.TemporaryDirectory() as tmp:
         carve(workload.model, workload.run, f"{tmp}/s")
         store = FixtureStore(f"{tmp}/s")
-        with RemotePlatform(spawn="torch-cpu") as target:
+        with RemoteTarget(spawn="torch-cpu") as target:
             r = migrate(workload.run, store, target, judge=Judge(), plan="all")
-    assert r["verdict"] == "ok" and r["end_to_end"]["max_abs"] == 0.0
+    assert r.verdict == "ok" and r.end_to_end.max_abs == 0.0

@@ -7,9 +7,11 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import TapmlError
+from tapml.core import TapmlError
 
-__all__ = ["ZooEntry", "ZOO", "zoo_factory"]
+from .workload import Workload
+
+__all__ = ["Workload", "ZooEntry", "ZOO", "zoo_factory"]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..workloads import Workload
+from .workload import Workload
 
 V = 128  # vocabulary of every tiny text model
 _DEC = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ..workloads import Workload
+from .workload import Workload
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

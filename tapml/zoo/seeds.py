@@ -19,8 +19,8 @@ import math
 import torch
 from torch import nn
 
-from ..workloads import Workload
 from . import tiny_llama
+from .workload import Workload
 
 SEEDS = {
     "music-transformer": ("GPT-2-style symbolic-music transformer (time/duration/note-instrument events); "

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..carving import step
-from ..workloads import Workload
+from .workload import Workload
 
 
 @dataclass(frozen=True)

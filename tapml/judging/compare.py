@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .tolerance import Tolerance
+from tapml.record import Metrics, Tolerance, Worst
 
 __all__ = ["compare", "compare_outputs", "has_nonfinite", "saturated", "rmse", "HISTOGRAM_EDGES"]
 
@@ -50,9 +50,13 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.sqrt(float((d * d).mean().item())) if d.numel() else float("inf")
 
 
-def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, worst: int = 5) -> dict:
+def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, worst: int = 5) -> Metrics:
     """Metrics of ``got`` against ``want`` and whether it is within ``tol``."""
-    m: dict = {"tolerance": tol.to_json(), "shape": list(want.shape), "dtype": str(want.dtype).removeprefix("torch.")}
+    return Metrics(**_compare(got, want, tol, worst))
+
+
+def _compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, worst: int) -> dict:
+    m: dict = {"tolerance": tol, "shape": list(want.shape), "dtype": str(want.dtype).removeprefix("torch.")}
     if got.shape != want.shape:
         m.update(ok=False, problem=f"shape {list(got.shape)} instead of {list(want.shape)}",
                  max_abs=math.inf, mismatch_fraction=1.0)
@@ -95,7 +99,7 @@ def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, worst: int
         mismatch_fraction=float(bad.double().mean().item()) if n else 0.0,
         mismatches=int(bad.sum().item()),
         cosine=(float((gf * wf).sum().item()) / norm) if norm else (1.0 if err2 == 0 else 0.0),
-        sqnr_db=(10 * math.log10(sig2 / err2)) if err2 else math.inf,
+        sqnr_db=(10 * math.log10(sig2 / err2)) if err2 and sig2 else (-math.inf if err2 else math.inf),
         max_ulp=int((_ordered(got) - _ordered(want)).abs().masked_fill(same | ~finite, 0).max().item())
         if n and want.dtype in _INT_VIEW else None,
     )
@@ -116,7 +120,7 @@ def _histogram(diff: torch.Tensor) -> list[int]:
     return [exact, *counts.tolist(), int(flat.numel() - finite.numel())]
 
 
-def _worst(got: torch.Tensor, want: torch.Tensor, diff: torch.Tensor, k: int) -> list[dict]:
+def _worst(got: torch.Tensor, want: torch.Tensor, diff: torch.Tensor, k: int) -> list[Worst]:
     if not diff.numel() or k <= 0:
         return []
     flat = diff.reshape(-1)
@@ -126,8 +130,7 @@ def _worst(got: torch.Tensor, want: torch.Tensor, diff: torch.Tensor, k: int) ->
         if value == 0:
             break
         index = list(torch.unravel_index(torch.tensor(i), want.shape)) if want.dim() else []
-        rows.append({"index": [int(x) for x in index], "expected": _num(want.reshape(-1)[i]),
-                     "got": _num(got.reshape(-1)[i]), "diff": value})
+        rows.append(Worst([int(x) for x in index], _num(want.reshape(-1)[i]), _num(got.reshape(-1)[i]), value))
     return rows
 
 
@@ -136,17 +139,17 @@ def _num(x: torch.Tensor):
     return v if not isinstance(v, float) or math.isfinite(v) else repr(v)
 
 
-def compare_outputs(got: list[torch.Tensor], want: list[torch.Tensor], tol: Tolerance) -> dict:
+def compare_outputs(got: list[torch.Tensor], want: list[torch.Tensor], tol: Tolerance) -> Metrics:
     """All outputs of one op: the worst output's metrics, plus how many outputs were compared."""
     if len(got) != len(want):
-        return {"ok": False, "problem": f"{len(got)} outputs instead of {len(want)}", "max_abs": math.inf,
-                "mismatch_fraction": 1.0, "tolerance": tol.to_json()}
+        return Metrics(ok=False, problem=f"{len(got)} outputs instead of {len(want)}", max_abs=math.inf,
+                       mismatch_fraction=1.0, tolerance=tol)
     results = [compare(g, w, tol) for g, w in zip(got, want, strict=True)]
     if not results:
-        return {"ok": True, "max_abs": 0.0, "mismatch_fraction": 0.0, "tolerance": tol.to_json()}
-    worst = max(range(len(results)), key=lambda i: (not results[i]["ok"], results[i]["max_abs"]))
-    out = dict(results[worst])
-    out["ok"] = all(r["ok"] for r in results)
+        return Metrics(ok=True, max_abs=0.0, mismatch_fraction=0.0, tolerance=tol)
+    worst = max(range(len(results)), key=lambda i: (not results[i].ok, results[i].max_abs))
+    out = results[worst]
+    out.ok = all(r.ok for r in results)
     if len(results) > 1:
-        out["output"] = worst
+        out.output, out.outputs = worst, len(results)
     return out

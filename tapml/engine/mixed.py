@@ -11,19 +11,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .carving import FixtureStore
-from .carving.tracer import op_info
-from .judge import Judge
-from .localize import skip_reason
-from .platforms import Platform, Unsupported
-from .platforms.values import decode_value
+from tapml.carving import FixtureStore
+from tapml.core import OpFailed, Status, decode_value, op_info
+from tapml.judging import Judge
+from tapml.platforms import Target, Unsupported
+from tapml.record import Metrics, OpRef
 
-__all__ = ["Offloader", "flatten_tensors", "run_step"]
+from .localize import skip_reason
+
+__all__ = ["MixedRun", "MixedResult", "flatten_tensors", "run_step"]
+
+
+@dataclass
+class MixedResult:
+    """What happened to one selected op in a mixed run."""
+
+    status: Status  # offloaded, fell back, unsupported, crashed, timeout
+    reason: str | None = None
+    propagated: Metrics | None = None
+    target_ms: float | None = None
 
 
 def flatten_tensors(value) -> list[torch.Tensor]:
@@ -37,21 +49,21 @@ def flatten_tensors(value) -> list[torch.Tensor]:
     return []
 
 
-class Offloader(TorchDispatchMode):
+class MixedRun(TorchDispatchMode):
     """Sends the selected carved ops to ``target`` during a live run."""
 
-    def __init__(self, store: FixtureStore, target: Platform, selected: set[int], judge: Judge,
+    def __init__(self, store: FixtureStore, target: Target, selected: set[int], judge: Judge,
                  on_op: Callable[[], None] | None = None):
         super().__init__()
         self.store, self.target, self.judge, self.on_op = store, target, judge, on_op
         self.selected = set(selected)
         self.by_seq = {rec["seq"]: rec for rec in store.ops}
         self.seq = 0
-        self.results: dict[int, dict] = {}  # op index -> status + propagated metrics
+        self.results: dict[int, MixedResult] = {}
         self.diverged: str | None = None
         self.target_s = 0.0
         self.compare_s = 0.0
-        self.first_nonfinite: dict | None = None
+        self.first_nonfinite: OpRef | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -68,35 +80,20 @@ class Offloader(TorchDispatchMode):
         if [tuple(t.shape) for t in live] != [s.shape for s in op.inputs]:
             self._diverge(f"op {index} ({rec['op']}): input shapes differ from the carve")
             return func(*args, **kwargs)
-        start = time.perf_counter()
-        elapsed = 0.0
-        try:
-            support = self.target.prepare(op)
-            if not support:
-                raise Unsupported(support.reason)
-            outputs = self.target.execute(op, live)
-        except Unsupported as e:
-            self.results[index] = {"status": "unsupported", "reason": e.reason}
+        outputs = self._on_target(index, op, live)
+        if outputs is None:
             return func(*args, **kwargs)
-        except Exception as e:
-            self.results[index] = {"status": getattr(e, "status", "crashed"), "reason": f"{type(e).__name__}: {e}"}
-            return func(*args, **kwargs)
-        finally:
-            elapsed = time.perf_counter() - start
-            self.target_s += elapsed
-            if self.on_op is not None:
-                self.on_op()
         start = time.perf_counter()
         want = self.store.outputs(index)
         metrics = self.judge.judge(op, outputs, want, live, oracle=False)  # the oracle is for local errors
         self.compare_s += time.perf_counter() - start
-        usable = len(outputs) == len(want) and all(o.shape == w.shape for o, w in zip(outputs, want, strict=False))
-        self.results[index] = {"status": "offloaded" if usable else "fell back", "propagated": metrics,
-                               "target_ms": elapsed * 1e3}
-        if metrics.get("new_nonfinite") and self.first_nonfinite is None:
-            self.first_nonfinite = {"index": index, "op": rec["op"], "module": rec["module"]}
-        if not usable:  # a wrong shape cannot flow on: the reference result does
-            self.results[index]["reason"] = metrics.get("problem", "output count differs")
+        result = self.results[index]
+        result.propagated = metrics
+        if metrics.new_nonfinite and self.first_nonfinite is None:
+            self.first_nonfinite = OpRef(index, rec["op"], rec["module"])
+        if len(outputs) != len(want) or any(o.shape != w.shape for o, w in zip(outputs, want, strict=False)):
+            result.status = Status.FELL_BACK  # a wrong shape cannot flow on: the reference result does
+            result.reason = metrics.problem or "output count differs"
             return func(*args, **kwargs)
         outputs = [o.to(w.dtype) for o, w in zip(outputs, want, strict=True)]
         info = op_info(func)
@@ -109,6 +106,28 @@ class Offloader(TorchDispatchMode):
         it = iter(outputs)
         return decode_value(rec["outputs"], lambda _: next(it))
 
+    def _on_target(self, index: int, op, live: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Run the op on the target; None (and a recorded reason) when it cannot."""
+        start = time.perf_counter()
+        try:
+            support = self.target.prepare(op)
+            if not support:
+                raise Unsupported(support.reason)
+            outputs = self.target.execute(op, live)
+        except Unsupported as e:
+            self.results[index] = MixedResult(Status.UNSUPPORTED, e.reason)
+            return None
+        except OpFailed as e:
+            self.results[index] = MixedResult(e.status, f"{type(e).__name__}: {e}")
+            return None
+        finally:
+            elapsed = time.perf_counter() - start
+            self.target_s += elapsed
+            if self.on_op is not None:
+                self.on_op()
+        self.results[index] = MixedResult(Status.OFFLOADED, target_ms=elapsed * 1e3)
+        return outputs
+
     def _diverge(self, why: str) -> None:
         if self.diverged is None:
             self.diverged = why
@@ -119,11 +138,11 @@ def offloadable(store: FixtureStore, indices) -> set[int]:
     return {i for i in indices if not skip_reason(store.ops[i])}
 
 
-def run_step(run: Callable[[], Any], store: FixtureStore, target: Platform, selected: set[int], judge: Judge,
-             on_op: Callable[[], None] | None = None) -> tuple[Any, Offloader, float]:
-    """One live run with ``selected`` ops on the target; returns (output, offloader, wall seconds)."""
-    offloader = Offloader(store, target, offloadable(store, selected), judge, on_op)
+def run_step(run: Callable[[], Any], store: FixtureStore, target: Target, selected: set[int], judge: Judge,
+             on_op: Callable[[], None] | None = None) -> tuple[Any, MixedRun, float]:
+    """One live run with ``selected`` ops on the target; returns (output, mixed run, wall seconds)."""
+    mixed = MixedRun(store, target, offloadable(store, selected), judge, on_op)
     start = time.perf_counter()
-    with torch.no_grad(), offloader:
+    with torch.no_grad(), mixed:
         output = run()
-    return output, offloader, time.perf_counter() - start
+    return output, mixed, time.perf_counter() - start

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from .carving import FixtureStore
-from .errors import TapmlError
+from tapml.carving import FixtureStore
+from tapml.core import TapmlError
 
 __all__ = ["PLANS", "find_blocks", "groups_for", "make_plan"]
 

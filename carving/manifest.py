@@ -1,0 +1,179 @@
+"""The store manifest's shape, and checking a manifest read from disk before anything uses it.
+
+Why check on load: a store is data someone else may have written. Every field
+is typed (the dataclasses below, also published as ``schemas/store.schema.json``),
+every encoded argument must be what the value codec writes, and every tensor
+use must fit the bytes it points at — so a malformed or resealed manifest is a
+one-line ``StoreError`` naming the file, never a crash deep inside a replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tapml.core import (
+    MalformedValue,
+    broadcast_narrowed,
+    check_spec,
+    check_value,
+    dtype_from_name,
+    iter_specs,
+    json_schema,
+    validate,
+)
+
+__all__ = ["Manifest", "OpRecord", "LayerRecord", "StepRecord", "TensorMeta", "check_manifest", "store_schema"]
+
+
+@dataclass
+class StepRecord:
+    """A named part of the carved run (``call 0``, ``prefill``, ``decode 3``)."""
+
+    index: int
+    name: str
+    ops: list[int]  # [first, end) op indices
+
+
+@dataclass
+class TensorUse:
+    """A tensor among a module call's inputs or outputs, with its pytree path."""
+
+    path: str
+    tensor: dict[str, Any]
+
+
+@dataclass
+class LayerRecord:
+    """One module call: its inputs and outputs, and the ops it ran."""
+
+    index: int
+    module: str
+    class_: str = field(metadata={"json": "class"})
+    call: int = 0
+    step: int = 0
+    ops: list[int] = field(default_factory=list)
+    inputs: list[TensorUse] = field(default_factory=list)
+    outputs: list[TensorUse] = field(default_factory=list)
+    parent: int | None = None
+
+
+@dataclass
+class OpRecord:
+    """One carved operator call."""
+
+    index: int
+    seq: int
+    op: str
+    module: str
+    call: int
+    step: int
+    signature: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    outputs: Any
+    view: bool
+    inplace: bool
+    nondeterministic: bool
+    layer: int | None = None
+    source: str | None = None
+    carved_index: int | None = None  # in an emitted subset store: the op's index in the original
+
+
+@dataclass
+class TensorMeta:
+    """Where a stored tensor's bytes are."""
+
+    dtype: str
+    numel: int
+    nbytes: int
+    shard: str
+    offset: int | None = None  # inside the shard's packed blob (small tensors)
+
+
+@dataclass
+class ShardMeta:
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    """A fixture store's manifest.json."""
+
+    schema: int
+    created: str
+    versions: dict[str, str]
+    model: dict[str, Any]
+    options: dict[str, Any]
+    stats: dict[str, int]
+    steps: list[StepRecord]
+    layers: list[LayerRecord]
+    ops: list[OpRecord]
+    tensors: dict[str, TensorMeta]
+    shards: dict[str, ShardMeta]
+    digest: str
+    truncated: str | None = None
+    edges: list[list[int]] | None = None
+
+
+def store_schema() -> dict:
+    return json_schema(Manifest, title="tapml fixture store manifest",
+                       schema_id="https://tapml.dev/schemas/store.schema.json")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _check_ref(ref: dict, tensors: dict, where: str) -> None:
+    check_spec(ref, where)
+    key = ref.get("key")
+    meta = tensors.get(key) if isinstance(key, str) else None
+    if meta is None:
+        raise MalformedValue(f"{where}: references unknown tensor {key!r}")
+    shape, stride = ref["shape"], ref["stride"]
+    # exact layouts are stored as their (broadcast-narrowed) elements in storage order, others logically
+    needed = _numel(broadcast_narrowed(shape, stride) if ref.get("exact", True) else shape)
+    if meta["numel"] != needed:
+        raise MalformedValue(f"{where}: shape {shape} needs {needed} stored elements but tensor {key} holds "
+                             f"{meta['numel']}")
+    if dtype_from_name(ref["dtype"]).itemsize != dtype_from_name(meta["dtype"]).itemsize:
+        raise MalformedValue(f"{where}: dtype {ref['dtype']} does not match the stored {meta['dtype']}")
+
+
+def check_manifest(obj: Any) -> None:
+    """Raise ``ValueError`` (``SchemaError``/``MalformedValue``) naming the first problem."""
+    validate(Manifest, obj)
+    tensors, shards = obj["tensors"], obj["shards"]
+    for key, meta in tensors.items():
+        if meta["shard"] not in shards:
+            raise MalformedValue(f"tensors.{key}: in unknown shard {meta['shard']!r}")
+        dtype = dtype_from_name(meta["dtype"])
+        if meta["numel"] < 0 or meta["nbytes"] != meta["numel"] * dtype.itemsize:
+            raise MalformedValue(f"tensors.{key}: {meta['numel']} {meta['dtype']} elements are not "
+                                 f"{meta['nbytes']} bytes")
+    n_ops = len(obj["ops"])
+    for i, rec in enumerate(obj["ops"]):
+        where = f"ops[{i}]"
+        if rec["index"] != i:
+            raise MalformedValue(f"{where}: index {rec['index']} out of order")
+        if not 0 <= rec["step"] < max(1, len(obj["steps"])):
+            raise MalformedValue(f"{where}: step {rec['step']} does not exist")
+        for part in ("args", "kwargs", "outputs"):
+            check_value(rec[part], f"{where}.{part}")
+            for ref in iter_specs(rec[part]):
+                _check_ref(ref, tensors, f"{where}.{part}")
+    for i, layer in enumerate(obj["layers"]):
+        for part in ("inputs", "outputs"):
+            for use in layer.get(part, []):
+                _check_ref(use["tensor"], tensors, f"layers[{i}].{part}")
+        first, end = (layer.get("ops") or [0, 0]) + [0, 0][len(layer.get("ops") or []):]
+        if not 0 <= first <= end <= n_ops:
+            raise MalformedValue(f"layers[{i}].ops: range {layer.get('ops')} is outside 0..{n_ops}")
+    for i, step in enumerate(obj["steps"]):
+        if len(step["ops"]) != 2 or not 0 <= step["ops"][0] <= step["ops"][1] <= n_ops:
+            raise MalformedValue(f"steps[{i}].ops: range {step['ops']} is outside 0..{n_ops}")
+

@@ -1,0 +1,112 @@
+"""The engine-facing interface: ``Target`` (``prepare``/``execute``/``stats``) and ``LocalTarget``.
+
+Why separate from ``Platform``: plugin authors write three small methods; the
+engine needs compile-once caching, remembered refusals and counters, and must
+not tell an in-process platform from a worker across the network. Both
+``LocalTarget`` (wrapping a ``Platform``) and the remote proxy implement this.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from tapml.core import OpCall, OpFailed
+
+from .base import Capabilities, Platform, Support, Unsupported
+
+__all__ = ["Target", "LocalTarget"]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+class Target:
+    """What the engine calls. ``execute`` raises ``Unsupported`` or ``tapml.core.OpFailed``."""
+
+    name: str = ""
+    description: str = ""
+
+    def capabilities(self) -> Capabilities:
+        raise NotImplementedError
+
+    def prepare(self, op: OpCall) -> Support:
+        """Check and compile once per signature; refusals are remembered too."""
+        raise NotImplementedError
+
+    def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def stats(self) -> Counter:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalTarget(Target):
+    """A ``Platform`` in this process, compiled once per op signature."""
+
+    def __init__(self, platform: Platform):
+        self.platform = platform
+        self.name, self.description = platform.name, platform.description
+        self._kernels: dict[str, Any] = {}
+        self._support: dict[str, Support] = {}
+        self._stats: Counter = Counter()
+
+    def capabilities(self) -> Capabilities:
+        return self.platform.capabilities()
+
+    def prepare(self, op: OpCall) -> Support:
+        known = self._support.get(op.signature)
+        if known is not None:
+            self._stats["cache_hits"] += 1
+            return known
+        support = self.platform.supports(op)
+        if support:
+            try:
+                self._kernels[op.signature] = self.platform.compile(op)
+                self._stats["compiles"] += 1
+            except Unsupported as e:
+                support = Support.no(e.reason)
+            except Exception as e:  # a compiler that crashes on one op costs that op
+                raise OpFailed(f"compiling {op.op} raised {_one_line(e)}") from e
+        self._support[op.signature] = support
+        return support
+
+    def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        support = self.prepare(op)
+        if not support:
+            raise Unsupported(support.reason)
+        try:
+            outputs = self.platform.run(self._kernels[op.signature], op, inputs)
+        except (Unsupported, OpFailed):
+            raise
+        except Exception as e:  # the kernel failed: the op is lost, not the run
+            raise OpFailed(f"the kernel raised {_one_line(e)}") from e
+        self._stats["runs"] += 1
+        return outputs
+
+    @property
+    def stats(self) -> Counter:
+        return self._stats + self.platform.counters()
+
+    def describe(self) -> dict:
+        return self.platform.describe()
+
+    def close(self) -> None:
+        self.platform.close()

@@ -1,0 +1,71 @@
+"""The carved-op model: the bottom layer every other part of tapml builds on.
+
+What an operator call is (``OpCall``, ``TensorSpec``), how its arguments are
+encoded as JSON (the value codec), how tensors are identified (content keys),
+how an op name resolves to an operator safely (``resolve_op``'s allow-list),
+and the error and status roots. It imports nothing else of tapml.
+"""
+
+from .errors import CheckFailed, OpFailed, OpRefused, TapmlError
+from .imports import import_object
+from .keys import HashMemo, content_key
+from .opcall import OpCall, bind_args, flatten_outputs
+from .ops import (
+    ALLOWED_NAMESPACES,
+    DENIED_OPS,
+    UNINITIALIZED,
+    OpInfo,
+    allow_namespace,
+    op_info,
+    op_info_by_name,
+    remote_refusal,
+    resolve_op,
+)
+from .status import Status
+from .tensors import TensorSpec, broadcast_narrowed, dtype_from_name, dtype_name, relayout, storage_order
+from .typedjson import SchemaError, from_json, json_schema, jsonable, to_json, validate
+from .values import MalformedValue, Opaque, check_spec, check_value, decode_value, encode, iter_specs
+from .version import __version__
+
+__all__ = [
+    "__version__",
+    "ALLOWED_NAMESPACES",
+    "DENIED_OPS",
+    "UNINITIALIZED",
+    "CheckFailed",
+    "HashMemo",
+    "MalformedValue",
+    "OpCall",
+    "OpFailed",
+    "OpInfo",
+    "OpRefused",
+    "SchemaError",
+    "Opaque",
+    "Status",
+    "TapmlError",
+    "TensorSpec",
+    "allow_namespace",
+    "bind_args",
+    "broadcast_narrowed",
+    "check_spec",
+    "check_value",
+    "content_key",
+    "decode_value",
+    "dtype_from_name",
+    "dtype_name",
+    "encode",
+    "flatten_outputs",
+    "from_json",
+    "import_object",
+    "iter_specs",
+    "json_schema",
+    "jsonable",
+    "op_info",
+    "op_info_by_name",
+    "relayout",
+    "remote_refusal",
+    "resolve_op",
+    "storage_order",
+    "to_json",
+    "validate",
+]

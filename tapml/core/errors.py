@@ -1,0 +1,28 @@
+"""The error roots: a user's mistake (exit 2), a failed check (exit 1), a target that failed an op."""
+
+from __future__ import annotations
+
+from .status import Status
+
+__all__ = ["TapmlError", "CheckFailed", "OpRefused", "OpFailed"]
+
+
+class TapmlError(Exception):
+    """A problem the user can fix — a spec that does not resolve, an existing output, a corrupt
+    store, a platform that cannot start. Every entry point shows it as one line and exits 2."""
+
+
+class CheckFailed(Exception):
+    """A check ran and failed (a divergent verdict, a replay that is not bit-exact): exit 1."""
+
+
+class OpRefused(TapmlError):
+    """An op name that is not an allow-listed, side-effect-free operator overload."""
+
+
+class OpFailed(Exception):
+    """The target could not complete one op; ``status`` is how the engine records it."""
+
+    def __init__(self, message: str, status: Status = Status.CRASHED):
+        super().__init__(message)
+        self.status = Status(status)

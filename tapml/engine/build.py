@@ -1,0 +1,129 @@
+"""Assembling the run record: a pure function of what the steps and the isolated pass found."""
+
+from __future__ import annotations
+
+import datetime
+import platform as _platform
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from tapml.carving import FixtureStore
+from tapml.core import Status, __version__
+from tapml.record import RUN_SCHEMA, Culprit, Metrics, OpRef, OpRow, Plan, Reference, Run, Step
+
+from .localize import Localization
+from .mixed import MixedResult
+
+__all__ = ["RunFacts", "build_run", "summary_line", "OP_STATUSES"]
+
+OP_STATUSES = (Status.OK, Status.DIVERGENT, Status.UNSUPPORTED, Status.CRASHED, Status.TIMEOUT, Status.SKIPPED)
+
+
+@dataclass
+class RunFacts:
+    """What the record says about the run besides its results."""
+
+    store_path: str
+    model: dict
+    reference: Reference
+    target: dict
+    target_name: str
+    plan: Plan
+    rule: str
+    compute_dtype: str | None
+    target_stats: dict[str, int]
+
+
+def _row(rec: dict, local, mixed: MixedResult | None, noise: float | None) -> OpRow:
+    row = OpRow(index=rec["index"], op=rec["op"], module=rec["module"], call=rec["call"], source=rec["source"],
+                step=rec["step"], layer=rec["layer"], signature=rec["signature"], status=Status.SKIPPED)
+    if local is not None:
+        row.status, row.reason, row.local = local.status, local.reason, local.local
+        row.reference_noise = local.reference_noise
+    elif mixed is not None and mixed.status in (Status.UNSUPPORTED, Status.CRASHED, Status.TIMEOUT):
+        row.status, row.reason = mixed.status, mixed.reason
+    elif mixed is not None and mixed.propagated is not None:
+        row.status, row.reason = Status.OK, "local error measured on an earlier call of the same signature"
+    else:
+        row.reason = "not selected by the plan"
+    if mixed is not None and mixed.propagated is not None:
+        row.propagated = mixed.propagated
+        row.offloaded = mixed.status == Status.OFFLOADED
+        row.target_ms = mixed.target_ms
+        if row.local is not None and row.local.max_abs:
+            row.amplification = mixed.propagated.max_abs / row.local.max_abs
+    row.tolerance = (row.local or row.propagated or Metrics(ok=True)).tolerance
+    if noise is not None:
+        row.reference_noise = noise
+    return row
+
+
+def build_run(store: FixtureStore, facts: RunFacts, steps: list[Step], propagated: dict[int, MixedResult],
+              loc: Localization) -> Run:
+    """The run record, from the facts, the steps' results and the localization."""
+    ops = [_row(rec, loc.results.get(rec["index"]), propagated.get(rec["index"]), loc.noise.get(rec["index"]))
+           for rec in store.ops]
+    victims = set(loc.victims)
+    for row in ops:
+        row.victim = row.index in victims
+    compute = [o for o in ops if not store.ops[o.index]["view"]]
+    offloaded = [o for o in compute if o.offloaded]
+    counts = Counter(o.status for o in ops)
+    culprit = None
+    if loc.culprit is not None:
+        i = loc.culprit.index
+        rec = store.ops[i]
+        culprit = Culprit(index=i, op=rec["op"], module=rec["module"], call=rec["call"], source=rec["source"],
+                          signature=rec["signature"], local=loc.culprit.local,
+                          victims_downstream=len([v for v in loc.victims if v > i]),
+                          step=store.steps[rec["step"]]["name"] if store.steps else None,
+                          random_inputs=loc.random_inputs,
+                          repro=f"tapml replay {facts.store_path} --platform {facts.target_name} --op {i}")
+    final = steps[-1].end_to_end if steps else Metrics(ok=True)
+    failed = counts[Status.CRASHED] + counts[Status.TIMEOUT]
+    verdict = Status.DIVERGENT if (culprit or not final.ok) else (Status.INCOMPLETE if failed else Status.OK)
+    first_nonfinite = next((OpRef(o.index, o.op, o.module, "local") for o in ops
+                            if o.local is not None and o.local.new_nonfinite), None) \
+        or next((OpRef(s.first_nonfinite.index, s.first_nonfinite.op, s.first_nonfinite.module, f"step {s.name}")
+                 for s in steps if s.first_nonfinite), None)
+    run = Run(
+        schema=RUN_SCHEMA,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        versions={"tapml": __version__, "torch": torch.__version__, "python": _platform.python_version()},
+        model=facts.model, store=facts.store_path, reference=facts.reference, target=facts.target, plan=facts.plan,
+        rule=facts.rule, compute_dtype=facts.compute_dtype, verdict=verdict, summary="", culprit=culprit,
+        victims=sorted(victims), counts={str(s): counts[s] for s in OP_STATUSES},
+        isolated_counts={str(s): loc.isolated.get(str(s), 0) for s in OP_STATUSES},
+        coverage=len(offloaded) / len(compute) if compute else 1.0, compute_ops=len(compute),
+        offloaded_ops=len(offloaded), first_nonfinite=first_nonfinite,
+        saturated_ops=[o.index for o in ops if o.local is not None and o.local.saturated],
+        end_to_end=final, tokens=steps[-1].tokens if steps else None, steps=steps, ops=ops,
+        target_stats=facts.target_stats,
+    )
+    run.summary = summary_line(run)
+    return run
+
+
+def summary_line(r: Run) -> str:
+    """The verdict in one sentence."""
+    c = r.culprit
+    tokens = r.tokens
+    token_note = ""
+    if tokens is not None and tokens.first_difference is not None:
+        token_note = (f"; the generated tokens first differ at position {tokens.first_difference} "
+                      f"(generated token {tokens.first_difference_generated}, step {tokens.step})")
+    if c is not None:
+        m, tol = c.local, c.local.tolerance
+        where = f"{c.source.rsplit('/', 1)[-1]}" if c.source else "unknown source"
+        return (f"{c.op} in {c.module or '(model)'} (call {c.call}, {where}) diverges: max abs "
+                f"{m.max_abs:.3g} against a tolerance of atol {tol.atol:.3g} + rtol {tol.rtol:.3g}; "
+                f"{c.victims_downstream} later ops inherit it{token_note}")
+    if r.verdict == Status.DIVERGENT:
+        return (f"no single op is out of tolerance, but the model output is (max abs "
+                f"{r.end_to_end.max_abs:.3g}): small errors accumulate{token_note}")
+    if r.verdict == Status.INCOMPLETE:
+        return f"{r.counts['crashed']} ops crashed and {r.counts['timeout']} timed out on the target"
+    return (f"every offloaded op is within tolerance on {r.target['name']}; "
+            f"{r.coverage:.0%} of compute ops ran on the target")

@@ -1,0 +1,199 @@
+"""Localization: the isolated pass, the culprit, its victims, and the random-input check.
+
+The isolated pass runs carved ops on the target with the *reference* inputs
+from the store, so an op's error there (its *local* error) is its own. The
+*culprit* is the first op in execution order whose local error is out of
+tolerance; a *victim* has a fine local error but a bad *propagated* one (its
+inputs already came from the target).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from tapml.carving import FixtureStore
+from tapml.core import OpFailed, Status, TapmlError, to_json
+from tapml.judging import Judge
+from tapml.platforms import Target, Unsupported
+from tapml.record import Metrics, RandomCheck, RandomDraw
+
+from .reference import Reference
+
+__all__ = ["LocalResult", "Localization", "localize", "local_pass", "run_local", "select_ops", "find_culprit",
+           "find_victims", "random_input_check", "skip_reason", "reference_noise", "DRAWS"]
+
+PYTHON_VALUE = "aten._local_scalar_dense.default"
+
+
+@dataclass
+class LocalResult:
+    """One op run alone on the target with the reference's inputs."""
+
+    index: int
+    op: str
+    module: str
+    status: Status
+    reason: str | None = None
+    local: Metrics | None = None
+    reference_noise: float | None = None
+    outputs: list[torch.Tensor] = field(default_factory=list, repr=False)  # the target's tensors, when kept
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in to_json(replace(self, outputs=[])).items() if k != "outputs"}
+
+
+def skip_reason(rec: dict) -> str | None:
+    """Why an op is never sent to a target (it stays on the reference by design)."""
+    if rec["nondeterministic"]:
+        return "nondeterministic on the reference (random or uninitialized output): not comparable"
+    if rec["view"]:
+        return "view op (no compute): stays on the reference"
+    if rec["op"] == PYTHON_VALUE:
+        return "returns a Python value: stays on the reference"
+    return None
+
+
+def run_local(store: FixtureStore, target: Target, judge: Judge, index: int, *, keep_outputs: bool = False,
+              reference: Reference | None = None) -> LocalResult:
+    """One op on the target with the reference inputs: status and local metrics."""
+    rec = store.ops[index]
+    here = (index, rec["op"], rec["module"])
+    why = skip_reason(rec)
+    if why:
+        result = LocalResult(*here, Status.SKIPPED, why)
+        if rec["nondeterministic"] and not rec["view"] and reference is not None:
+            try:  # show the reference's own noise rather than blame the target
+                result.reference_noise = reference_noise(store, index, reference)
+            except (Unsupported, OpFailed, TapmlError):
+                pass
+        return result
+    op = store.op_call(index)
+    try:
+        support = target.prepare(op)
+        if not support:
+            raise Unsupported(support.reason)
+        inputs = store.inputs(index)
+        got = target.execute(op, inputs)
+    except Unsupported as e:
+        return LocalResult(*here, Status.UNSUPPORTED, e.reason)
+    except OpFailed as e:
+        return LocalResult(*here, e.status, f"{type(e).__name__}: {e}")
+    metrics = judge.judge(op, got, store.outputs(index), inputs)
+    return LocalResult(*here, Status.OK if metrics.ok else Status.DIVERGENT, local=metrics,
+                       outputs=got if keep_outputs else [])
+
+
+def select_ops(store: FixtureStore, *, all_calls: bool = False, only: str | None = None) -> list[int]:
+    """The ops an isolated pass (or a carved test suite) covers: the first call of each
+    signature, or every call; ``only`` is a glob on the overload name."""
+    seen: set[str] = set()
+    indices = []
+    for rec in store.ops:
+        if only and not fnmatch.fnmatchcase(rec["op"], only):
+            continue
+        if all_calls or rec["signature"] not in seen:
+            indices.append(rec["index"])
+            seen.add(rec["signature"])
+    return indices
+
+
+def local_pass(store: FixtureStore, target: Target, judge: Judge, *, indices: Iterable[int] | None = None,
+               all_calls: bool = False, on_result: Callable[[LocalResult], None] | None = None,
+               reference: Reference | None = None) -> dict[int, LocalResult]:
+    """The isolated pass over ``indices`` (default: every op, or the first call of each
+    signature unless ``all_calls``). Returns results by op index."""
+    if indices is None:
+        indices = select_ops(store, all_calls=all_calls)
+    results = {}
+    for i in indices:
+        results[i] = run_local(store, target, judge, i, reference=reference)
+        if on_result is not None:
+            on_result(results[i])
+    return results
+
+
+def find_culprit(results: dict[int, LocalResult]) -> LocalResult | None:
+    return next((results[i] for i in sorted(results) if results[i].status == Status.DIVERGENT), None)
+
+
+def find_victims(results: dict[int, LocalResult], propagated: dict[int, Metrics]) -> list[int]:
+    """Ops whose own kernel is fine (locally) but whose chained output is out of tolerance."""
+    return [i for i in sorted(propagated)
+            if not propagated[i].ok and i in results and results[i].status == Status.OK]
+
+
+def reference_noise(store: FixtureStore, index: int, reference: Reference) -> float:
+    """Max abs difference between two reference runs of one op (0.0 for a deterministic op)."""
+    op = store.op_call(index)
+    a = reference.target.execute(op, store.inputs(index))
+    b = reference.target.execute(op, store.inputs(index))
+    return max((float((x.double() - y.double()).abs().nan_to_num(0.0).max()) if x.numel() else 0.0)
+               for x, y in zip(a, b, strict=True)) if a else 0.0
+
+
+DRAWS = {
+    "normal(0,1)": lambda shape, g: torch.randn(shape, generator=g),
+    "uniform(0,1)": lambda shape, g: torch.rand(shape, generator=g),
+    "uniform(-1,1)": lambda shape, g: torch.rand(shape, generator=g) * 2 - 1,
+}
+
+
+def random_input_check(store: FixtureStore, target: Target, judge: Judge, index: int,
+                       reference: Reference) -> RandomCheck:
+    """Would random inputs of the same shapes have revealed this op's fault?
+
+    Float inputs are drawn from common distributions; integer and bool inputs
+    (indices, masks) keep their recorded values so the op stays valid.
+    """
+    op = store.op_call(index)
+    recorded = store.inputs(index)
+    g = torch.Generator().manual_seed(0)
+    draws = []
+    for name, draw in DRAWS.items():
+        inputs = [draw(t.shape, g).to(t.dtype) if t.is_floating_point() else t for t in recorded]
+        try:
+            want = reference.target.execute(op, inputs)
+            got = target.execute(op, inputs)
+            m = judge.judge(op, got, want)
+            draws.append(RandomDraw(name, m.ok, max_abs=m.max_abs))
+        except (Unsupported, OpFailed, RuntimeError) as e:
+            draws.append(RandomDraw(name, False, error=f"{type(e).__name__}: {e}"))
+    revealed = any(not d.ok for d in draws)
+    return RandomCheck(draws, revealed, "random inputs also reveal it" if revealed else
+                       "random inputs would have missed it: only the realistic (carved) inputs reveal the fault")
+
+
+@dataclass
+class Localization:
+    """What the isolated pass found: every measured op, the culprit, its victims."""
+
+    results: dict[int, LocalResult]
+    isolated: dict[str, int]  # status counts of the isolated pass proper (for the pytest plugin's parity)
+    culprit: LocalResult | None = None
+    victims: list[int] = field(default_factory=list)
+    random_inputs: RandomCheck | None = None
+    noise: dict[int, float] = field(default_factory=dict)
+
+
+def localize(store: FixtureStore, target: Target, judge: Judge, propagated: dict[int, Metrics], *,
+             reference: Reference, all_calls: bool = False, check_reference: bool = False,
+             on_result: Callable[[LocalResult], None] | None = None) -> Localization:
+    """The isolated pass — every unique signature, plus every call whose chained output went wrong
+    — then the culprit, its victims and whether random inputs would have revealed it."""
+    results = local_pass(store, target, judge, all_calls=all_calls, on_result=on_result, reference=reference)
+    isolated = dict(Counter(str(r.status) for r in results.values()))
+    for i in sorted(propagated):
+        if i not in results and not propagated[i].ok:
+            results[i] = run_local(store, target, judge, i, reference=reference)
+    loc = Localization(results, isolated, find_culprit(results), find_victims(results, propagated))
+    if loc.culprit is not None:
+        loc.random_inputs = random_input_check(store, target, judge, loc.culprit.index, reference)
+    if check_reference:
+        loc.noise = {i: reference_noise(store, i, reference) for i, r in results.items()
+                     if r.status in (Status.OK, Status.DIVERGENT)}
+    return loc

@@ -1,0 +1,67 @@
+"""``migrate``: plan steps on live mixed runs, the isolated pass, localization → the run record.
+
+The engine talks to the target only through the ``Target`` interface, so it
+cannot tell a spawned worker, a remote one or an in-process platform apart.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from tapml.carving import FixtureStore
+from tapml.core import TapmlError
+from tapml.judging import Judge
+from tapml.platforms import Target
+from tapml.record import Plan, Run
+
+from .build import RunFacts, build_run
+from .localize import localize
+from .mixed import run_step
+from .plans import make_plan
+from .reference import Reference, torch_reference
+from .steps import run_steps
+
+__all__ = ["migrate", "check_store"]
+
+
+def check_store(store: FixtureStore) -> None:
+    """Offload needs every op of the run: refuse truncated or filtered carves."""
+    m = store.manifest
+    if m.get("truncated"):
+        raise TapmlError(f"{store.path} was carved with --max-bytes and is incomplete; offload needs a full carve")
+    opts = m.get("options", {})
+    if opts.get("modules") or opts.get("ops") or opts.get("unique"):
+        raise TapmlError(f"{store.path} was carved with filters; offload needs every op of the run")
+
+
+def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judge: Judge, plan: str = "layers",
+            layers: str | None = None, all_calls: bool = False, check_reference: bool = False,
+            model_info: dict | None = None, on_event: Callable[[str, Any], None] | None = None,
+            store_path: str | None = None, reference: Reference | None = None) -> Run:
+    """Migrate step by step, localize, and return the run record."""
+    check_store(store)
+    emit = on_event or (lambda *_: None)
+    reference = reference or torch_reference()
+    steps_plan = make_plan(store, plan, layers)
+    carved_seq = max((op["seq"] for op in store.ops), default=-1) + 1
+
+    # the reference run, live: the yardstick for end-to-end error and a check that the run repeats the carve
+    reference_out, probe, _ = run_step(run, store, target, set(), judge)
+    if probe.seq != carved_seq:
+        raise TapmlError(f"the model dispatched {probe.seq} ops now but {carved_seq} when carved: "
+                         "its path is not repeatable, so carved ops cannot be matched to the live run")
+    stats_before = Counter(target.stats)
+    outcome = run_steps(run, store, target, steps_plan, judge, reference_out, emit)
+    emit("local", None)
+    propagated = {i: r.propagated for i, r in outcome.propagated.items() if r.propagated is not None}
+    loc = localize(store, target, judge, propagated, reference=reference, all_calls=all_calls,
+                   check_reference=check_reference, on_result=lambda _: emit("op", None))
+    facts = RunFacts(
+        store_path=store_path or str(store.path), model=model_info or store.manifest.get("model", {}),
+        reference=reference.record, target=target.describe(), target_name=target.name,
+        plan=Plan(kind=plan, layers=layers, steps=[s["name"] for s in steps_plan]), rule=judge.rule,
+        compute_dtype=judge.compute_dtype,
+        target_stats={k: int(v) for k, v in (Counter(target.stats) - stats_before).items()})
+    return build_run(store, facts, outcome.steps, outcome.propagated, loc)

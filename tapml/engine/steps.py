@@ -1,0 +1,87 @@
+"""Running the plan's steps: one live mixed run per step, each judged end to end."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from tapml.carving import FixtureStore
+from tapml.core import Status, dtype_name
+from tapml.judging import Judge, compare
+from tapml.platforms import Target
+from tapml.record import Metrics, Step, Timing, Tokens
+
+from .mixed import MixedResult, run_step
+
+__all__ = ["StepsOutcome", "run_steps", "end_to_end", "tokens_of"]
+
+
+@dataclass
+class StepsOutcome:
+    steps: list[Step] = field(default_factory=list)
+    propagated: dict[int, MixedResult] = field(default_factory=dict)  # the latest step that offloaded an op wins
+
+
+def _leaves(output) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def end_to_end(got, want, judge: Judge) -> Metrics:
+    """The model's outputs in a mixed run against the reference run's (the worst output)."""
+    got, want = _leaves(got), _leaves(want)
+    if len(got) != len(want):
+        return Metrics(ok=False, problem=f"{len(got)} outputs instead of {len(want)}", max_abs=math.inf)
+    worst = None
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        dtype = judge.compute_dtype if (w.is_floating_point() and judge.compute_dtype) else dtype_name(w.dtype)
+        m = compare(g, w, judge.table.resolve("(model output)", "", dtype))
+        m.output = i
+        if worst is None or (not m.ok, m.max_abs) > (not worst.ok, worst.max_abs):
+            worst = m
+    return worst or Metrics(ok=True, max_abs=0.0)
+
+
+def tokens_of(got, want, store: FixtureStore) -> Tokens | None:
+    """For a generation (an integer token tensor out): where the target's greedy choice first differs."""
+    if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or want.is_floating_point() \
+            or want.dim() != 2 or got.shape != want.shape:
+        return None
+    differs = (got != want).any(dim=0).nonzero()
+    first = int(differs[0]) if differs.numel() else None
+    generated = [s["name"] for s in store.steps if s["name"] not in ("outside the model",)]
+    prompt = want.shape[1] - len(generated)
+    step = generated[first - prompt] if first is not None and 0 <= first - prompt < len(generated) else None
+    return Tokens(want[0].tolist(), got[0].tolist(), first, (first - prompt) if first is not None else None, step)
+
+
+def run_steps(run: Callable[[], Any], store: FixtureStore, target: Target, plan: list[dict], judge: Judge,
+              reference_out: Any, emit: Callable[[str, Any], None]) -> StepsOutcome:
+    """Each step of ``plan`` as a live mixed run; the record of each and the ops' propagated results."""
+    outcome = StepsOutcome()
+    for k, step in enumerate(plan):
+        emit("step", (k, len(plan), step["name"]))
+        before = Counter(target.stats)
+        output, mixed, wall = run_step(run, store, target, set(step["offload"]), judge,
+                                       on_op=lambda: emit("op", None))
+        outcome.propagated.update(mixed.results)
+        delta = Counter(target.stats)
+        delta.subtract(before)
+        counts = Counter(r.status for r in mixed.results.values())
+        kernel_s = delta.get("kernel_us", 0) / 1e6 if "kernel_us" in target.stats else mixed.target_s
+        outcome.steps.append(Step(
+            index=k, name=step["name"], groups=step["groups"], selected=len(step["offload"]),
+            offloaded=counts[Status.OFFLOADED], unsupported=counts[Status.UNSUPPORTED],
+            failed=counts[Status.CRASHED] + counts[Status.TIMEOUT],
+            end_to_end=end_to_end(output, reference_out, judge), tokens=tokens_of(output, reference_out, store),
+            diverged=mixed.diverged, first_nonfinite=mixed.first_nonfinite,
+            timing=Timing(wall_s=wall, target_s=mixed.target_s, kernel_s=kernel_s,
+                          transfer_and_overhead_s=max(0.0, mixed.target_s - kernel_s), compare_s=mixed.compare_s,
+                          reference_s=max(0.0, wall - mixed.target_s - mixed.compare_s)),
+            bytes_sent=delta.get("bytes_sent", 0), bytes_received=delta.get("bytes_received", 0)))
+    return outcome

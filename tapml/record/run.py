@@ -1,0 +1,267 @@
+"""The run record: what a migration found, as typed data.
+
+The engine builds a ``Run``; the CLI, the HTML report, the pytest plugin, the
+matrix and the diff read it. ``run.json`` is ``Run.to_json()``; its JSON Schema
+(``schemas/run.schema.json``) is generated from these classes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tapml.core import Status, from_json, json_schema, to_json
+
+__all__ = ["RUN_SCHEMA", "Tolerance", "Worst", "Oracle", "Metrics", "OpRow", "Timing", "Tokens", "OpRef", "Step",
+           "RandomDraw", "RandomCheck", "Culprit", "Plan", "Reference", "Run", "run_schema"]
+
+RUN_SCHEMA = 2  # 2: "reference" is an object (name, device, description), not a string
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """An assert_close-style tolerance and where it came from."""
+
+    atol: float
+    rtol: float
+    origin: str
+
+    def to_json(self) -> dict:
+        return to_json(self)
+
+
+@dataclass
+class Worst:
+    """One of the worst elements of a comparison."""
+
+    index: list[int]
+    expected: Any
+    got: Any
+    diff: float
+
+
+@dataclass
+class Oracle:
+    """Distances from a float64 evaluation of the same op on the same inputs."""
+
+    rmse_target: float
+    rmse_reference: float
+    ratio: float
+    ok: bool
+
+
+@dataclass
+class Metrics:
+    """A comparison of the target's output with the reference's (the worst output of an op)."""
+
+    ok: bool
+    max_abs: float = 0.0
+    tolerance: Tolerance | None = None
+    shape: list[int] | None = None
+    dtype: str | None = None
+    problem: str | None = None
+    exact: bool | None = None
+    max_rel: float | None = None
+    mismatch_fraction: float | None = None
+    mismatches: int | None = None
+    cosine: float | None = None
+    sqnr_db: float | None = None
+    max_ulp: int | None = None
+    nan: list[int] | None = None  # [target, reference]
+    inf: list[int] | None = None
+    worst: list[Worst] = field(default_factory=list)
+    histogram: list[int] | None = None
+    output: int | None = None  # which output of the op these numbers are for
+    outputs: int | None = None  # how many outputs were compared
+    saturated: int | None = None
+    new_nonfinite: bool | None = None
+    oracle: Oracle | None = None
+    why: str | None = None
+    rule: str | None = None
+
+
+@dataclass
+class OpRow:
+    """One carved op in the run: its status, local and propagated errors."""
+
+    index: int
+    op: str
+    module: str
+    call: int
+    signature: str
+    status: Status
+    source: str | None = None
+    step: int | None = None
+    layer: int | None = None
+    reason: str | None = None
+    local: Metrics | None = None
+    propagated: Metrics | None = None
+    offloaded: bool | None = None
+    target_ms: float | None = None
+    amplification: float | None = None
+    tolerance: Tolerance | None = None
+    victim: bool = False
+    reference_noise: float | None = None
+
+
+@dataclass
+class Timing:
+    """Where a step's wall time went."""
+
+    wall_s: float
+    target_s: float
+    kernel_s: float
+    transfer_and_overhead_s: float
+    compare_s: float
+    reference_s: float
+
+
+@dataclass
+class Tokens:
+    """A generation: the reference's and the target's tokens, and where they first differ."""
+
+    reference: list[int]
+    target: list[int]
+    first_difference: int | None = None
+    first_difference_generated: int | None = None
+    step: str | None = None
+
+
+@dataclass
+class OpRef:
+    """A pointer to one op (e.g. the first that produced a non-finite value)."""
+
+    index: int
+    op: str
+    module: str
+    where: str | None = None
+
+
+@dataclass
+class Step:
+    """One migration step: a live mixed run with the plan's selected ops on the target."""
+
+    index: int
+    name: str
+    groups: list[str]
+    selected: int
+    offloaded: int
+    unsupported: int
+    failed: int
+    end_to_end: Metrics
+    timing: Timing
+    tokens: Tokens | None = None
+    diverged: str | None = None
+    first_nonfinite: OpRef | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class RandomDraw:
+    draw: str
+    ok: bool
+    max_abs: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class RandomCheck:
+    """Would random inputs of the same shapes have revealed the culprit's fault?"""
+
+    draws: list[RandomDraw]
+    revealed: bool
+    summary: str
+
+
+@dataclass
+class Culprit:
+    """The op whose own (local) error explains the divergence."""
+
+    index: int
+    op: str
+    module: str
+    call: int
+    signature: str
+    local: Metrics
+    victims_downstream: int
+    repro: str
+    source: str | None = None
+    step: str | None = None
+    random_inputs: RandomCheck | None = None
+
+
+@dataclass
+class Plan:
+    kind: str
+    steps: list[str]
+    layers: str | None = None
+
+
+@dataclass
+class Reference:
+    """The platform whose results are trusted."""
+
+    name: str
+    device: str
+    description: str = ""
+
+
+@dataclass
+class Run:
+    """A migration's whole record: verdict, culprit, steps and every op."""
+
+    schema: int
+    created: str
+    versions: dict[str, str]
+    model: dict[str, Any]
+    store: str
+    reference: Reference
+    target: dict[str, Any]
+    plan: Plan
+    rule: str
+    verdict: Status
+    summary: str
+    counts: dict[str, int]
+    isolated_counts: dict[str, int]
+    coverage: float
+    compute_ops: int
+    offloaded_ops: int
+    end_to_end: Metrics
+    steps: list[Step]
+    ops: list[OpRow]
+    compute_dtype: str | None = None
+    culprit: Culprit | None = None
+    victims: list[int] = field(default_factory=list)
+    first_nonfinite: OpRef | None = None
+    saturated_ops: list[int] = field(default_factory=list)
+    tokens: Tokens | None = None
+    target_stats: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return to_json(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Run:
+        return from_json(cls, _upgrade(obj))
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.dumps())
+        return path
+
+
+def _upgrade(obj: dict) -> dict:
+    """Read schema 1 records too: their reference was a plain string."""
+    if isinstance(obj, dict) and obj.get("schema") == 1 and isinstance(obj.get("reference"), str):
+        obj = dict(obj, reference={"name": obj["reference"], "device": "cpu"})
+    return obj
+
+
+def run_schema() -> dict:
+    return json_schema(Run, title="tapml run record", schema_id="https://tapml.dev/schemas/run.schema.json")
