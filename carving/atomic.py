@@ -18,6 +18,27 @@ class OutputError(TapmlError):
     """The destination cannot be written; the message names it."""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(parent: Path, name: str) -> None:
+    """Remove what a killed run left beside ``name``: temporary or old directories whose process is gone.
+
+    The owner's pid is part of each such name, so a directory of a run still going is left alone."""
+    for prefix in (f".{name}.tapml-tmp-", f".{name}.tapml-old-"):
+        for stale in parent.glob(f"{prefix}*"):
+            pid = stale.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)) and stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 class AtomicDir:
     def __init__(self, path: str | os.PathLike, *, force: bool = False):
         self.path = Path(path)
@@ -28,7 +49,8 @@ class AtomicDir:
         parent = self.path.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tapml-tmp-", dir=parent))
+            _clean_stale(parent, self.path.name)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tapml-tmp-{os.getpid()}-", dir=parent))
         except OSError as e:
             raise OutputError(f"cannot write to {parent}: {e.strerror or e}") from None
         self._done = False
@@ -36,7 +58,7 @@ class AtomicDir:
     def commit(self) -> Path:
         old = None
         if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.tapml-old-{os.getpid()}")
+            old = self.path.with_name(f".{self.path.name}.tapml-old-{os.getpid()}-{os.urandom(4).hex()}")
             os.replace(self.path, old)
         os.replace(self.tmp, self.path)
         if old is not None:

@@ -15,7 +15,7 @@ import torch
 
 from tapml.core import __version__
 
-from .store import StoreWriter
+from .store import StoreError, StoreWriter
 from .tracer import CarveOptions, Tracer
 
 __all__ = ["carve", "CarveResult", "ModelRaised"]
@@ -59,7 +59,9 @@ def carve(
         try:
             with torch.no_grad(), tracer:
                 output = run()
-        except Exception as e:
+        except StoreError:
+            raise  # the store could not be written (a full disk): not the model's fault
+        except (Exception, SystemExit) as e:  # a model calling sys.exit() must not end tapml silently
             raise ModelRaised(f"{type(e).__name__}: {e}") from e
         finally:
             if gc_was_enabled:

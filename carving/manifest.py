@@ -14,12 +14,14 @@ from typing import Any
 
 from tapml.core import (
     MalformedValue,
+    OpRefused,
     broadcast_narrowed,
     check_spec,
     check_value,
     dtype_from_name,
     iter_specs,
     json_schema,
+    resolve_op,
     validate,
 )
 
@@ -156,10 +158,17 @@ def check_manifest(obj: Any) -> None:
             raise MalformedValue(f"tensors.{key}: {meta['numel']} {meta['dtype']} elements are not "
                                  f"{meta['nbytes']} bytes")
     n_ops = len(obj["ops"])
+    names: set[str] = set()
     for i, rec in enumerate(obj["ops"]):
         where = f"ops[{i}]"
         if rec["index"] != i:
             raise MalformedValue(f"{where}: index {rec['index']} out of order")
+        if rec["op"] not in names:  # a store is data: every op it names must pass the allow-list
+            try:
+                resolve_op(rec["op"])
+            except OpRefused as e:
+                raise MalformedValue(f"{where}: {e}") from None
+            names.add(rec["op"])
         if not 0 <= rec["step"] < max(1, len(obj["steps"])):
             raise MalformedValue(f"{where}: step {rec['step']} does not exist")
         for part in ("args", "kwargs", "outputs"):

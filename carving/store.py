@@ -159,8 +159,12 @@ class StoreWriter:
         """Write the manifest and move the finished store into place atomically."""
         self.flush()
         body = dict(manifest, schema=SCHEMA_VERSION, tensors=self.index, shards=self.shards)
-        (self._tmp / MANIFEST).write_text(_seal(body))
-        return self._dir.commit()
+        target = self._tmp / MANIFEST
+        try:
+            target.write_text(_seal(body))
+            return self._dir.commit()
+        except OSError as e:
+            raise StoreError(f"cannot write {target}: {e.strerror or e}") from None
 
     def abort(self) -> None:
         self._dir.abort()
@@ -178,10 +182,14 @@ class FixtureStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         mpath = self.path / MANIFEST
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} is a file, not a fixture store (a directory holding {MANIFEST})")
         if not self.path.is_dir():
             raise StoreError(f"{self.path} is not a fixture store (no such directory)")
         if not mpath.is_file():
             raise StoreError(f"{self.path} is not a fixture store ({MANIFEST} missing)")
+        self._root = self.path.resolve()
+        self._inside(mpath)
         try:
             text = mpath.read_text()
             self.manifest = json.loads(text)
@@ -209,6 +217,7 @@ class FixtureStore:
                 )
         self._handles: dict[str, Any] = {}
         self._calls: dict[int, OpCall] = {}
+        self._verified: set[str] = set()
 
     # -- contents ----------------------------------------------------------------
     @property
@@ -227,10 +236,16 @@ class FixtureStore:
     def tensors(self) -> dict[str, dict]:
         return self.manifest["tensors"]
 
+    def _inside(self, path: Path) -> Path:
+        """``path``, if it resolves inside the store: a link to elsewhere is refused, not followed."""
+        if not path.resolve().is_relative_to(self._root):
+            raise StoreError(f"{path} leads outside the store (a link to {path.resolve()}): refused")
+        return path
+
     def _shard_path(self, name: str) -> Path:
-        if "/" in name or "\\" in name or name.startswith("."):
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
             raise StoreError(f"{self.path / MANIFEST} names an invalid shard {name!r}")
-        return self.path / _SHARD_DIR / name
+        return self._inside(self.path / _SHARD_DIR / name)
 
     def flat(self, key: str) -> torch.Tensor:
         """The stored bytes of one tensor, as a flat tensor of its dtype."""
@@ -256,6 +271,11 @@ class FixtureStore:
             flat = flat.to(dtype_from_name(meta["dtype"]))
         if flat.dtype != dtype_from_name(meta["dtype"]) or flat.numel() != meta["numel"]:
             raise StoreError(f"{self._shard_path(shard)} holds {key} with the wrong dtype or size")
+        if key not in self._verified:  # every tensor is checked against its content key once, when first read
+            if content_key(flat) != key:
+                raise StoreError(f"{self._shard_path(shard)}: tensor {key} does not match its content key "
+                                 "(the bytes were altered)")
+            self._verified.add(key)
         return flat
 
     def load(self, ref: dict | TensorRef) -> torch.Tensor:
@@ -284,14 +304,11 @@ class FixtureStore:
 
     def iter_problems(self) -> Iterator[str]:
         """Re-hash every stored tensor; yield one line per mismatch."""
-        for key, meta in self.tensors.items():
+        for key in self.tensors:
             try:
-                flat = self.flat(key)
+                self.flat(key)  # reading checks the content key
             except StoreError as e:
                 yield str(e)
-                continue
-            if content_key(flat) != key:
-                yield f"{self._shard_path(meta['shard'])}: tensor {key} does not match its hash (tampered)"
 
     def verify(self) -> None:
         """Raise ``StoreError`` on the first integrity problem."""

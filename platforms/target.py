@@ -30,6 +30,8 @@ class Target:
 
     name: str = ""
     description: str = ""
+    lost: str | None = None  # why the target is gone for the rest of the run (a worker that cannot be reached)
+    events: list[dict] = []  # crashes and restarts of the process behind it, in order (overridden per instance)
 
     def capabilities(self) -> Capabilities:
         raise NotImplementedError

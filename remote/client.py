@@ -28,7 +28,7 @@ from tapml.platforms import Capabilities, PlatformError, Support, Target, Unsupp
 from .spawn import SpawnedWorker, spawn_worker
 from .wire import WireError, recv_frame, send_frame, send_tensor
 
-__all__ = ["RemoteTarget", "WorkerCrashed", "WorkerTimeout", "PayloadTooLarge", "parse_address"]
+__all__ = ["RemoteTarget", "TargetLost", "WorkerCrashed", "WorkerTimeout", "PayloadTooLarge", "parse_address"]
 
 CLIENT_CONFIG = {"allow_public_attrs": False, "allow_pickle": False, "sync_request_timeout": 30}
 
@@ -45,6 +45,13 @@ class WorkerTimeout(OpFailed):
 
     def __init__(self, message: str):
         super().__init__(message, Status.TIMEOUT)
+
+
+class TargetLost(OpFailed):
+    """The worker is gone for good: nothing more can run on it in this run."""
+
+    def __init__(self, message: str):
+        super().__init__(message, Status.CRASHED, fatal=True)
 
 
 class PayloadTooLarge(OpFailed):
@@ -81,6 +88,8 @@ class RemoteTarget(Target):
         self._stats: Counter = Counter()
         self._conn = None
         self.restarts = 0
+        self.events: list[dict] = []  # crashes, timeouts and what became of the worker after each
+        self.lost: str | None = None
         self._connect()
 
     # -- connection ------------------------------------------------------------------
@@ -115,7 +124,8 @@ class RemoteTarget(Target):
         self.name = info["platform"]
         self.description = info["description"]
 
-    def _drop(self) -> None:
+    def _drop(self) -> str:
+        """Close the connection (and a spawned worker); returns the tail of that worker's log."""
         for closer in (getattr(self._conn, "close", None), getattr(getattr(self, "_data", None), "close", None)):
             try:
                 if closer:
@@ -123,44 +133,68 @@ class RemoteTarget(Target):
             except Exception:
                 pass
         self._conn = None
+        tail = ""
         if self._worker is not None:
+            tail = self._worker.log_tail() if self._worker.proc.poll() not in (None, 0) else ""
             self._worker.stop()
             self._worker = None
+        return tail
 
-    def _recover(self) -> None:
-        """After a crash or hang: a fresh spawned worker, or reconnect (bounded) to the remote one."""
-        self._drop()
-        self.restarts += 1
+    def _recover(self, op: OpCall | None, what: str) -> str:
+        """After a crash or hang: a fresh spawned worker, or one bounded attempt to reconnect to the
+        remote one. Returns what happened, for the error message; a target that cannot be reached
+        again is *lost*: every later call fails at once instead of trying again."""
+        tail = self._drop()
+        event = {"op": op.index if op is not None else None, "what": what}
+        if tail:
+            event["log"] = tail
         deadline = time.monotonic() + self.reconnect_s
         while True:
             try:
                 self._connect()
-                return
-            except PlatformError:
+                break
+            except PlatformError as e:
                 if self._spawn_name is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)  # a supervised worker is restarting; retry with a bounded deadline
+                    self.lost = f"the worker could not be reached again after it {what} ({e})"
+                    self.events.append(dict(event, recovery="lost"))
+                    return "it could not be reached again: the remaining ops stay on the reference"
+                time.sleep(0.2)  # a supervised worker is restarting; bounded by reconnect_s
+        self.restarts += 1
+        recovery = "respawned" if self._spawn_name is not None else "reconnected"
+        self.events.append(dict(event, recovery=recovery))
+        return ("a fresh worker was spawned" if self._spawn_name is not None
+                else "reconnected to it (restarted by its supervisor)")
 
-    def _call(self, method: str, *args, timeout: float) -> dict:
-        """A control call over rpyc, bounded by ``timeout``."""
+    def _check_alive(self) -> None:
+        if self.lost is not None:
+            raise TargetLost(self.lost)
         if self._conn is None:
-            self._recover()
+            raise TargetLost("the worker connection is closed")
+
+    def _failed(self, op: OpCall | None, e: BaseException, elapsed: float | None = None) -> OpFailed:
+        """The error for an op whose worker died or hung, after recovering (or losing) the worker."""
+        limit = self.info.get("kernel_timeout") if getattr(self, "info", None) else None
+        if isinstance(e, (TimeoutError, AsyncResultTimeout)):
+            recovery = self._recover(op, "timed out")
+            return WorkerTimeout(f"no answer from the worker within {self.timeout:.0f}s; {recovery}")
+        if limit and elapsed is not None and elapsed >= 0.9 * limit:
+            recovery = self._recover(op, "timed out")
+            return WorkerTimeout(f"the kernel ran past the worker's --kernel-timeout of {limit:.0f}s and its "
+                                 f"supervisor stopped it; {recovery}")
+        recovery = self._recover(op, "crashed")
+        tail = self.events[-1].get("log") if self.events else None
+        return WorkerCrashed(f"the worker died ({type(e).__name__}: {e or 'connection closed'})"
+                             + (f" [its log: {tail}]" if tail else "") + f"; {recovery}")
+
+    def _call(self, method: str, *args, timeout: float, op: OpCall | None = None) -> dict:
+        """A control call over rpyc, bounded by ``timeout``."""
+        self._check_alive()
         try:
             result = rpyc.async_(getattr(self._conn.root, method))(*args)
             result.set_expiry(timeout)
             return json.loads(result.value)
-        except AsyncResultTimeout:
-            self._recover_quietly()
-            raise WorkerTimeout(f"no answer from the worker within {timeout:.0f}s (worker restarted)") from None
-        except (EOFError, OSError, WireError) as e:
-            self._recover_quietly()
-            raise WorkerCrashed(f"the worker died ({type(e).__name__}: {e}) and was restarted") from None
-
-    def _recover_quietly(self) -> None:
-        try:
-            self._recover()
-        except PlatformError:
-            self._conn = None  # the next call tries again
+        except (AsyncResultTimeout, EOFError, OSError, WireError) as e:
+            raise self._failed(op, e) from None
 
     # -- the Platform interface ------------------------------------------------------
     def capabilities(self) -> Capabilities:
@@ -176,7 +210,7 @@ class RemoteTarget(Target):
             self._stats["cache_hits"] += 1
             return known
         with self._lock:
-            reply = self._call("prepare", op.dumps(), timeout=self.compile_timeout)
+            reply = self._call("prepare", op.dumps(), timeout=self.compile_timeout, op=op)
         support = Support(reply["ok"], reply.get("reason", ""))
         if support:
             self._sent_ops.add(op.signature)  # the worker keeps what it prepared
@@ -198,6 +232,8 @@ class RemoteTarget(Target):
                     raise Unsupported(reply["message"])
                 if reply["error"] == "refused":
                     raise PayloadTooLarge(reply["message"])
+                if reply["error"] == "malformed":
+                    raise OpFailed(f"the worker refused the op as malformed: {reply.get('message')}")
                 raise OpFailed(f"the kernel failed on the worker: {reply.get('message', reply['error'])}")
             self._stats["runs"] += 1
             self._stats["kernel_us"] += int(reply["kernel_s"] * 1e6)
@@ -205,13 +241,13 @@ class RemoteTarget(Target):
 
     def _run(self, op: OpCall, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
         """One run frame and its answer, on the data socket, under the op timeout."""
-        if self._conn is None:
-            self._recover()
-        keys = self._upload(inputs)
+        self._check_alive()
+        keys = self._upload(inputs, op)
         header = {"kind": "run", "sig": op.signature, "index": op.index, "module": op.module, "call": op.call,
                   "keys": keys}
         if op.signature not in self._sent_ops:
             header["op"] = op.to_json()
+        start = time.monotonic()
         try:
             self._data.settimeout(self.timeout)
             send_frame(self._data, header)
@@ -226,15 +262,10 @@ class RemoteTarget(Target):
                 self._memo.remember(t, frame["key"])
                 self._stats["bytes_received"] += t.numel() * t.element_size()
             return outputs, frame
-        except TimeoutError:
-            self._recover_quietly()
-            raise WorkerTimeout(f"no answer from the worker within {self.timeout:.0f}s "
-                                "(worker restarted)") from None
-        except (OSError, WireError, ValueError) as e:
-            self._recover_quietly()
-            raise WorkerCrashed(f"the worker died ({type(e).__name__}: {e}) and was restarted") from None
+        except (OSError, WireError, ValueError) as e:  # TimeoutError is an OSError
+            raise self._failed(op, e, time.monotonic() - start) from None
 
-    def _upload(self, inputs: list[torch.Tensor]) -> list:
+    def _upload(self, inputs: list[torch.Tensor], op: OpCall) -> list:
         """Input references for a run frame, sending what the worker lacks.
 
         A strided view whose memory is (mostly) one storage travels as that storage
@@ -250,14 +281,14 @@ class RemoteTarget(Target):
                 if storage_numel > 2 * t.numel() and self._memo.peek(t, base) not in self._known:
                     base = None  # a small window into a big unknown buffer: send just the window
             if base is not None:
-                key = self._send(t, base)
+                key = self._send(t, base, op)
                 refs.append({"base": key, "shape": list(t.shape), "stride": list(t.stride()),
                              "offset": t.storage_offset()})
             else:
-                refs.append(self._send(t, t.contiguous().reshape(-1)))
+                refs.append(self._send(t, t.contiguous().reshape(-1), op))
         return refs
 
-    def _send(self, t: torch.Tensor, flat: torch.Tensor) -> str:
+    def _send(self, t: torch.Tensor, flat: torch.Tensor, op: OpCall) -> str:
         """Send ``flat`` (``t``'s memory) unless the worker holds it; returns its key."""
         key = self._memo.key(t, flat)
         nbytes = flat.numel() * flat.element_size()
@@ -272,8 +303,7 @@ class RemoteTarget(Target):
             self._data.settimeout(self.timeout)
             self._stats["bytes_sent"] += send_tensor(self._data, key, flat)
         except OSError as e:
-            self._recover_quietly()
-            raise WorkerCrashed(f"the data channel broke while sending: {e}") from None
+            raise self._failed(op, e) from None
         self._known.add(key)
         return key
 

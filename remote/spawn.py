@@ -42,12 +42,14 @@ class SpawnedWorker:
         return self.proc.poll() is None
 
     def stop(self) -> None:
+        """Kill it, reap it, and remove its log (read ``log_tail`` first when it matters)."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
+        self.log.unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 3) -> str:
         try:
@@ -57,17 +59,31 @@ class SpawnedWorker:
         return " | ".join(text[-lines:])
 
 
+class WorkerExited(PlatformError):
+    """The worker process ended before it was ready (killed, crashed, or refused to start)."""
+
+    def __init__(self, message: str, returncode: int | None):
+        super().__init__(message)
+        self.returncode = returncode
+
+
 def _start(config: WorkerConfig, env: dict | None, pass_fds=()) -> tuple[subprocess.Popen, Path]:
-    log = Path(tempfile.mkstemp(prefix="tapml-worker-", suffix=".log")[1])
+    fd, name = tempfile.mkstemp(prefix="tapml-worker-", suffix=".log")
+    log = Path(name)
     child_env = dict(os.environ if env is None else env, TAPML_WORKER_TOKEN=config.token)
     child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # do not spin on cores the client needs
     public = replace(config, token="")  # the token travels in the environment, not argv
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tapml.remote.worker", public.dumps()],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "wb"), env=child_env,
-        pass_fds=pass_fds, start_new_session=True,
-    )
+    with os.fdopen(fd, "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tapml.remote.worker", public.dumps()],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=child_env,
+            pass_fds=pass_fds, start_new_session=True,
+        )
     return proc, log
+
+
+def _exit_text(code: int) -> str:
+    return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
 
 
 def _await_ready(proc: subprocess.Popen, log: Path, timeout: float) -> int:
@@ -75,32 +91,49 @@ def _await_ready(proc: subprocess.Popen, log: Path, timeout: float) -> int:
     buf = b""
     poller = select.poll()  # not select(): a busy process may hold fds past FD_SETSIZE
     poller.register(proc.stdout, select.POLLIN)
+    ended = False
     while time.monotonic() < deadline:
         if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
             break
         chunk = os.read(proc.stdout.fileno(), 4096)
         if not chunk:
+            ended = True  # stdout closed: the process is gone
             break
         buf += chunk
         for line in buf.decode(errors="replace").splitlines():
             if line.startswith(READY):
                 return int(line.split()[-1])
-    proc.kill()
-    proc.wait()
+    if not ended:
+        proc.kill()
+    code = proc.wait()
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-    if tail:
-        raise PlatformError(tail[0].removeprefix("tapml worker: error: "))
-    raise PlatformError(f"the worker did not start within {timeout:.0f}s")
+    if ended and tail and tail[0].startswith("tapml worker: error: "):
+        raise WorkerExited(tail[0].removeprefix("tapml worker: error: "), code)
+    if ended:
+        raise WorkerExited(f"the worker {_exit_text(code)} during start-up"
+                           + (f" ({tail[0]})" if tail else ""), code)
+    raise WorkerExited(f"the worker did not start within {timeout:.0f}s", None)
 
 
 def spawn_worker(platform: str, *, host: str = "127.0.0.1", token: str | None = None,
-                 startup_timeout: float = 120.0, env: dict | None = None, **options) -> SpawnedWorker:
-    """Start ``tapml worker`` for ``platform`` on a free port; returns once it accepts connections."""
+                 startup_timeout: float = 120.0, env: dict | None = None, attempts: int = 3,
+                 **options) -> SpawnedWorker:
+    """Start ``tapml worker`` for ``platform`` on a free port; returns once it accepts connections.
+
+    A worker killed during start-up (a signal, not its own refusal) is spawned again, up to
+    ``attempts`` times; the error says how it ended."""
     token = secrets.token_hex(16) if token is None else token
     config = WorkerConfig(platform=platform, host=host, port=0, token=token, announce=True, watch_stdin=True,
                           **options)
-    proc, log = _start(config, env)
-    return SpawnedWorker(proc, host, _await_ready(proc, log, startup_timeout), token, log)
+    for attempt in range(attempts):
+        proc, log = _start(config, env)
+        try:
+            return SpawnedWorker(proc, host, _await_ready(proc, log, startup_timeout), token, log)
+        except WorkerExited as e:
+            log.unlink(missing_ok=True)
+            if e.returncode is None or e.returncode >= 0 or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _free_port(host: str) -> int:
@@ -109,16 +142,40 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def supervise_worker(config: WorkerConfig, *, kernel_timeout: float = 60.0, startup_timeout: float = 120.0) -> None:
-    """Keep an execution subprocess serving ``config`` on a fixed port; restart it when it
-    dies, and kill it when one kernel runs past ``kernel_timeout`` (a watchdog)."""
+def _watch(proc: subprocess.Popen, beats, kernel_timeout: float, liveness_s: float, stop: list) -> str | None:
+    """Follow one execution process's beats until it must be restarted; returns why (None: stopping)."""
+    poller = select.poll()
+    poller.register(beats, select.POLLIN)
+    busy_since, last = None, time.monotonic()
+    while proc.poll() is None and not stop:
+        if poller.poll(250):
+            data = os.read(beats.fileno(), 4096)
+            if not data:
+                return None if stop else "its watchdog pipe closed"
+            last = time.monotonic()
+            marks = [m for m in data.split() if m in (b"B", b"E")]
+            if marks:
+                busy_since = last if marks[-1] == b"B" else None
+        now = time.monotonic()
+        if busy_since is not None and now - busy_since > kernel_timeout:
+            return f"a kernel ran past {kernel_timeout:.0f}s"
+        if busy_since is None and now - last > liveness_s:
+            return f"it stopped answering between kernels (no heartbeat for {liveness_s:.0f}s)"
+    return None if stop else f"the execution process {_exit_text(proc.returncode)}"
+
+
+def supervise_worker(config: WorkerConfig, *, kernel_timeout: float = 60.0, startup_timeout: float = 120.0,
+                     liveness_s: float = 5.0) -> None:
+    """Keep an execution subprocess serving ``config`` on a fixed port; restart it when it dies,
+    when one kernel runs past ``kernel_timeout``, or when it stops answering between kernels."""
     port = config.port or _free_port(config.host)
     announced = False
-    stop = []
+    stop: list = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     while not stop:
         read_fd, write_fd = os.pipe()
-        child = replace(config, port=port, announce=True, watch_stdin=True, watchdog_fd=write_fd)
+        child = replace(config, port=port, announce=True, watch_stdin=True, watchdog_fd=write_fd,
+                        kernel_timeout=kernel_timeout)
         proc, log = _start(child, None, pass_fds=(write_fd,))
         os.close(write_fd)
         try:
@@ -132,27 +189,15 @@ def supervise_worker(config: WorkerConfig, *, kernel_timeout: float = 60.0, star
                 f"tapml worker: supervising {config.platform} on {config.host}:{port}"
             print(line, file=sys.stdout if config.announce else sys.stderr, flush=True)
             announced = True
-        busy_since = None
         with os.fdopen(read_fd, "rb", buffering=0) as beats:
-            poller = select.poll()
-            poller.register(beats, select.POLLIN)
-            while proc.poll() is None and not stop:
-                if poller.poll(500):
-                    data = os.read(beats.fileno(), 4096)
-                    if not data:
-                        break
-                    last = data.strip().splitlines()[-1:] or [b""]
-                    busy_since = time.monotonic() if last[0] == b"B" else None
-                if busy_since is not None and time.monotonic() - busy_since > kernel_timeout:
-                    print(f"tapml worker: a kernel ran past {kernel_timeout:.0f}s; restarting",
-                          file=sys.stderr, flush=True)
-                    break
+            why = _watch(proc, beats, kernel_timeout, liveness_s, stop)
+        tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-2:]) if log.exists() else ""
         proc.kill()
         proc.wait()
-        if not stop:
-            print(f"tapml worker: execution process exited ({proc.returncode}); restarting "
-                  f"({log.read_text(errors='replace').strip().splitlines()[-1:] or ''})", file=sys.stderr,
-                  flush=True)
+        log.unlink(missing_ok=True)
+        if why is not None and not stop:
+            print(f"tapml worker: restarting the execution process: {why}" + (f" ({tail})" if tail else ""),
+                  file=sys.stderr, flush=True)
 
 
 def _token_file(port_hint: int) -> Path:

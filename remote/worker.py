@@ -3,13 +3,20 @@
 Control calls (hello, prepare, stats) are the ``exposed_`` methods below and
 nothing else is reachable: no classic mode, no public attributes, no pickle;
 every reply is a JSON string, so nothing crosses as a remote object. Running an
-op happens on the client's data socket (``wire``). A token (first line on the socket) guards both channels, the
-worker binds to loopback unless told otherwise, and tensors over the payload cap
-are refused while the worker stays up.
+op happens on the client's data socket (``wire``).
+
+What a client can make it do is bounded: a token (the first line on each
+socket, within a total deadline) guards both channels; unauthenticated
+connections are capped and the accept loops survive running out of file
+descriptors; op names resolve only through ``tapml.core``'s allow-list, ops
+that touch RNG state or return uninitialized memory are refused, and an op's
+outputs are sized on the meta device before it runs; malformed frames get an
+error reply and the worker stays up.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import os
@@ -26,10 +33,10 @@ import torch
 from rpyc.utils.authenticators import AuthenticationError
 from rpyc.utils.server import ThreadedServer
 
-from tapml.core import OpCall, content_key
-from tapml.platforms import PlatformError, Unsupported, open_local
+from tapml.core import OpCall, OpRefused, TapmlError, bind_args, content_key, flatten_outputs, remote_refusal
+from tapml.platforms import PlatformError, Support, Unsupported, open_local
 
-from .wire import WireError, read_preamble, recv_frame, send_frame, send_tensor
+from .wire import FrameError, WireError, check_run, read_preamble, recv_frame, send_frame, send_tensor
 
 __all__ = ["WorkerConfig", "serve", "SERVER_CONFIG", "READY"]
 
@@ -45,6 +52,7 @@ SERVER_CONFIG = {
     "include_local_traceback": False,
     "sync_request_timeout": 30,
 }
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 @dataclass
@@ -53,11 +61,15 @@ class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     token: str = ""
-    max_payload: int = 1 << 30  # bytes per tensor
+    max_payload: int = 1 << 30  # bytes per tensor (also per op output, sized before the op runs)
     cache_bytes: int = 4 << 30  # uploaded tensors kept for reuse by hash
+    max_clients: int = 64  # sessions at once
+    max_pending: int = 32  # connections still in their preamble
+    preamble_s: float = 5.0  # the whole preamble line must arrive within this
+    kernel_timeout: float | None = None  # a supervisor's limit, advertised so clients can name a timeout
     announce: bool = False  # print READY with the port on stdout (for a spawning parent)
     watch_stdin: bool = False  # exit when stdin closes (the spawning parent died)
-    watchdog_fd: int | None = None  # report op start/end to a supervisor
+    watchdog_fd: int | None = None  # report op start/end and heartbeats to a supervisor
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
@@ -86,44 +98,132 @@ class TensorCache:
         return t
 
 
+def _accept(listener: socket.socket, alive) -> socket.socket | None:
+    """One connection, riding out a full file-descriptor table instead of dying (None: shut down)."""
+    warned = False
+    delay = 0.01
+    while alive():
+        try:
+            sock, _ = listener.accept()
+            return sock
+        except TimeoutError:
+            continue
+        except OSError as e:
+            if e.errno in (errno.EINTR, errno.EAGAIN, errno.ECONNABORTED):
+                continue
+            if e.errno in _OUT_OF_FDS:
+                if not warned:
+                    print(f"tapml worker: out of file descriptors ({e.strerror}); refusing connections until "
+                          "some close", file=sys.stderr, flush=True)
+                    warned = True
+                time.sleep(delay)  # back off; connections close on their preamble deadline
+                delay = min(delay * 2, 0.5)
+                continue
+            return None  # the listener was closed
+    return None
+
+
 class _Worker:
     """Process-wide state shared by every connection."""
 
     def __init__(self, config: WorkerConfig):
+        if not config.token:
+            raise PlatformError("a worker needs a token (tapml worker generates one when --token-file is not given)")
         self.config = config
         self.platform = open_local(config.platform)
         self.sessions: dict[str, _Session] = {}
         self.lock = threading.Lock()  # platforms compile and keep caches: one call at a time
+        self.pending = threading.BoundedSemaphore(config.max_pending)  # connections still in their preamble
+        self.admitted: dict[str, Support] = {}  # per op signature: the worker's own checks, before compiling
         self.watchdog = os.fdopen(config.watchdog_fd, "w", buffering=1) if config.watchdog_fd is not None else None
         self.data = socket.create_server((config.host, 0))
+        self.alive = True
         threading.Thread(target=self._accept_data, name="tapml-data-accept", daemon=True).start()
+        if self.watchdog is not None:
+            threading.Thread(target=self._heartbeat, name="tapml-heartbeat", daemon=True).start()
 
     def beat(self, what: str) -> None:
         if self.watchdog is not None:
             try:
                 self.watchdog.write(what + "\n")
-            except OSError:
+            except (OSError, ValueError):
                 pass
+
+    def _heartbeat(self) -> None:
+        """Tell the supervisor this process is alive between kernels too (a stopped process goes quiet)."""
+        while self.alive:
+            self.beat("H")
+            time.sleep(0.5)
+
+    def gate(self, sock: socket.socket) -> bool:
+        """Admit a new connection to its preamble, or close it at once when too many are pending."""
+        if self.pending.acquire(blocking=False):
+            return True
+        try:
+            sock.close()
+        except OSError:
+            pass
+        return False
 
     def _accept_data(self) -> None:
         while True:
-            sock, _ = self.data.accept()
-            threading.Thread(target=self._attach, args=(sock,), daemon=True).start()
+            sock = _accept(self.data, lambda: self.alive)
+            if sock is None:
+                return
+            if self.gate(sock):
+                threading.Thread(target=self._attach, args=(sock,), daemon=True).start()
 
     def _attach(self, sock: socket.socket) -> None:
         try:
-            sock.settimeout(10)
-            line = read_preamble(sock)
-            sock.settimeout(None)
+            line = read_preamble(sock, deadline_s=self.config.preamble_s)
         except (OSError, WireError):
             sock.close()
             return
+        finally:
+            self.pending.release()
         kind, _, nonce = line.partition(" ")
         session = self.sessions.get(nonce) if kind == "TAPMLDATA" else None
-        if session is None:
+        if session is None or not session.claim(sock):  # one data socket per session
             sock.close()
             return
         session.serve(sock)
+
+    def admit(self, op: OpCall) -> Support:
+        """The worker's own checks before a platform sees an op: what it may run for a client."""
+        known = self.admitted.get(op.signature)
+        if known is None:
+            known = self.admitted[op.signature] = _admit(op, self.config.max_payload)
+        return known
+
+    def prepare(self, op: OpCall) -> Support:
+        admitted = self.admit(op)
+        if not admitted:
+            return admitted
+        with self.lock:
+            self.beat("B")
+            try:
+                return self.platform.prepare(op)
+            finally:
+                self.beat("E")
+
+
+def _admit(op: OpCall, max_payload: int) -> Support:
+    why = remote_refusal(op.op)
+    if why:
+        return Support.no(why)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:  # size the outputs with fake tensors: a creation op cannot make the worker allocate without bound
+        with FakeTensorMode(), torch.no_grad():
+            fakes = [torch.empty_strided(s.shape, s.stride, dtype=s.torch_dtype) for s in op.inputs]
+            args, kwargs = bind_args(op, fakes)
+            outputs = flatten_outputs(op.func(*args, **kwargs))
+    except Exception:  # data-dependent or fake-less ops: their outputs are bounded by their inputs
+        return Support.yes()
+    biggest = max((o.numel() * o.element_size() for o in outputs), default=0)
+    if biggest > max_payload:
+        return Support.no(f"an output would take {biggest} bytes, over the worker's payload cap of {max_payload}")
+    return Support.yes()
 
 
 class _Session:
@@ -136,6 +236,10 @@ class _Session:
         self.refused: dict[str, str] = {}
         self.ops: dict[str, OpCall] = {}
         self.sock: socket.socket | None = None
+        self._claimed = threading.Lock()
+
+    def claim(self, sock: socket.socket) -> bool:
+        return self._claimed.acquire(blocking=False)
 
     def serve(self, sock: socket.socket) -> None:
         """The data loop: store tensor frames, answer run frames, until the client goes."""
@@ -144,42 +248,71 @@ class _Session:
         try:
             while True:
                 header, t = recv_frame(sock, self.worker.config.max_payload)
-                if header.get("kind") == "tensor":
+                kind = header.get("kind")
+                if kind == "tensor":
                     if t is None:
-                        self.refused[header["key"]] = header["refused"]
+                        if isinstance(header.get("key"), str):
+                            self.refused[header["key"]] = header["refused"]
                     else:
                         self.cache.put(header["key"], t)
-                elif header.get("kind") == "run":
-                    self._run(header)
-        except (OSError, WireError, ValueError):
+                elif kind == "run":
+                    self._reply(self._run(header))
+                else:
+                    self._reply({"ok": False, "error": "malformed", "message": "unknown frame kind"})
+        except (OSError, WireError):
             pass
         finally:
             self.close()
 
-    def _run(self, header: dict) -> None:
-        sock = self.sock
-        try:
-            if "op" in header:
-                self.ops[header["sig"]] = OpCall.from_json(header["op"])
-            op = self.ops.get(header["sig"])
-            if op is None:
-                return send_frame(sock, {"kind": "reply", "ok": False, "error": "unknown-op"})
-            op = replace(op, index=header["index"], module=header["module"], call=header["call"])
-            inputs, missing = [], []
-            for ref, spec in zip(header["keys"], op.inputs, strict=True):
-                key = ref["base"] if isinstance(ref, dict) else ref
-                if key in self.refused:
-                    return send_frame(sock, {"kind": "reply", "ok": False, "error": "refused",
-                                             "message": self.refused[key]})
-                t = self.cache.get(key)
-                if t is None:
-                    missing.append(key)
-                elif isinstance(ref, dict):  # a view into a tensor the worker holds
+    def _reply(self, reply: dict | None) -> None:
+        if reply is not None:
+            send_frame(self.sock, {"kind": "reply", **reply})
+
+    def _inputs(self, header: dict, op: OpCall) -> tuple[list[torch.Tensor], dict | None]:
+        inputs, missing = [], []
+        if len(header["keys"]) != len(op.inputs):
+            return [], {"ok": False, "error": "malformed", "message": f"{len(op.inputs)} input keys expected"}
+        for ref, spec in zip(header["keys"], op.inputs, strict=True):
+            key = ref["base"] if isinstance(ref, dict) else ref
+            if key in self.refused:
+                return [], {"ok": False, "error": "refused", "message": self.refused[key]}
+            t = self.cache.get(key)
+            if t is None:
+                missing.append(key)
+                continue
+            try:
+                if isinstance(ref, dict):  # a view into a tensor the worker holds (as_strided checks the bounds)
                     inputs.append(t.reshape(-1).as_strided(ref["shape"], ref["stride"], ref["offset"]))
                 else:
                     inputs.append(t.reshape(spec.shape))
-            if missing:
-                return send_frame(sock, {"kind": "reply", "ok": False, "error": "missing", "keys": missing})
+            except RuntimeError as e:
+                return [], {"ok": False, "error": "malformed", "message": f"input {key[:40]}: {str(e)[:200]}"}
+            if tuple(inputs[-1].shape) != spec.shape or inputs[-1].dtype != spec.torch_dtype:
+                return [], {"ok": False, "error": "malformed", "message": f"input {key[:40]} is not {spec.dtype}"
+                            f"{list(spec.shape)}"}
+        if missing:
+            return [], {"ok": False, "error": "missing", "keys": missing}
+        return inputs, None
+
+    def _run(self, header: dict) -> dict | None:
+        """Answer one run frame: output tensor frames then a reply (returned), or an error reply."""
+        try:
+            check_run(header)
+            if "op" in header:
+                self.ops[header["sig"]] = OpCall.from_json(header["op"])
+        except (FrameError, OpRefused) as e:
+            return {"ok": False, "error": "malformed", "message": str(e)[:500]}
+        op = self.ops.get(header["sig"])
+        if op is None:
+            return {"ok": False, "error": "unknown-op"}
+        op = replace(op, index=header["index"], module=header["module"], call=header["call"])
+        inputs, problem = self._inputs(header, op)
+        if problem is not None:
+            return problem
+        admitted = self.worker.admit(op)
+        if not admitted:
+            return {"ok": False, "error": "unsupported", "message": admitted.reason}
+        try:
             with self.worker.lock:
                 self.worker.beat("B")
                 start = time.perf_counter()
@@ -189,16 +322,15 @@ class _Session:
                     self.worker.beat("E")
                 kernel_s = time.perf_counter() - start
         except Unsupported as e:
-            return send_frame(sock, {"kind": "reply", "ok": False, "error": "unsupported", "message": e.reason})
-        except Exception as e:
-            return send_frame(sock, {"kind": "reply", "ok": False, "error": "failed",
-                                     "message": f"{type(e).__name__}: {str(e)[:500]}"})
+            return {"ok": False, "error": "unsupported", "message": e.reason}
+        except Exception as e:  # the kernel failed (OpFailed or a platform bug): the op is lost, not the worker
+            return {"ok": False, "error": "failed", "message": f"{type(e).__name__}: {str(e)[:500]}"}
         for t in outputs:  # kept under their key: an output the next op consumes is not sent back
             t = t.detach().contiguous()
             key = content_key(t.reshape(-1))
             self.cache.put(key, t)
-            send_tensor(sock, key, t)
-        send_frame(sock, {"kind": "reply", "ok": True, "kernel_s": kernel_s})
+            send_tensor(self.sock, key, t)
+        return {"ok": True, "kernel_s": kernel_s}
 
     def close(self) -> None:
         self.worker.sessions.pop(self.nonce, None)
@@ -228,21 +360,20 @@ def make_service(worker: _Worker):
             p = worker.platform
             return _reply(platform=p.name, description=p.description, capabilities=p.capabilities().to_json(),
                           data_port=worker.data.getsockname()[1], nonce=self._session.nonce,
-                          max_payload=worker.config.max_payload, pid=os.getpid(),
-                          torch=torch.__version__)
+                          max_payload=worker.config.max_payload, pid=os.getpid(), torch=torch.__version__,
+                          kernel_timeout=worker.config.kernel_timeout)
 
-        def exposed_prepare(self, op_json: str) -> str:
+        def exposed_prepare(self, op_json) -> str:
             try:
+                if not isinstance(op_json, str):
+                    raise OpRefused("prepare takes an op call as a JSON string")
                 op = OpCall.loads(op_json)
-                with worker.lock:
-                    worker.beat("B")
-                    try:
-                        support = worker.platform.prepare(op)
-                    finally:
-                        worker.beat("E")
+                support = worker.prepare(op)
                 if support:
                     self._session.ops[op.signature] = op
-                return _reply(ok=support.ok, reason=support.reason)
+                return _reply(ok=support.ok, reason=support.reason, signature=op.signature)
+            except TapmlError as e:
+                return _reply(ok=False, reason=f"refused: {e}")
             except Exception as e:
                 return _reply(ok=False, reason=f"worker failed to prepare the op: {type(e).__name__}: {e}")
 
@@ -253,37 +384,66 @@ def make_service(worker: _Worker):
     return WorkerService
 
 
-def _authenticator(token: str):
+def _authenticator(worker: _Worker):
+    token = worker.config.token
+
     def authenticate(sock):
         try:
-            sock.settimeout(10)
-            line = read_preamble(sock)
-            sock.settimeout(None)
+            line = read_preamble(sock, deadline_s=worker.config.preamble_s)
         except (OSError, WireError) as e:
             raise AuthenticationError(f"no preamble: {e}") from None
+        finally:
+            worker.pending.release()
         kind, _, given = line.partition(" ")
         if kind != "TAPML1" or not hmac.compare_digest(given.encode(), token.encode()):
             raise AuthenticationError("wrong token")
+        if len(worker.sessions) >= worker.config.max_clients:
+            raise AuthenticationError("too many clients")
         return sock, None
 
     return authenticate
 
 
+class _Server(ThreadedServer):
+    """rpyc's threaded server with an accept loop that survives a full file-descriptor table
+    (rpyc's own ends the server, so the worker exited 0 with no message) and caps the
+    connections still in their preamble."""
+
+    def __init__(self, *args, worker: _Worker, **kw):
+        super().__init__(*args, **kw)
+        self._worker = worker
+
+    def accept(self):
+        sock = _accept(self.listener, lambda: self.active)
+        if sock is None:
+            if self.active:
+                raise EOFError()
+            return
+        if not self._worker.gate(sock):
+            return
+        sock.setblocking(True)
+        self.clients.add(sock)
+        self._accept_method(sock)
+
+
 def serve(config: WorkerConfig) -> None:
     """Serve until killed. Raises ``PlatformError`` if the platform cannot start."""
     worker = _Worker(config)
-    server = ThreadedServer(make_service(worker), hostname=config.host, port=config.port,
-                            authenticator=_authenticator(config.token), protocol_config=SERVER_CONFIG,
-                            logger=_quiet_logger())
+    server = _Server(make_service(worker), hostname=config.host, port=config.port,
+                     authenticator=_authenticator(worker), protocol_config=SERVER_CONFIG, logger=_quiet_logger(),
+                     worker=worker)
     if config.watch_stdin:
         threading.Thread(target=_exit_on_stdin_eof, daemon=True).start()
     server._listen()  # listen before announcing: rpyc binds in __init__ but listens in start(); idempotent
     if config.announce:
         print(f"{READY} {config.host} {server.port}", flush=True)
     else:
-        print(f"tapml worker: {worker.platform.name} on {config.host}:{server.port}"
-              f"{' (token required)' if config.token else ''}", file=sys.stderr, flush=True)
-    server.start()
+        print(f"tapml worker: {worker.platform.name} on {config.host}:{server.port} (token required)",
+              file=sys.stderr, flush=True)
+    try:
+        server.start()
+    finally:
+        worker.alive = False
 
 
 def _exit_on_stdin_eof() -> None:

@@ -102,7 +102,8 @@ def test_only_named_methods_are_exposed(token_worker):
 def test_oversized_payloads_are_refused_and_the_worker_stays_up(minilm_store):
     with RemoteTarget(spawn="torch-cpu", spawn_options={"max_payload": 4096}) as target:
         big = torch.zeros(4096)
-        op = minilm_store.op_call(compute_ops(minilm_store)[0])
+        op = next(minilm_store.op_call(i) for i in compute_ops(minilm_store)
+                  if all(s.nbytes <= 4096 for s in minilm_store.op_call(i).output_specs))
         with pytest.raises(PayloadTooLarge, match="exceeds the worker's payload cap of 4096"):
             target.execute(op, [big] * len(op.inputs))
         # a client that skips the local check: the worker reads, discards and refuses it
@@ -112,7 +113,8 @@ def test_oversized_payloads_are_refused_and_the_worker_stays_up(minilm_store):
         reply, _ = recv_frame(target._data)
         assert reply["error"] == "refused" and "payload cap" in reply["message"]
         small = [i for i in compute_ops(minilm_store)
-                 if all(s.nbytes <= 4096 for s in minilm_store.op_call(i).inputs)][:3]
+                 if all(s.nbytes <= 4096 for s in minilm_store.op_call(i).inputs + minilm_store.op_call(i).output_specs)
+                 ][:3]
         results = run_ops(minilm_store, target, indices=small)
         assert small and all(r.local is not None and r.local.max_abs == 0.0 for r in results)
 

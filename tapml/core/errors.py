@@ -21,8 +21,12 @@ class OpRefused(TapmlError):
 
 
 class OpFailed(Exception):
-    """The target could not complete one op; ``status`` is how the engine records it."""
+    """The target could not complete one op; ``status`` is how the engine records it.
 
-    def __init__(self, message: str, status: Status = Status.CRASHED):
+    ``fatal``: the target is gone for the rest of the run (a worker that could not be
+    reached again), so the engine stops sending it ops and says the run is incomplete."""
+
+    def __init__(self, message: str, status: Status = Status.CRASHED, *, fatal: bool = False):
         super().__init__(message)
         self.status = Status(status)
+        self.fatal = fatal

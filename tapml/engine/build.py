@@ -11,7 +11,7 @@ import torch
 
 from tapml.carving import FixtureStore
 from tapml.core import Status, __version__
-from tapml.record import RUN_SCHEMA, Culprit, Metrics, OpRef, OpRow, Plan, Reference, Run, Step
+from tapml.record import RUN_SCHEMA, Culprit, Metrics, OpRef, OpRow, Plan, Reference, Run, Step, TargetEvent
 
 from .localize import Localization
 from .mixed import MixedResult
@@ -34,6 +34,8 @@ class RunFacts:
     rule: str
     compute_dtype: str | None
     target_stats: dict[str, int]
+    target_events: list[TargetEvent]
+    target_lost: str | None = None
 
 
 def _row(rec: dict, local, mixed: MixedResult | None, noise: float | None) -> OpRow:
@@ -83,7 +85,14 @@ def build_run(store: FixtureStore, facts: RunFacts, steps: list[Step], propagate
                           repro=f"tapml replay {facts.store_path} --platform {facts.target_name} --op {i}")
     final = steps[-1].end_to_end if steps else Metrics(ok=True)
     failed = counts[Status.CRASHED] + counts[Status.TIMEOUT]
-    verdict = Status.DIVERGENT if (culprit or not final.ok) else (Status.INCOMPLETE if failed else Status.OK)
+    verdict = Status.DIVERGENT if (culprit or not final.ok) else \
+        (Status.INCOMPLETE if failed or facts.target_lost else Status.OK)
+    reason = None
+    if facts.target_lost:
+        not_run = sum(1 for o in ops if o.reason and o.reason.startswith("not run:"))
+        reason = f"{facts.target_lost}; {not_run} ops were not run on the target"
+    elif failed:
+        reason = f"{counts[Status.CRASHED]} ops crashed and {counts[Status.TIMEOUT]} timed out on the target"
     first_nonfinite = next((OpRef(o.index, o.op, o.module, "local") for o in ops
                             if o.local is not None and o.local.new_nonfinite), None) \
         or next((OpRef(s.first_nonfinite.index, s.first_nonfinite.op, s.first_nonfinite.module, f"step {s.name}")
@@ -100,7 +109,8 @@ def build_run(store: FixtureStore, facts: RunFacts, steps: list[Step], propagate
         offloaded_ops=len(offloaded), first_nonfinite=first_nonfinite,
         saturated_ops=[o.index for o in ops if o.local is not None and o.local.saturated],
         end_to_end=final, tokens=steps[-1].tokens if steps else None, steps=steps, ops=ops,
-        target_stats=facts.target_stats,
+        target_stats=facts.target_stats, target_events=facts.target_events,
+        reason=reason if verdict != Status.OK else None,
     )
     run.summary = summary_line(run)
     return run
@@ -124,6 +134,7 @@ def summary_line(r: Run) -> str:
         return (f"no single op is out of tolerance, but the model output is (max abs "
                 f"{r.end_to_end.max_abs:.3g}): small errors accumulate{token_note}")
     if r.verdict == Status.INCOMPLETE:
-        return f"{r.counts['crashed']} ops crashed and {r.counts['timeout']} timed out on the target"
+        restarts = len([e for e in r.target_events if e.recovery != "lost"])
+        return r.reason + (f" ({restarts} worker restarts)" if restarts else "")
     return (f"every offloaded op is within tolerance on {r.target['name']}; "
             f"{r.coverage:.0%} of compute ops ran on the target")

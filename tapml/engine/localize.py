@@ -42,6 +42,7 @@ class LocalResult:
     local: Metrics | None = None
     reference_noise: float | None = None
     outputs: list[torch.Tensor] = field(default_factory=list, repr=False)  # the target's tensors, when kept
+    lost: bool = False  # the failure took the target away for the rest of the run
 
     def to_json(self) -> dict:
         return {k: v for k, v in to_json(replace(self, outputs=[])).items() if k != "outputs"}
@@ -82,7 +83,7 @@ def run_local(store: FixtureStore, target: Target, judge: Judge, index: int, *, 
     except Unsupported as e:
         return LocalResult(*here, Status.UNSUPPORTED, e.reason)
     except OpFailed as e:
-        return LocalResult(*here, e.status, f"{type(e).__name__}: {e}")
+        return LocalResult(*here, e.status, f"{type(e).__name__}: {e}", lost=e.fatal)
     metrics = judge.judge(op, got, store.outputs(index), inputs)
     return LocalResult(*here, Status.OK if metrics.ok else Status.DIVERGENT, local=metrics,
                        outputs=got if keep_outputs else [])
@@ -111,7 +112,11 @@ def local_pass(store: FixtureStore, target: Target, judge: Judge, *, indices: It
         indices = select_ops(store, all_calls=all_calls)
     results = {}
     for i in indices:
-        results[i] = run_local(store, target, judge, i, reference=reference)
+        if target.lost is not None:  # nothing can run any more: say so instead of trying each op
+            rec = store.ops[i]
+            results[i] = LocalResult(i, rec["op"], rec["module"], Status.SKIPPED, f"not run: {target.lost}")
+        else:
+            results[i] = run_local(store, target, judge, i, reference=reference)
         if on_result is not None:
             on_result(results[i])
     return results
@@ -188,10 +193,10 @@ def localize(store: FixtureStore, target: Target, judge: Judge, propagated: dict
     results = local_pass(store, target, judge, all_calls=all_calls, on_result=on_result, reference=reference)
     isolated = dict(Counter(str(r.status) for r in results.values()))
     for i in sorted(propagated):
-        if i not in results and not propagated[i].ok:
+        if i not in results and not propagated[i].ok and target.lost is None:
             results[i] = run_local(store, target, judge, i, reference=reference)
     loc = Localization(results, isolated, find_culprit(results), find_victims(results, propagated))
-    if loc.culprit is not None:
+    if loc.culprit is not None and target.lost is None:
         loc.random_inputs = random_input_check(store, target, judge, loc.culprit.index, reference)
     if check_reference:
         loc.noise = {i: reference_noise(store, i, reference) for i, r in results.items()

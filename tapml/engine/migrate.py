@@ -14,7 +14,7 @@ from tapml.carving import FixtureStore
 from tapml.core import TapmlError
 from tapml.judging import Judge
 from tapml.platforms import Target
-from tapml.record import Plan, Run
+from tapml.record import Plan, Run, TargetEvent
 
 from .build import RunFacts, build_run
 from .localize import localize
@@ -52,7 +52,7 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judg
     if probe.seq != carved_seq:
         raise TapmlError(f"the model dispatched {probe.seq} ops now but {carved_seq} when carved: "
                          "its path is not repeatable, so carved ops cannot be matched to the live run")
-    stats_before = Counter(target.stats)
+    stats_before, events_before = Counter(target.stats), len(target.events)
     outcome = run_steps(run, store, target, steps_plan, judge, reference_out, emit)
     emit("local", None)
     propagated = {i: r.propagated for i, r in outcome.propagated.items() if r.propagated is not None}
@@ -63,5 +63,6 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judg
         reference=reference.record, target=target.describe(), target_name=target.name,
         plan=Plan(kind=plan, layers=layers, steps=[s["name"] for s in steps_plan]), rule=judge.rule,
         compute_dtype=judge.compute_dtype,
-        target_stats={k: int(v) for k, v in (Counter(target.stats) - stats_before).items()})
+        target_stats={k: int(v) for k, v in (Counter(target.stats) - stats_before).items()},
+        target_events=[TargetEvent(**e) for e in target.events[events_before:]], target_lost=target.lost)
     return build_run(store, facts, outcome.steps, outcome.propagated, loc)

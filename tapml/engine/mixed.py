@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tapml.carving import FixtureStore
+from tapml.carving import FixtureStore, ModelRaised
 from tapml.core import OpFailed, Status, decode_value, op_info
 from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
@@ -64,6 +64,7 @@ class MixedRun(TorchDispatchMode):
         self.target_s = 0.0
         self.compare_s = 0.0
         self.first_nonfinite: OpRef | None = None
+        self.lost: str | None = None  # the target is gone: nothing more was sent this step
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -119,6 +120,8 @@ class MixedRun(TorchDispatchMode):
             return None
         except OpFailed as e:
             self.results[index] = MixedResult(e.status, f"{type(e).__name__}: {e}")
+            if e.fatal:
+                self.lost, self.selected = str(e), set()
             return None
         finally:
             elapsed = time.perf_counter() - start
@@ -143,6 +146,9 @@ def run_step(run: Callable[[], Any], store: FixtureStore, target: Target, select
     """One live run with ``selected`` ops on the target; returns (output, mixed run, wall seconds)."""
     mixed = MixedRun(store, target, offloadable(store, selected), judge, on_op)
     start = time.perf_counter()
-    with torch.no_grad(), mixed:
-        output = run()
+    try:
+        with torch.no_grad(), mixed:
+            output = run()
+    except (Exception, SystemExit) as e:  # the model itself raised: say so, with what it said
+        raise ModelRaised(f"{type(e).__name__}: {e}") from e
     return output, mixed, time.perf_counter() - start

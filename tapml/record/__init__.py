@@ -13,6 +13,7 @@ from .run import (
     Reference,
     Run,
     Step,
+    TargetEvent,
     Timing,
     Tokens,
     Tolerance,
@@ -21,4 +22,4 @@ from .run import (
 )
 
 __all__ = ["RUN_SCHEMA", "Culprit", "Metrics", "OpRef", "OpRow", "Oracle", "Plan", "RandomCheck", "RandomDraw",
-           "Reference", "Run", "Step", "Timing", "Tokens", "Tolerance", "Worst", "run_schema"]
+           "Reference", "Run", "Step", "TargetEvent", "Timing", "Tokens", "Tolerance", "Worst", "run_schema"]

@@ -15,7 +15,7 @@ from typing import Any
 from tapml.core import Status, from_json, json_schema, to_json
 
 __all__ = ["RUN_SCHEMA", "Tolerance", "Worst", "Oracle", "Metrics", "OpRow", "Timing", "Tokens", "OpRef", "Step",
-           "RandomDraw", "RandomCheck", "Culprit", "Plan", "Reference", "Run", "run_schema"]
+           "RandomDraw", "RandomCheck", "Culprit", "Plan", "Reference", "Run", "TargetEvent", "run_schema"]
 
 RUN_SCHEMA = 2  # 2: "reference" is an object (name, device, description), not a string
 
@@ -194,6 +194,16 @@ class Culprit:
 
 
 @dataclass
+class TargetEvent:
+    """The process behind the target crashed or hung during the run, and what became of it."""
+
+    what: str  # crashed | timed out
+    recovery: str  # respawned | reconnected | lost
+    op: int | None = None
+    log: str | None = None  # the last lines of a spawned worker's log
+
+
+@dataclass
 class Plan:
     kind: str
     steps: list[str]
@@ -239,6 +249,8 @@ class Run:
     saturated_ops: list[int] = field(default_factory=list)
     tokens: Tokens | None = None
     target_stats: dict[str, int] = field(default_factory=dict)
+    target_events: list[TargetEvent] = field(default_factory=list)
+    reason: str | None = None  # why the verdict is incomplete
 
     def to_json(self) -> dict:
         return to_json(self)
