@@ -60,7 +60,7 @@ class Row:
     mutates: bool = False
     carve: str | None = None  # ok | refused | crashed
     carve_error: str | None = None
-    blames_model: bool | None = None
+    blames_model: bool | None = None  # tapml reported its own failure as ModelRaised (the model's error)
     ops: int | None = None
     replay_ok: bool | None = None
     replay_mismatches: list[str] = field(default_factory=list)
@@ -207,7 +207,7 @@ def check(row: Row, model: torch.nn.Module, run: Callable[[], Any], workdir: Pat
         refused = isinstance(cause, TapmlError)
         row.carve = "refused" if refused else "crashed"
         row.carve_error = _first_line(cause) if cause is not None else _first_line(e)
-        row.blames_model = "raised while carving" in str(e) or isinstance(e, ModelRaised)
+        row.blames_model = True  # the eager call ran, yet the error is reported as the model's
         row.tapml_frame = _tapml_frame(e)
         row.traceback = "".join(traceback.format_exception(cause or e))[-3000:]
         row.stage = "carve"
@@ -235,6 +235,7 @@ def check(row: Row, model: torch.nn.Module, run: Callable[[], Any], workdir: Pat
         refused = isinstance(e, TapmlError) or isinstance(getattr(e, "__cause__", None), TapmlError)
         row.migrate = "refused" if refused else "crashed"
         row.migrate_error = _first_line(e)
+        row.blames_model = isinstance(e, ModelRaised)  # the eager call ran: any error here is tapml's
         row.tapml_frame = _tapml_frame(e)
         row.traceback = "".join(traceback.format_exception(e))[-3000:]
     finally:
@@ -414,15 +415,17 @@ def zoo_cases(only: str | None, generate: int | None) -> Iterator[tuple[Row, Cal
 
 
 def tally(rows: list[Row]) -> str:
-    """A markdown table: each cause, its samples, its OpInfos and an example."""
+    """A markdown table: each cause, its samples, its OpInfos (or workloads), where tapml raised, an example."""
     by: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
         by[f"{r.kind}: {r.cause}"].append(r)
-    lines = ["| cause | samples | ops | example |", "| --- | ---: | ---: | --- |"]
+    lines = ["| cause | samples | ops | where in tapml | example |", "| --- | ---: | ---: | --- | --- |"]
     for cause, rs in sorted(by.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         ex = rs[0]
         cell = cause.replace("|", "\\|")
-        lines.append(f"| {cell} | {len(rs)} | {len({r.name for r in rs})} | "
+        frames = Counter(r.tapml_frame for r in rs if r.tapml_frame and r.stage in ("carve", "open", "migrate"))
+        where = frames.most_common(1)[0][0] if frames else ""
+        lines.append(f"| {cell} | {len(rs)} | {len({r.name for r in rs})} | {where} | "
                      f"{ex.name}#{ex.sample} {ex.desc[:60].replace('|', '/')} |")
     return "\n".join(lines)
 

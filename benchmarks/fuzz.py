@@ -50,6 +50,7 @@ _MAX_HEADER = 16 << 20
 MAX_PAYLOAD = 1 << 20  # the spawned worker's cap: over-cap frames stay cheap to send
 TB = "Traceback (most recent call last)"
 _DEEP = "\x00deep:"
+OLD_TIMES = (1_000_000_000_000_000_000, 1_000_000_010_000_000_000)  # (atime, mtime) in ns
 
 
 # -- JSON with nesting deeper than json.dumps allows, and resealing ----------------------------
@@ -65,7 +66,12 @@ def dumps(obj: Any) -> str:
 
 def seal_text(text: str) -> str:
     """``carving/store.py:_seal`` on already serialized body text."""
-    return f'{text[:-1]},"digest":"{hashlib.sha256(text.encode()).hexdigest()}"}}'
+    return seal_bytes(text.encode()).decode()
+
+
+def seal_bytes(raw: bytes) -> bytes:
+    """The same on raw bytes (a byte flip may leave invalid UTF-8)."""
+    return raw[:-1] + b',"digest":"' + hashlib.sha256(raw).hexdigest().encode() + b'"}'
 
 
 def frame(header: Any, payload: bytes = b"") -> bytes:
@@ -538,15 +544,28 @@ def _spawn(platform: str, token: str):
     return w
 
 
-def fuzz_worker(args: argparse.Namespace, store_dir: Path, canary: Path) -> tuple[dict, WorkerFindings]:
+def _stop(w: Any, root: Path, logs: list[str]) -> None:
+    """Stop a worker, keeping its stderr log (``stop`` deletes it)."""
+    dest = root / f"worker-{len(logs)}.log"
+    try:
+        shutil.copy(w.log, dest)
+        logs.append(str(dest))
+    except OSError:
+        pass
+    w.stop()
+
+
+def fuzz_worker(args: argparse.Namespace, root: Path, store_dir: Path, canary: Path) -> tuple[dict, WorkerFindings]:
     rng = random.Random(args.seed)
     ops = valid_ops(store_dir)
     frames = gen_frames(rng, args.frames, ops, str(canary))
     f = WorkerFindings()
+    logs: list[str] = []
     token = "fuzz-token"
     w = _spawn("torch-cpu", token)
     log_pos = 0
     canary_text = canary.read_bytes()
+    os.utime(canary, ns=OLD_TIMES)  # atime < mtime: the next read of it bumps atime under relatime
     canary_stat = canary.stat()
 
     def read_log() -> str:
@@ -578,6 +597,9 @@ def fuzz_worker(args: argparse.Namespace, store_dir: Path, canary: Path) -> tupl
     slow["data socket, no preamble"] = socket.create_connection((w.host, s0.info["data_port"]), timeout=5)
     s0.data.sendall(_LEN.pack(100) + b"{}")
     slow["data socket, half-sent frame"] = s0.data
+    garbage = socket.create_connection((w.host, w.port), timeout=5)
+    garbage.sendall(f"TAPML1 {token}\n".encode() + b"\xff" * 64)
+    slow["control socket, valid preamble then 64 garbage bytes"] = garbage
     t_slow = time.monotonic()
 
     sess: Session | None = None
@@ -606,7 +628,7 @@ def fuzz_worker(args: argparse.Namespace, store_dir: Path, canary: Path) -> tupl
                 f.note("cannot open a session", f"{type(e).__name__}: {e} before frame {i}")
                 if not w.alive():
                     f.deaths.append(f"before frame {i} ({label})")
-                    w.stop()
+                    _stop(w, root, logs)
                     w, log_pos = _spawn("torch-cpu", token), 0
                 continue
         expect, _ = simulate(raw, MAX_PAYLOAD)
@@ -643,7 +665,7 @@ def fuzz_worker(args: argparse.Namespace, store_dir: Path, canary: Path) -> tupl
         if not w.alive():
             f.deaths.append(f"frame {i} ({family}: {label}) rc={w.proc.returncode}")
             attribute(label, 0.0)
-            w.stop()
+            _stop(w, root, logs)
             w, log_pos = _spawn("torch-cpu", token), 0
             sess = None
     if sess is not None:
@@ -672,7 +694,8 @@ def fuzz_worker(args: argparse.Namespace, store_dir: Path, canary: Path) -> tupl
         except (OSError, EOFError, ValueError) as e:
             serving.append(f"{type(e).__name__}: {e}")
     attribute("(end)", 0.2)
-    log_text = Path(w.log).read_text(errors="replace")
+    _stop(w, root, logs)
+    log_text = Path(logs[-1]).read_text(errors="replace") if logs else ""
     touched = canary.stat().st_atime_ns != canary_stat.st_atime_ns
     summary = {
         "frames_sent": sum(f.outcomes.values()),
@@ -690,9 +713,8 @@ def fuzz_worker(args: argparse.Namespace, store_dir: Path, canary: Path) -> tupl
         "traceback_classes": f.tracebacks,
         "notes": f.notes,
         "canary_read": touched,
-        "log": str(w.log),
+        "logs": logs,
     }
-    w.stop()
     return summary, f
 
 
@@ -762,15 +784,19 @@ def control_fuzz(w: Any, token: str, f: WorkerFindings, canary: Path) -> None:
         except Exception as e:
             state = f"raised {type(e).__name__}"
         f.control[f"prepare: {state}"] += 1
-    for attr in ["_session", "__class__", "__dict__", "on_connect", "exposed_stats", "_rpyc_getattr",
-                 "hello.__globals__", "prepare.__func__", "hello.__self__", "stats.__code__"]:
+    from rpyc.core.netref import BaseNetref
+
+    for attr in ["_session", "__dict__", "on_connect", "exposed_stats", "_rpyc_getattr", "hello.__globals__",
+                 "prepare.__func__", "hello.__self__", "stats.__code__", "hello.__func__", "_conn", "_protocol",
+                 "exposed_prepare.__globals__", "hello.__call__.__self__.__func__", "hello.__call__.__self__.__self__",
+                 "hello.__call__.__self__.__globals__"]:
         try:
             obj = s.conn.root
             for part in attr.split("."):
                 obj = getattr(obj, part)
-            state = "reachable"
-            if attr not in ("exposed_stats",):
-                f.note(f"control attribute reachable: root.{attr}", repr(type(obj)))
+            state = "reachable (a remote object)" if isinstance(obj, BaseNetref) else "a plain value"
+            if attr != "exposed_stats" and isinstance(obj, BaseNetref):
+                f.note(f"control attribute {state}: root.{attr}", _short(repr(obj), 100))
         except Exception as e:
             state = f"refused ({type(e).__name__})"
         f.control[f"attr: {state}"] += 1
@@ -879,6 +905,7 @@ class Case:
     what: str
     dir: Path
     tamper: str = ""  # tensor bytes that no longer match their key while the manifest stays valid
+    canary: str = ""
     results: dict = field(default_factory=dict)
 
     @property
@@ -1112,6 +1139,7 @@ def build_case(rng: random.Random, index: int, root: Path, base: Path, base_body
     shutil.copytree(base, case.store)
     token = f"TAPMLCANARY-{index}-{rng.getrandbits(64):016x}\n"
     (case.dir / "canary.txt").write_text(token * 4)
+    case.canary = token.strip()
     shutil.copy(base / "tensors" / SHARD, case.dir / "canary.safetensors")
     body = copy.deepcopy(base_body)
     if rng.random() < 0.2:
@@ -1124,20 +1152,19 @@ def build_case(rng: random.Random, index: int, root: Path, base: Path, base_body
             text = dumps(base_body)
             whats.append(f"(unserializable: {e})")
         roll = rng.random()
-        if roll < 0.08 or not text.endswith("}"):  # raw byte flips in the body, resealed
-            raw = bytearray(text.encode())
+        raw = bytearray(text.encode())
+        if roll < 0.08:  # raw byte flips in the body, resealed
             for _ in range(rng.randint(1, 4)):
                 raw[rng.randrange(len(raw) - 1)] ^= 1 << rng.randrange(8)
-            text = raw.decode(errors="surrogateescape")
             whats.append("raw byte flips, resealed")
-        sealed = seal_text(text) if roll > 0.03 else text[:-1] + ',"digest":"' + "0" * 64 + '"}'
+        sealed = seal_bytes(bytes(raw)) if roll > 0.03 else bytes(raw[:-1]) + b',"digest":"' + b"0" * 64 + b'"}'
         if roll <= 0.03:
             whats.append("NOT resealed")
-        (case.store / "manifest.json").write_bytes(sealed.encode(errors="surrogateescape"))
+        (case.store / "manifest.json").write_bytes(sealed)
         case.family = "manifest." + whats[0].split(" ")[0].split(".")[0][:24]
         case.what = "; ".join(whats)
     for name in ("canary.txt", "canary.safetensors"):  # atime < mtime: any read bumps atime under relatime
-        os.utime(case.dir / name, ns=(1_000_000_000_000_000_000, 1_000_000_010_000_000_000))
+        os.utime(case.dir / name, ns=OLD_TIMES)
     return case
 
 
@@ -1156,7 +1183,6 @@ def _outside_state(case: Case) -> dict:
 
 def run_case(case: Case, run: Callable[[list[str], str, float], dict]) -> None:
     before = _outside_state(case)
-    canaries = [(case.dir / n).read_text(errors="replace").splitlines()[0] for n in ("canary.txt",)]
     for cmd, argv, timeout in (("inspect", ["inspect", str(case.store)], 60.0),
                                ("replay", ["replay", str(case.store), "--platform", "torch-cpu", "--json"], 120.0)):
         out = str(case.dir / cmd)
@@ -1165,7 +1191,7 @@ def run_case(case: Case, run: Callable[[list[str], str, float], dict]) -> None:
         text_err = Path(out + ".err").read_text(errors="replace") if Path(out + ".err").exists() else ""
         res["traceback"] = TB in text_out or TB in text_err
         res["last"] = (text_err.strip().splitlines() or [""])[-1][:400]
-        res["canary_in_output"] = any(c in text_out or c in text_err for c in canaries)
+        res["canary_in_output"] = case.canary in text_out or case.canary in text_err
         if cmd == "replay" and res["rc"] == 0:
             try:
                 res["counts"] = json.loads(text_out).get("counts", {})
@@ -1210,6 +1236,7 @@ def fuzz_stores(args: argparse.Namespace, root: Path, base: Path) -> tuple[dict,
     while not runners.empty():
         runners.get().close()
     done = [c for c in cases if c.results]
+    print(f"fuzz: {len(done)} store cases in {time.monotonic() - started:.0f}s", file=sys.stderr)
     # cross-check a sample against the real executable: every odd case first, then random ones
     odd = [c for c in done if _odd(c)]
     sample = (odd[: args.exec_sample // 2] + random.Random(args.seed).sample(done, min(len(done), args.exec_sample)))
@@ -1234,10 +1261,12 @@ def _odd(c: Case) -> bool:
 def summarize_stores(done: list[Case], planned: int, agree: int, sampled: int) -> dict:
     rcs: Counter = Counter()
     classes: dict[str, dict] = {}
-    tamper = Counter()
+    tamper: Counter = Counter()
+    walls: dict[tuple, list] = {}
     for c in done:
         for cmd in ("inspect", "replay"):
             r = c.results[cmd]
+            walls.setdefault((cmd, r["rc"]), []).append(r["wall"])
             rcs[f"{cmd} {'timeout' if r['timeout'] else r['rc']}"] += 1
             bad = r["timeout"] or r["rc"] not in (0, 1, 2) or r["traceback"]
             if bad:
@@ -1279,6 +1308,7 @@ def summarize_stores(done: list[Case], planned: int, agree: int, sampled: int) -
         "modified_outside": sum(bool(c.results["modified_outside"]) for c in done),
         "canary_in_output": sum(c.results[k]["canary_in_output"] for c in done for k in ("inspect", "replay")),
         "families": dict(Counter(c.family for c in done).most_common()),
+        "mean_wall_s": {f"{cmd} rc {rc}": round(sum(w) / len(w), 3) for (cmd, rc), w in sorted(walls.items())},
         "tamper": dict(tamper),
         "classes": classes,
         "exec_crosscheck": f"{agree}/{sampled} cases give the same exit codes from the real tapml executable",
@@ -1289,9 +1319,13 @@ def summarize_stores(done: list[Case], planned: int, agree: int, sampled: int) -
 def atime_works(root: Path) -> bool:
     p = root / "atime-probe"
     p.write_text("x")
-    os.utime(p, ns=(1_000_000_000_000_000_000, 1_000_000_010_000_000_000))
+    os.utime(p, ns=OLD_TIMES)
     p.read_text()
-    return p.stat().st_atime_ns != 1_000_000_000_000_000_000
+    return p.stat().st_atime_ns != OLD_TIMES[0]
+
+
+EMPTY_WORKER: dict = {"outcomes": {}, "still_serving": False, "worker_deaths": [], "tracebacks_total_all_workers": 0,
+                      "frames_sent": 0, "control": {}, "traceback_classes": {}, "notes": {}}
 
 
 def table(worker: dict, stores: dict) -> str:
@@ -1302,9 +1336,9 @@ def table(worker: dict, stores: dict) -> str:
         ("worker deaths during the run", len(worker["worker_deaths"])),
         ("tracebacks in the worker's stderr log", worker["tracebacks_total_all_workers"]),
         ("data frames sent", worker["frames_sent"]),
-        ("... error reply / ok reply / accepted (no reply due)",
+        ("... error reply / ok reply / accepted without a reply",
          f"{worker['outcomes'].get('error reply', 0)} / {worker['outcomes'].get('ok reply', 0)} / "
-         f"{worker['outcomes'].get('accepted (no reply due)', 0)}"),
+         f"{worker['outcomes'].get('accepted (no reply)', 0)}"),
         ("... closed connection", worker["outcomes"].get("closed", 0)),
         ("... no answer: waiting on an incomplete frame (by design)",
          worker["outcomes"].get("waiting on incomplete frame", 0)),
@@ -1330,7 +1364,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel CLI runs")
-    ap.add_argument("--exec-sample", type=int, default=20, help="cases rerun with the real tapml executable")
+    ap.add_argument("--exec-sample", type=int, default=10, help="cases rerun with the real tapml executable")
     ap.add_argument("--worker-budget", type=float, default=240.0, help="seconds for the worker phase")
     ap.add_argument("--store-budget", type=float, default=420.0, help="seconds for the store phase")
     ap.add_argument("--workdir", type=Path, help="default: a new directory under /tmp")
@@ -1352,9 +1386,9 @@ def main() -> int:
     carve(model, lambda: model(torch.randn(2, 8)), base, force=True)
     canary = root / "worker-canary.txt"
     canary.write_text("TAPMLCANARY-worker\n" * 4)
-    os.utime(canary, ns=(1_000_000_000_000_000_000, 1_000_000_010_000_000_000))
+    os.utime(canary, ns=OLD_TIMES)
     print(f"fuzz: workdir {root}; atime detects reads here: {atime_works(root)}", file=sys.stderr)
-    worker, _ = fuzz_worker(args, base, canary)
+    worker, _ = fuzz_worker(args, root, base, canary) if args.frames else (EMPTY_WORKER, None)
     t1 = time.monotonic()
     print(f"fuzz: worker phase {t1 - t0:.0f}s", file=sys.stderr)
     stores, _ = fuzz_stores(args, root, base)

@@ -133,7 +133,8 @@ class _Worker:
         self.platform = open_local(config.platform)
         self.sessions: dict[str, _Session] = {}
         self.lock = threading.Lock()  # platforms compile and keep caches: one call at a time
-        self.pending = threading.BoundedSemaphore(config.max_pending)  # connections still in their preamble
+        self.pending: dict[socket.socket, float] = {}  # connections still in their preamble, since when
+        self._pending_lock = threading.Lock()
         self.admitted: dict[str, Support] = {}  # per op signature: the worker's own checks, before compiling
         self.watchdog = os.fdopen(config.watchdog_fd, "w", buffering=1) if config.watchdog_fd is not None else None
         self.data = socket.create_server((config.host, 0))
@@ -155,23 +156,32 @@ class _Worker:
             self.beat("H")
             time.sleep(0.5)
 
-    def gate(self, sock: socket.socket) -> bool:
-        """Admit a new connection to its preamble, or close it at once when too many are pending."""
-        if self.pending.acquire(blocking=False):
-            return True
-        try:
-            sock.close()
-        except OSError:
-            pass
-        return False
+    def gate(self, sock: socket.socket) -> None:
+        """Admit a new connection to its preamble; when too many are pending, cut the oldest.
+
+        A real client sends its preamble at once and leaves this state within a millisecond,
+        so evicting the oldest pending connection starves idle or slow-dripping ones, not it."""
+        with self._pending_lock:
+            if len(self.pending) >= self.config.max_pending:
+                oldest = min(self.pending, key=self.pending.get)
+                del self.pending[oldest]
+                try:
+                    oldest.shutdown(socket.SHUT_RDWR)  # its reader wakes up and closes it
+                except OSError:
+                    pass
+            self.pending[sock] = time.monotonic()
+
+    def ungate(self, sock: socket.socket) -> None:
+        with self._pending_lock:
+            self.pending.pop(sock, None)
 
     def _accept_data(self) -> None:
         while True:
             sock = _accept(self.data, lambda: self.alive)
             if sock is None:
                 return
-            if self.gate(sock):
-                threading.Thread(target=self._attach, args=(sock,), daemon=True).start()
+            self.gate(sock)
+            threading.Thread(target=self._attach, args=(sock,), daemon=True).start()
 
     def _attach(self, sock: socket.socket) -> None:
         try:
@@ -180,7 +190,7 @@ class _Worker:
             sock.close()
             return
         finally:
-            self.pending.release()
+            self.ungate(sock)
         kind, _, nonce = line.partition(" ")
         session = self.sessions.get(nonce) if kind == "TAPMLDATA" else None
         if session is None or not session.claim(sock):  # one data socket per session
@@ -393,7 +403,7 @@ def _authenticator(worker: _Worker):
         except (OSError, WireError) as e:
             raise AuthenticationError(f"no preamble: {e}") from None
         finally:
-            worker.pending.release()
+            worker.ungate(sock)
         kind, _, given = line.partition(" ")
         if kind != "TAPML1" or not hmac.compare_digest(given.encode(), token.encode()):
             raise AuthenticationError("wrong token")
@@ -419,8 +429,7 @@ class _Server(ThreadedServer):
             if self.active:
                 raise EOFError()
             return
-        if not self._worker.gate(sock):
-            return
+        self._worker.gate(sock)
         sock.setblocking(True)
         self.clients.add(sock)
         self._accept_method(sock)

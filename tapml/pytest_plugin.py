@@ -266,7 +266,7 @@ class StoreFile(pytest.File):
         try:
             store = _plugin(self.config).store(str(self.path.parent))
         except TapmlError as e:
-            raise pytest.UsageError(str(e)) from None
+            raise self.CollectError(f"tapml: {e}") from None
         platforms = setting(self.config, "platform") or ["torch-cpu"]
         for index in select_ops(store, all_calls=setting(self.config, "all-calls")):
             rec = store.ops[index]
@@ -302,7 +302,7 @@ class CarvedOpItem(pytest.Item):
 
         plugin = _plugin(self.config)
         self.user_properties.append(("tapml_assigned_device", plugin.assigned or "spawned"))
-        result = None
+        result, error = None, None
         try:
             store = plugin.store(str(self.path.parent))
             for _ in range(max(1, len(plugin.pool))):
@@ -317,9 +317,12 @@ class CarvedOpItem(pytest.Item):
                 if not result.status.failed or not plugin.failover(self.platform):
                     break
                 self.rescheduled = True  # run it again on the next live device of the pool
-        except TapmlError as e:
-            plugin.results.append({"nodeid": self.nodeid, "op": "?", "status": "error", "platform": self.platform})
-            pytest.fail(f"tapml: {e}", pytrace=False)
+        except TapmlError as e:  # a store or device problem: an ERROR with tapml's one line, no traceback
+            error = f"tapml: {e}"
+        if error is not None:
+            plugin.results.append({"nodeid": self.nodeid, "op": self.name.split("-", 1)[-1].split("[")[0],
+                                   "status": "error", "platform": self.platform})
+            pytest.fail(error, pytrace=False)
         if result is None:
             pytest.fail(f"tapml: no live device left in the pool {plugin.pool}", pytrace=False)
         self.result = result
