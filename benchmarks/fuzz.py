@@ -6,13 +6,14 @@ never a traceback, a hung thread, a dead worker, a file read outside the store, 
 tampered tensor bytes replayed as if genuine.
 
 Part 1 spawns a real worker (loopback, token, 1 MiB payload cap, 8 GiB address-space
-limit) and throws malformed data-channel frames at it, each followed by a probe run
-frame that any live data loop answers, plus bad preambles and control calls; valid ops
-in between must still return the carved answer. Part 2 carves a tiny model, writes
-mutated manifests (resealed like ``carving/store.py:_seal``) and damaged shards, and
-runs ``tapml inspect`` and ``tapml replay --json`` on each. Those runs are forked from
-a process that imported tapml once (a cold ``tapml`` costs ~1.5 s here);
-``--exec-sample`` reruns some with the real executable to check both agree.
+limit) and throws malformed data-channel frames at it, each followed by a probe op whose
+answer is recognizable and checked, plus bad preambles and control calls; valid carved
+ops in between must still return the recorded answer. Part 2 carves a tiny model, writes
+mutated manifests (resealed like ``carving/store.py:_seal``) and damaged shards, and runs
+``tapml inspect`` and ``tapml replay --json`` on each (``case-N/case.json`` says what was
+done and what came back). Those runs are forked from a process that imported tapml once
+(a cold ``tapml`` costs ~1.5 s here); ``--exec-sample`` reruns some with the real
+executable to check both give the same exit codes.
 
 Usage: python benchmarks/fuzz.py [--frames 1000] [--manifests 1000] [--seed 0] [--json PATH]
 """
@@ -563,32 +564,38 @@ def fuzz_worker(args: argparse.Namespace, root: Path, store_dir: Path, canary: P
     logs: list[str] = []
     token = "fuzz-token"
     w = _spawn("torch-cpu", token)
-    log_pos = 0
     canary_text = canary.read_bytes()
     os.utime(canary, ns=OLD_TIMES)  # atime < mtime: the next read of it bumps atime under relatime
     canary_stat = canary.stat()
 
-    def read_log() -> str:
-        nonlocal log_pos
-        try:
-            with open(w.log, "rb") as fh:
-                fh.seek(log_pos)
-                text = fh.read().decode(errors="replace")
-        except OSError:
-            return ""
-        log_pos += len(text.encode(errors="replace"))
-        return text
+    tbs: dict[str, Any] = {"pos": 0, "buf": b"", "labels": []}
 
     def attribute(label: str, wait: float) -> None:
+        """Credit tracebacks that appeared in the log since the last frame to ``label``."""
         deadline = time.monotonic() + wait
-        text = read_log()
-        while TB not in text and time.monotonic() < deadline:  # the dying thread prints after it closes
+        while True:
+            try:
+                with open(w.log, "rb") as fh:
+                    fh.seek(tbs["pos"])
+                    chunk = fh.read()
+            except OSError:
+                chunk = b""
+            tbs["pos"] += len(chunk)
+            tbs["buf"] += chunk
+            new = tbs["buf"].count(TB.encode()) - len(tbs["labels"])
+            if new > 0 or time.monotonic() >= deadline:  # a dying thread prints after it closes the socket
+                break
             time.sleep(0.002)
-            text += read_log()
-        for where, error in _traceback_blocks(text):
+        tbs["labels"] += [label] * max(new, 0)
+
+    def classify(log: str) -> None:
+        text = Path(log).read_text(errors="replace")
+        labels = tbs["labels"] + ["(unattributed)"] * text.count(TB)
+        for (where, error), label in zip(_traceback_blocks(text), labels, strict=False):
             entry = f.tracebacks.setdefault(f"{where} | {_normalize(error)}",
                                             {"count": 0, "error": error, "example": label})
             entry["count"] += 1
+        tbs.update(pos=0, buf=b"", labels=[])
 
     # slow-loris probes, checked at the end: a silent socket on each port, and a half-sent frame
     slow: dict[str, socket.socket] = {}
@@ -629,7 +636,8 @@ def fuzz_worker(args: argparse.Namespace, root: Path, store_dir: Path, canary: P
                 if not w.alive():
                     f.deaths.append(f"before frame {i} ({label})")
                     _stop(w, root, logs)
-                    w, log_pos = _spawn("torch-cpu", token), 0
+                    classify(logs[-1])
+                    w = _spawn("torch-cpu", token)
                 continue
         expect, _ = simulate(raw, MAX_PAYLOAD)
         timeout = 0.3 if expect == "incomplete" else 5.0
@@ -666,7 +674,8 @@ def fuzz_worker(args: argparse.Namespace, root: Path, store_dir: Path, canary: P
             f.deaths.append(f"frame {i} ({family}: {label}) rc={w.proc.returncode}")
             attribute(label, 0.0)
             _stop(w, root, logs)
-            w, log_pos = _spawn("torch-cpu", token), 0
+            classify(logs[-1])
+            w = _spawn("torch-cpu", token)
             sess = None
     if sess is not None:
         sess.close()
@@ -694,14 +703,16 @@ def fuzz_worker(args: argparse.Namespace, root: Path, store_dir: Path, canary: P
         except (OSError, EOFError, ValueError) as e:
             serving.append(f"{type(e).__name__}: {e}")
     attribute("(end)", 0.2)
+    alive = w.alive()
     _stop(w, root, logs)
-    log_text = Path(logs[-1]).read_text(errors="replace") if logs else ""
+    classify(logs[-1])
+    log_text = Path(logs[-1]).read_text(errors="replace")
     touched = canary.stat().st_atime_ns != canary_stat.st_atime_ns
     summary = {
         "frames_sent": sum(f.outcomes.values()),
-        "still_serving": all(r == "ok" for r in serving) and w.alive(),
+        "still_serving": all(r == "ok" for r in serving) and alive,
         "final_valid_ops": serving,
-        "process_alive": w.alive(),
+        "process_alive": alive,
         "worker_deaths": f.deaths,
         "tracebacks_in_last_log": log_text.count(TB),
         "tracebacks_total_all_workers": sum(e["count"] for e in f.tracebacks.values()),
@@ -826,6 +837,7 @@ def runner_main() -> None:
             rc = 1
             try:
                 os.setpgid(0, 0)
+                resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))  # a store cannot OOM the machine
                 for fd, name, flags in ((0, os.devnull, os.O_RDONLY), (1, req["out"] + ".out", os.O_WRONLY),
                                         (2, req["out"] + ".err", os.O_WRONLY)):
                     os.dup2(os.open(name, flags | (os.O_CREAT | os.O_TRUNC if fd else 0), 0o644), fd)
@@ -905,6 +917,7 @@ class Case:
     what: str
     dir: Path
     tamper: str = ""  # tensor bytes that no longer match their key while the manifest stays valid
+    tampered: tuple = ()  # the keys whose bytes changed
     canary: str = ""
     results: dict = field(default_factory=dict)
 
@@ -987,7 +1000,8 @@ def mutate_manifest(rng: random.Random, body: dict, case: Case) -> str:
         fld = rng.choice(["key", "shape", "stride", "offset", "exact", "dtype"])
         keys = list(body["tensors"]) if isinstance(body.get("tensors"), dict) else ["x"]
         v = rng.choice([rng.choice(keys), "0" * 32, 5, None, [-1], [2**62, 2**62], [1.5], [0], [1] * 65, -1, 2**63,
-                        "yes", "_dynamo", "float64", "int32", [16], [4, 4], [64, 0]])
+                        "yes", "_dynamo", "float64", "int32", [16], [4, 4], [64, 0], [1, 2**24], [2**33, 1],
+                        [2**62, 1], [10**30, 1], 2**40])
         ref[fld] = v
         return f"tensor ref .{fld} = {_short(v, 60)}"
     if what == "tensor_meta" and isinstance(body.get("tensors"), dict) and body["tensors"]:
@@ -1045,7 +1059,9 @@ def mutate_manifest(rng: random.Random, body: dict, case: Case) -> str:
                                    {"dict": {"approximate": "tanh"}},
                                    {"dict": {"beta": {"float": "nan"}}}, {"dict": {"x": {"a": 1, "b": 2}}},
                                    {"dict": {"device": {"device": "meta"}}}, {"dict": {"a": deep(40)}},
-                                   {"dict": {"approximate": 5}}])
+                                   {"dict": {"approximate": 5}}, {"dict": {"m": {"memory_format": ["a"]}}},
+                                   {"dict": {"m": {"layout": {}}}}, {"dict": {"m": {"device": ["cpu"]}}},
+                                   {"dict": {"m": {"dtype": ["float32"]}}}, {"dict": {"m": {"complex": [1, "x"]}}}])
         return f"ops[{op.get('index')}].kwargs = {_short(op['kwargs'], 60)}"
     if what == "duplicate_op" and ops:
         ops.append(copy.deepcopy(rng.choice(ops)))
@@ -1077,6 +1093,7 @@ def mutate_shard(rng: random.Random, body: dict, case: Case, layout: dict) -> st
         shard.write_bytes(data)
         key = next(k for k, (lo, hi) in layout["spans"].items() if lo <= pos - start < hi)
         case.tamper = f"byte {pos - start - layout['spans'][key][0]} bit {bit} of tensor {key[:8]}"
+        case.tampered = (key,)
         return f"flipped {case.tamper}"
     if kind == "header_flip":
         pos = rng.randrange(0, start)
@@ -1125,11 +1142,15 @@ def mutate_shard(rng: random.Random, body: dict, case: Case, layout: dict) -> st
         tensors[a]["offset"], tensors[b]["offset"] = tensors[b]["offset"], tensors[a]["offset"]
         (case.store / "manifest.json").write_text(seal_text(dumps(body)))
         case.tamper = f"tensors {a[:8]} and {b[:8]} swap offsets (same size)"
+        case.tampered = (a, b)
         return f"manifest resealed with {case.tamper}"
+    blob = sum(m["nbytes"] for m in tensors.values())
     key = rng.choice([k for k in tensors if tensors[k]["offset"] > 0])
-    tensors[key]["offset"] = -rng.choice([64, 128, 256, 480])
+    # a negative offset slices from the blob's end; skip the one that lands on the tensor's own bytes
+    tensors[key]["offset"] = -rng.choice([o for o in (64, 128, 256, 480) if blob - o != tensors[key]["offset"]])
     (case.store / "manifest.json").write_text(seal_text(dumps(body)))
     case.tamper = f"tensor {key[:8]} offset = {tensors[key]['offset']} (negative), resealed"
+    case.tampered = (key,)
     return case.tamper
 
 
@@ -1190,7 +1211,8 @@ def run_case(case: Case, run: Callable[[list[str], str, float], dict]) -> None:
         text_out = Path(out + ".out").read_text(errors="replace") if Path(out + ".out").exists() else ""
         text_err = Path(out + ".err").read_text(errors="replace") if Path(out + ".err").exists() else ""
         res["traceback"] = TB in text_out or TB in text_err
-        res["last"] = (text_err.strip().splitlines() or [""])[-1][:400]
+        lines = text_err.strip().splitlines() or [""]
+        res["last"] = next((ln for ln in reversed(lines) if ln.startswith("tapml:")), lines[-1])[:400]
         res["canary_in_output"] = case.canary in text_out or case.canary in text_err
         if cmd == "replay" and res["rc"] == 0:
             try:
@@ -1203,9 +1225,13 @@ def run_case(case: Case, run: Callable[[list[str], str, float], dict]) -> None:
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     case.results["touched_outside"] = [k for k in changed if k in outside_reads or k not in before]
     case.results["modified_outside"] = [k for k in changed if k not in before or before[k][1:] != after.get(k, ())[1:]]
+    (case.dir / "case.json").write_text(json.dumps({"family": case.family, "what": case.what, "tamper": case.tamper,
+                                                    **case.results}, indent=1))
 
 
 def fuzz_stores(args: argparse.Namespace, root: Path, base: Path) -> tuple[dict, list[Case]]:
+    from tapml.core import iter_specs
+
     rng = random.Random(args.seed + 1)
     text = (base / "manifest.json").read_text()
     base_body = json.loads(text)
@@ -1249,7 +1275,9 @@ def fuzz_stores(args: argparse.Namespace, root: Path, base: Path) -> tuple[dict,
             res = exec_run(argv, str(c.dir / f"exec-{cmd}"), 120.0)
             same &= res["rc"] == c.results[cmd]["rc"]
         agree += same
-    return summarize_stores(done, len(cases), agree, len(sample)), done
+    replayed = {ref["key"] for rec in base_body["ops"] if not rec["nondeterministic"] and not rec["view"]
+                for part in ("args", "kwargs", "outputs") for ref in iter_specs(rec[part])}
+    return summarize_stores(done, len(cases), agree, len(sample), replayed), done
 
 
 def _odd(c: Case) -> bool:
@@ -1258,7 +1286,7 @@ def _odd(c: Case) -> bool:
         or bool(c.results.get("touched_outside")) or bool(c.results.get("modified_outside"))
 
 
-def summarize_stores(done: list[Case], planned: int, agree: int, sampled: int) -> dict:
+def summarize_stores(done: list[Case], planned: int, agree: int, sampled: int, replayed: set[str]) -> dict:
     rcs: Counter = Counter()
     classes: dict[str, dict] = {}
     tamper: Counter = Counter()
@@ -1284,7 +1312,10 @@ def summarize_stores(done: list[Case], planned: int, agree: int, sampled: int) -
                                                      f"{c.results['inspect']['rc']}, replay rc "
                                                      f"{c.results['replay']['rc']}"})
             entry["count"] += 1
-        if c.tamper:
+        if c.tamper and not set(c.tampered) & replayed:
+            tamper[f"in a tensor replay does not read ({c.family}): replay rc {c.results['replay']['rc']}, "
+                   f"inspect rc {c.results['inspect']['rc']}"] += 1
+        elif c.tamper:
             tamper["cases"] += 1
             tamper[f"inspect rc {c.results['inspect']['rc']}"] += 1
             rep = c.results["replay"]
@@ -1328,6 +1359,10 @@ EMPTY_WORKER: dict = {"outcomes": {}, "still_serving": False, "worker_deaths": [
                       "frames_sent": 0, "control": {}, "traceback_classes": {}, "notes": {}}
 
 
+EMPTY_STORES: dict = {"cases": 0, "cli_runs": 0, "bad_exit_codes": 0, "tracebacks": 0, "touched_outside": 0,
+                      "canary_in_output": 0, "tamper": {}, "timeouts": 0, "classes": {}, "exec_crosscheck": "-"}
+
+
 def table(worker: dict, stores: dict) -> str:
     hangs = worker["outcomes"].get("hang", 0) + stores["timeouts"]
     rows = [
@@ -1349,7 +1384,7 @@ def table(worker: dict, stores: dict) -> str:
         ("CLI runs that printed a traceback", stores["tracebacks"]),
         ("store cases that touched files outside the store", stores["touched_outside"]),
         ("canary content in CLI output", stores["canary_in_output"]),
-        ("tampered tensor bytes: replay exit 0 (all ops ok)",
+        ("tensor bytes replay reads, tampered: replay exit 0 (all ops ok)",
          f"{stores['tamper'].get('replay exit 0', 0)} of {stores['tamper'].get('cases', 0)} "
          f"({stores['tamper'].get('replay exit 0, every compared op ok', 0)})"),
         ("hangs (worker + CLI timeouts)", hangs),
@@ -1363,10 +1398,10 @@ def main() -> int:
     ap.add_argument("--manifests", type=int, default=1000, help="mutated stores (manifests and shards)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write the figures here")
-    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel CLI runs")
+    ap.add_argument("--jobs", type=int, default=2 * (os.cpu_count() or 1), help="parallel CLI runs (they mostly wait)")
     ap.add_argument("--exec-sample", type=int, default=10, help="cases rerun with the real tapml executable")
     ap.add_argument("--worker-budget", type=float, default=240.0, help="seconds for the worker phase")
-    ap.add_argument("--store-budget", type=float, default=420.0, help="seconds for the store phase")
+    ap.add_argument("--store-budget", type=float, default=480.0, help="seconds for the store phase")
     ap.add_argument("--workdir", type=Path, help="default: a new directory under /tmp")
     ap.add_argument("--_runner", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -1391,7 +1426,7 @@ def main() -> int:
     worker, _ = fuzz_worker(args, root, base, canary) if args.frames else (EMPTY_WORKER, None)
     t1 = time.monotonic()
     print(f"fuzz: worker phase {t1 - t0:.0f}s", file=sys.stderr)
-    stores, _ = fuzz_stores(args, root, base)
+    stores, _ = fuzz_stores(args, root, base) if args.manifests else (EMPTY_STORES, None)
     t2 = time.monotonic()
     print(f"fuzz: store phase {t2 - t1:.0f}s", file=sys.stderr)
     figures = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "_runner"},

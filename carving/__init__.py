@@ -6,16 +6,17 @@ its ops on the reference, mark named ``step``s of a multi-call run.
 
 from .atomic import AtomicDir, OutputError
 from .carve import CarveResult, ModelRaised, carve
-from .layout import TensorRef
+from .layout import TensorRef, tensor_key
 from .manifest import Manifest, check_manifest, store_schema
 from .replay import Mismatch, ReplayReport, replay, run_op
 from .store import SCHEMA_VERSION, FixtureStore, StoreError, StoreWriter
-from .tracer import CarveOptions, signature, step
+from .tracer import CarveError, CarveOptions, signature, step
 
 __all__ = [
     "AtomicDir",
     "OutputError",
     "SCHEMA_VERSION",
+    "CarveError",
     "CarveOptions",
     "CarveResult",
     "FixtureStore",
@@ -32,5 +33,6 @@ __all__ = [
     "run_op",
     "signature",
     "step",
+    "tensor_key",
     "store_schema",
 ]

@@ -16,7 +16,7 @@ import torch
 from tapml.core import __version__
 
 from .store import StoreError, StoreWriter
-from .tracer import CarveOptions, Tracer
+from .tracer import CarveError, CarveOptions, Tracer
 
 __all__ = ["carve", "CarveResult", "ModelRaised"]
 
@@ -54,13 +54,14 @@ def carve(
     options = options or CarveOptions()
     with StoreWriter(out, force=force, shard_bytes=shard_bytes) as writer:
         tracer = Tracer(writer, model, options, on_op=on_op)
+        rng_state = torch.random.get_rng_state()  # live runs start from here: random ops repeat exactly
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a carve allocates many small records; cyclic GC passes only cost time
         try:
             with torch.no_grad(), tracer:
                 output = run()
-        except StoreError:
-            raise  # the store could not be written (a full disk): not the model's fault
+        except (StoreError, CarveError):
+            raise  # the store could not be written (a full disk), or tapml could not record: not the model's fault
         except (Exception, SystemExit) as e:  # a model calling sys.exit() must not end tapml silently
             raise ModelRaised(f"{type(e).__name__}: {e}") from e
         finally:
@@ -72,6 +73,7 @@ def carve(
             "model": model_info or {"class": type(model).__name__},
             "options": options.to_json(),
             "truncated": tracer.truncated,
+            "rng_state": writer.add(rng_state),
             "stats": {
                 "bytes_stored": writer.bytes_stored,
                 "bytes_referenced": writer.bytes_referenced,

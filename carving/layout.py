@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from tapml.core import (
+    HashMemo,
     TensorSpec,
     broadcast_narrowed,
     content_key,
@@ -22,7 +23,7 @@ from tapml.core import (
     storage_order,
 )
 
-__all__ = ["TensorRef", "canonical", "content_key", "materialize", "dtype_name", "dtype_from_name"]
+__all__ = ["TensorRef", "canonical", "content_key", "materialize", "dtype_name", "dtype_from_name", "tensor_key"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class TensorRef:
     stride: tuple[int, ...]
     offset: int
     exact: bool  # False when the layout overlapped itself and is rebuilt contiguous
+    storage: bool = False  # the stored bytes are the tensor's whole storage (read by as_strided beyond the view)
 
     @property
     def spec(self) -> TensorSpec:
@@ -46,7 +48,7 @@ class TensorRef:
     @classmethod
     def from_json(cls, obj: dict) -> TensorRef:
         spec = TensorSpec.from_json(obj)
-        return cls(obj["key"], spec.dtype, spec.shape, spec.stride, spec.offset, spec.exact)
+        return cls(obj["key"], spec.dtype, spec.shape, spec.stride, spec.offset, spec.exact, bool(obj.get("storage")))
 
 
 def _overlaps(shape, stride) -> bool:
@@ -68,19 +70,29 @@ def canonical(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """
     shape, stride = tuple(t.shape), tuple(t.stride())
     if t.is_contiguous():
-        return t.reshape(-1), True
+        return _unit_stride(t.reshape(-1)), True
     narrow = broadcast_narrowed(shape, stride)
+    if _overlaps(narrow, stride):  # stored in logical order, every element (materialize reshapes it so)
+        return t.contiguous().reshape(-1), False
     if narrow != shape:
         t = t.as_strided(narrow, stride, t.storage_offset())
-    if _overlaps(narrow, stride):
-        return t.contiguous().reshape(-1), False
     flat = t.permute(storage_order(narrow, stride)).reshape(-1)
     # a strided 1-D result (gaps between elements) is still a view: the bytes must be packed
-    return (flat if flat.is_contiguous() else flat.contiguous()), True
+    return (_unit_stride(flat) if flat.is_contiguous() else flat.contiguous()), True
+
+
+def _unit_stride(flat: torch.Tensor) -> torch.Tensor:
+    """A contiguous 1-D tensor whose stride says so: size-1 dims keep any stride through a reshape (12, 0, ...),
+    and byte views of it require 1."""
+    if flat.numel() and flat.stride(0) != 1:
+        return flat.as_strided((flat.numel(),), (1,), flat.storage_offset())
+    return flat
 
 
 def materialize(flat: torch.Tensor, ref: TensorRef) -> torch.Tensor:
     """Rebuild the tensor a ref describes, with its exact strides and offset."""
+    if ref.storage:  # a view over a copy of the whole storage, as the op saw it
+        return flat.clone().as_strided(ref.shape, ref.stride, ref.offset)
     if not ref.exact:
         return flat.reshape(ref.shape).clone()
     narrow = broadcast_narrowed(ref.shape, ref.stride)
@@ -94,3 +106,13 @@ def _inverse(perm: list[int]) -> list[int]:
     for i, p in enumerate(perm):
         inv[p] = i
     return inv
+
+
+def tensor_key(t: torch.Tensor, memo: HashMemo | None = None) -> str:
+    """The content key the store gives ``t`` (its elements in storage order, or logical order when
+    overlapping); with ``memo``, a tensor read again unchanged is not hashed again."""
+    plain = t.detach().cpu().resolve_conj().resolve_neg()
+    flat, _ = canonical(plain)
+    if memo is None or plain.device != t.device:
+        return content_key(flat)
+    return memo.key(t, flat)

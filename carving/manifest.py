@@ -42,7 +42,8 @@ class TensorUse:
     """A tensor among a module call's inputs or outputs, with its pytree path."""
 
     path: str
-    tensor: dict[str, Any]
+    tensor: dict[str, Any] | None = None
+    uncarved: str | None = None  # why the tensor is not stored (a sparse input, ...)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class OpRecord:
     nondeterministic: bool
     layer: int | None = None
     source: str | None = None
+    library: str | None = None  # the module that registers a non-aten op's namespace
     carved_index: int | None = None  # in an emitted subset store: the op's index in the original
 
 
@@ -115,12 +117,15 @@ class Manifest:
     shards: dict[str, ShardMeta]
     digest: str
     truncated: str | None = None
-    edges: list[list[int]] | None = None
+    rng_state: dict[str, Any] | None = None  # the CPU generator's state when the carve began (a tensor ref)
 
 
 def store_schema() -> dict:
     return json_schema(Manifest, title="tapml fixture store manifest",
                        schema_id="https://tapml.dev/schemas/store.schema.json")
+
+
+_MAX_REBUILD = 1 << 28
 
 
 def _numel(shape) -> int:
@@ -138,7 +143,16 @@ def _check_ref(ref: dict, tensors: dict, where: str) -> None:
         raise MalformedValue(f"{where}: references unknown tensor {key!r}")
     shape, stride = ref["shape"], ref["stride"]
     # exact layouts are stored as their (broadcast-narrowed) elements in storage order, others logically
-    needed = _numel(broadcast_narrowed(shape, stride) if ref.get("exact", True) else shape)
+    narrow = broadcast_narrowed(shape, stride) if ref.get("exact", True) else shape
+    needed = _numel(narrow)
+    extent = ref.get("offset", 0) + 1 + sum((s - 1) * st for s, st in zip(narrow, stride, strict=True)) \
+        if needed else 0
+    if ref.get("storage"):  # a whole storage, viewed: the view must lie inside it
+        if extent > meta["numel"]:
+            raise MalformedValue(f"{where}: a view spanning {extent} elements of a {meta['numel']}-element storage")
+        return
+    if extent > max(64 * needed, _MAX_REBUILD):  # replay rebuilds the exact layout in a buffer this big
+        raise MalformedValue(f"{where}: its strides and offset span {extent} elements for {needed} stored ones")
     if meta["numel"] != needed:
         raise MalformedValue(f"{where}: shape {shape} needs {needed} stored elements but tensor {key} holds "
                              f"{meta['numel']}")
@@ -151,12 +165,16 @@ def check_manifest(obj: Any) -> None:
     validate(Manifest, obj)
     tensors, shards = obj["tensors"], obj["shards"]
     for key, meta in tensors.items():
+        if (meta.get("offset") or 0) < 0 or meta["numel"] < 0:
+            raise MalformedValue(f"tensors.{key}: negative offset or size")
         if meta["shard"] not in shards:
             raise MalformedValue(f"tensors.{key}: in unknown shard {meta['shard']!r}")
         dtype = dtype_from_name(meta["dtype"])
         if meta["numel"] < 0 or meta["nbytes"] != meta["numel"] * dtype.itemsize:
             raise MalformedValue(f"tensors.{key}: {meta['numel']} {meta['dtype']} elements are not "
                                  f"{meta['nbytes']} bytes")
+    if obj.get("rng_state") is not None:
+        _check_ref(obj["rng_state"], tensors, "rng_state")
     n_ops = len(obj["ops"])
     names: set[str] = set()
     for i, rec in enumerate(obj["ops"]):
@@ -165,9 +183,10 @@ def check_manifest(obj: Any) -> None:
             raise MalformedValue(f"{where}: index {rec['index']} out of order")
         if rec["op"] not in names:  # a store is data: every op it names must pass the allow-list
             try:
-                resolve_op(rec["op"])
+                resolve_op(rec["op"], rec.get("library") or "")
             except OpRefused as e:
-                raise MalformedValue(f"{where}: {e}") from None
+                if e.kind != "namespace":  # an unknown library's op is refused where it would run
+                    raise MalformedValue(f"{where}: {e}") from None
             names.add(rec["op"])
         if not 0 <= rec["step"] < max(1, len(obj["steps"])):
             raise MalformedValue(f"{where}: step {rec['step']} does not exist")
@@ -178,7 +197,8 @@ def check_manifest(obj: Any) -> None:
     for i, layer in enumerate(obj["layers"]):
         for part in ("inputs", "outputs"):
             for use in layer.get(part, []):
-                _check_ref(use["tensor"], tensors, f"layers[{i}].{part}")
+                if use.get("tensor") is not None:
+                    _check_ref(use["tensor"], tensors, f"layers[{i}].{part}")
         first, end = (layer.get("ops") or [0, 0]) + [0, 0][len(layer.get("ops") or []):]
         if not 0 <= first <= end <= n_ops:
             raise MalformedValue(f"layers[{i}].ops: range {layer.get('ops')} is outside 0..{n_ops}")

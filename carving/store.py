@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from .atomic import AtomicDir, OutputError
 from .layout import TensorRef, canonical, content_key, dtype_from_name, dtype_name, materialize
 from .manifest import check_manifest
 
-__all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "FixtureStore", "MANIFEST"]
+__all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "FixtureStore", "MANIFEST", "UncarvableTensor"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -39,6 +40,11 @@ class StoreError(OutputError):
     """A store that cannot be written or read; the message names the file."""
 
 
+class UncarvableTensor(ValueError):
+    """A tensor the store cannot hold (sparse, quantized, meta, nested); the message says which kind."""
+
+
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _DIGEST_FIELD = ',"digest":"'
 
 
@@ -87,6 +93,9 @@ class StoreWriter:
         only after the dispatch mode returns, so the hash cache cannot see the write yet.
         """
         held = t  # the caller's tensor: its version counter sees later in-place writes; a detach() would not
+        if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested:
+            kind = "quantized" if t.is_quantized else ("meta" if t.is_meta else str(t.layout).removeprefix("torch."))
+            raise UncarvableTensor(f"a {kind} tensor {tuple(t.shape)} (tapml records dense strided tensors only)")
         if t.requires_grad:
             t = t.detach()
         if not t.is_cpu:
@@ -113,6 +122,18 @@ class StoreWriter:
             ref["offset"] = t.storage_offset()
         if not exact:
             ref["exact"] = False
+        return ref
+
+    def add_storage(self, t: torch.Tensor) -> dict:
+        """Record a tensor with its whole storage: for ops (``as_strided``) that read beyond the view."""
+        if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested or not t.is_cpu:
+            return self.add(t)
+        n = t.untyped_storage().nbytes() // t.element_size()
+        whole = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
+        ref = self.add(whole)
+        ref.update(shape=list(t.shape), stride=list(t.stride()), storage=True)
+        if t.storage_offset():
+            ref["offset"] = t.storage_offset()
         return ref
 
     def protect(self, tensors: list[torch.Tensor]) -> None:
@@ -193,7 +214,7 @@ class FixtureStore:
         try:
             text = mpath.read_text()
             self.manifest = json.loads(text)
-        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise StoreError(f"{mpath} is corrupt: {e}") from None
         schema = self.manifest.get("schema") if isinstance(self.manifest, dict) else None
         if not isinstance(schema, int) or isinstance(schema, bool):
@@ -243,8 +264,8 @@ class FixtureStore:
         return path
 
     def _shard_path(self, name: str) -> Path:
-        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
-            raise StoreError(f"{self.path / MANIFEST} names an invalid shard {name!r}")
+        if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+            raise StoreError(f"{self.path / MANIFEST} names an invalid shard {str(name)[:80]!r}")
         return self._inside(self.path / _SHARD_DIR / name)
 
     def flat(self, key: str) -> torch.Tensor:
@@ -291,8 +312,13 @@ class FixtureStore:
             rec = self.ops[index]
             op = self._calls[index] = OpCall(op=rec["op"], args=rec["args"], kwargs=rec["kwargs"],
                                              outputs=rec["outputs"], module=rec["module"], index=rec["index"],
-                                             call=rec["call"])
+                                             call=rec["call"], library=rec.get("library") or "")
         return op
+
+    def rng_state(self) -> torch.Tensor | None:
+        """The CPU generator's state when the carve began (None for stores carved before it was kept)."""
+        ref = self.manifest.get("rng_state")
+        return self.load(ref) if ref else None
 
     def inputs(self, index: int) -> list[torch.Tensor]:
         """The recorded input tensors of op ``index``, in ``OpCall.inputs`` order, exact layout."""

@@ -22,11 +22,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
-from tapml.core import dtype_name, encode, op_info
+from tapml.core import ALLOWED_NAMESPACES, TapmlError, bump_undeclared, dtype_name, encode, library_of, op_info
 
-from .store import StoreWriter
+from .store import StoreError, StoreWriter, UncarvableTensor
 
-__all__ = ["CarveOptions", "Tracer", "step", "signature"]
+__all__ = ["CarveOptions", "CarveError", "Tracer", "step", "signature"]
 
 _INTERNAL_DIRS = tuple(
     os.path.dirname(m.__file__) + os.sep for m in (torch, contextlib, sys.modules[__package__])
@@ -63,6 +63,8 @@ class CarveOptions:
 def _meta(value):
     """A repr-stable stand-in for a value: tensors become (dtype, shape, stride)."""
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:  # sparse tensors have no strides (and are refused when stored)
+            return (dtype_name(value.dtype), tuple(value.shape), str(value.layout))
         return (dtype_name(value.dtype), tuple(value.shape), value.stride())
     if isinstance(value, (list, tuple)):
         return tuple(_meta(v) for v in value)
@@ -193,15 +195,18 @@ class Tracer(TorchDispatchMode):
                     self._busy = False
 
     def _tensor_leaves(self, tree) -> list[dict]:
-        """Tensors anywhere in a module's args/kwargs/outputs, with their pytree paths."""
+        """Tensors anywhere in a module's args/kwargs/outputs, with their pytree paths; a tensor the
+        store cannot hold (sparse, ...) is named instead, so the module is known not to be a unit."""
         if isinstance(tree, torch.Tensor):  # the common single-tensor output, without pytree's cost
-            return [{"path": "", "tensor": self.writer.add(tree)}]
+            return [self._leaf("", tree)]
         leaves, _ = tree_flatten_with_path(tree)
-        return [
-            {"path": keystr(p), "tensor": self.writer.add(v)}
-            for p, v in leaves
-            if isinstance(v, torch.Tensor)
-        ]
+        return [self._leaf(keystr(p), v) for p, v in leaves if isinstance(v, torch.Tensor)]
+
+    def _leaf(self, path: str, t: torch.Tensor) -> dict:
+        try:
+            return {"path": path, "tensor": self.writer.add(t)}
+        except UncarvableTensor as e:
+            return {"path": path, "uncarved": str(e)}
 
     # -- ops ----------------------------------------------------------------------
     def _recording(self) -> bool:
@@ -237,6 +242,34 @@ class Tracer(TorchDispatchMode):
             return func(*args, **kwargs)
         self._seen_sigs.add(sig)
         self._sync_step(root_call=False)
+        try:  # tapml's own failures are tapml's, named with the op: never "the model raised"
+            rec = self._inputs(func, info, seq, path, frame, sig, args, kwargs)
+        except StoreError:
+            raise
+        except Exception as e:
+            raise CarveError(f"op {info.name} in {path or '(model)'}: {_why(e)}") from e
+        out = func(*args, **kwargs)
+        bump_undeclared(info, args, kwargs)
+        try:
+            add = self.writer.add if not info.mutated else (lambda t: self.writer.add(t, cached=False))
+            rec["outputs"] = encode(out, add)
+        except StoreError:
+            raise
+        except Exception as e:
+            raise CarveError(f"op {info.name} in {path or '(model)'}: output: {_why(e)}") from e
+        rec["view"] = info.view
+        rec["inplace"] = bool(info.mutated)
+        rec["nondeterministic"] = info.nondeterministic
+        self.ops.append(rec)
+        if self.options.max_bytes is not None and self.writer.bytes_stored >= self.options.max_bytes:
+            self.truncated = f"--max-bytes {self.options.max_bytes} reached after op {rec['index']}"
+        if self.on_op is not None:
+            self.on_op(len(self.ops))
+        return out
+
+
+    def _inputs(self, func, info, seq: int, path: str, frame, sig: str, args, kwargs) -> dict:
+        """The op's record up to its outputs (which exist only after it runs)."""
         add = self.writer.add
         rec = {
             "index": len(self.ops),
@@ -248,27 +281,32 @@ class Tracer(TorchDispatchMode):
             "step": len(self.steps) - 1,
             "source": self._source(),
             "signature": sig,
-            "args": encode(list(args), add),
+            "args": ([encode(args[0], self.writer.add_storage)] + [encode(a, add) for a in args[1:]]
+                     if func._opname in _STORAGE_READERS and args else encode(list(args), add)),
             "kwargs": encode(kwargs, add),
         }
+        if func.namespace not in ALLOWED_NAMESPACES:
+            rec["library"] = library_of(func)
         if info.mutated:
             self.writer.protect([
                 t for m in info.mutated
                 for t in _tensors(args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m))
             ])
-        out = func(*args, **kwargs)
-        if info.mutated:
-            add = lambda t: self.writer.add(t, cached=False)  # noqa: E731
-        rec["outputs"] = encode(out, add)
-        rec["view"] = info.view
-        rec["inplace"] = bool(info.mutated)
-        rec["nondeterministic"] = info.nondeterministic
-        self.ops.append(rec)
-        if self.options.max_bytes is not None and self.writer.bytes_stored >= self.options.max_bytes:
-            self.truncated = f"--max-bytes {self.options.max_bytes} reached after op {rec['index']}"
-        if self.on_op is not None:
-            self.on_op(len(self.ops))
-        return out
+        return rec
+
+
+_STORAGE_READERS = frozenset({"as_strided", "as_strided_", "as_strided_copy"})  # read their input's storage
+
+
+class CarveError(TapmlError):
+    """tapml could not record something the model did (a tensor kind it does not store, a bug of
+    its own); the message names the op or module — the model itself is not blamed."""
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if isinstance(e, UncarvableTensor) and text else \
+        f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 def _tensors(value) -> list[torch.Tensor]:

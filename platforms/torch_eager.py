@@ -12,7 +12,10 @@ import torch
 
 from tapml.core import OpCall, bind_args, flatten_outputs, relayout
 
-from .base import Capabilities, Platform, Support
+from .base import ALL_DTYPES, Capabilities, Platform, Support
+
+# PyTorch runs every dtype it has: complex and the unsigned integers too
+TORCH_DTYPES = ALL_DTYPES + ("complex64", "complex128", "complex32", "uint16", "uint32", "uint64")
 
 __all__ = ["TorchPlatform", "TorchCUDA"]
 
@@ -23,7 +26,7 @@ class TorchPlatform(Platform):
     device = "cpu"
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(device=self.device)
+        return Capabilities(device=self.device, dtypes=TORCH_DTYPES)
 
     def compile(self, op: OpCall) -> Any:
         return op.func
@@ -50,4 +53,4 @@ class TorchCUDA(TorchPlatform):
 
     def capabilities(self) -> Capabilities:
         name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
-        return Capabilities(device=f"cuda:0 ({name})")
+        return Capabilities(device=f"cuda:0 ({name})", dtypes=TORCH_DTYPES)

@@ -273,6 +273,8 @@ class RemoteTarget(Target):
         is never copied, hashed or sent again."""
         refs = []
         for t in inputs:  # not detached: the memo needs the caller's version counter
+            if t.is_conj() or t.is_neg():  # the bit is not in the storage: send the values it stands for
+                t = t.resolve_conj().resolve_neg()
             storage_numel = t.untyped_storage().nbytes() // t.element_size() if t.numel() else 0
             whole = t.is_contiguous() and t.storage_offset() == 0 and t.numel() == storage_numel
             base = None

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from tapml.core import MalformedValue, check_spec, dtype_from_name, dtype_name
+from tapml.core import MalformedValue, byte_view, check_spec, dtype_from_name, dtype_name
 
 __all__ = ["CHUNK", "send_frame", "send_tensor", "recv_frame", "read_preamble", "check_run", "WireError",
            "FrameError"]
@@ -91,9 +91,8 @@ def send_frame(sock: socket.socket, header: dict, payload=None) -> None:
 
 
 def send_tensor(sock: socket.socket, key: str, t: torch.Tensor) -> int:
-    """Send one tensor (made contiguous) as a frame; returns payload bytes."""
-    t = t.detach().contiguous()
-    payload = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else None
+    """Send one tensor (its elements in logical order) as a frame; returns payload bytes."""
+    payload = byte_view(t) if t.numel() else None
     nbytes = 0 if payload is None else payload.nbytes
     send_frame(sock, {"kind": "tensor", "key": key, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
                       "nbytes": nbytes}, payload)
@@ -127,14 +126,27 @@ def _tensor_problem(header: dict) -> str | None:
     return None
 
 
-def recv_frame(sock: socket.socket, max_payload: int | None = None) -> tuple[dict, torch.Tensor | None]:
+def recv_frame(sock: socket.socket, max_payload: int | None = None,
+               frame_s: float | None = None) -> tuple[dict, torch.Tensor | None]:
     """Read one frame: ``(header, tensor or None)``.
 
     A tensor frame that is refused — over ``max_payload`` or malformed but with a readable
     size — has its payload read and discarded (the channel stays in step) and says why in
     ``header["refused"]``. A header that is not a JSON object is a ``WireError``."""
     head = bytearray(_LEN.size)
-    _recv_exact_into(sock, memoryview(head))
+    _recv_exact_into(sock, memoryview(head))  # a peer may stay idle between frames as long as it likes,
+    if frame_s is not None:  # but a frame it has begun must keep arriving
+        sock.settimeout(frame_s)
+    try:
+        return _recv_rest(sock, head, max_payload)
+    except TimeoutError:
+        raise WireError(f"a frame stalled for {frame_s:.0f}s") from None
+    finally:
+        if frame_s is not None:
+            sock.settimeout(None)
+
+
+def _recv_rest(sock: socket.socket, head: bytearray, max_payload: int | None) -> tuple[dict, torch.Tensor | None]:
     (n,) = _LEN.unpack(head)
     if n > _MAX_HEADER:
         raise WireError(f"frame header of {n} bytes is malformed")

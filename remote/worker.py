@@ -66,6 +66,7 @@ class WorkerConfig:
     max_clients: int = 64  # sessions at once
     max_pending: int = 32  # connections still in their preamble
     preamble_s: float = 5.0  # the whole preamble line must arrive within this
+    frame_s: float = 120.0  # a frame once begun must keep arriving: no chunk may take longer than this
     kernel_timeout: float | None = None  # a supervisor's limit, advertised so clients can name a timeout
     announce: bool = False  # print READY with the port on stdout (for a spawning parent)
     watch_stdin: bool = False  # exit when stdin closes (the spawning parent died)
@@ -257,7 +258,7 @@ class _Session:
         self.sock = sock
         try:
             while True:
-                header, t = recv_frame(sock, self.worker.config.max_payload)
+                header, t = recv_frame(sock, self.worker.config.max_payload, frame_s=self.worker.config.frame_s)
                 kind = header.get("kind")
                 if kind == "tensor":
                     if t is None:
@@ -295,7 +296,7 @@ class _Session:
                     inputs.append(t.reshape(-1).as_strided(ref["shape"], ref["stride"], ref["offset"]))
                 else:
                     inputs.append(t.reshape(spec.shape))
-            except RuntimeError as e:
+            except (RuntimeError, ValueError, TypeError, OverflowError) as e:
                 return [], {"ok": False, "error": "malformed", "message": f"input {key[:40]}: {str(e)[:200]}"}
             if tuple(inputs[-1].shape) != spec.shape or inputs[-1].dtype != spec.torch_dtype:
                 return [], {"ok": False, "error": "malformed", "message": f"input {key[:40]} is not {spec.dtype}"
@@ -312,6 +313,8 @@ class _Session:
                 self.ops[header["sig"]] = OpCall.from_json(header["op"])
         except (FrameError, OpRefused) as e:
             return {"ok": False, "error": "malformed", "message": str(e)[:500]}
+        except Exception as e:  # anything else a hostile op description provokes: still just an error reply
+            return {"ok": False, "error": "malformed", "message": f"{type(e).__name__}: {str(e)[:300]}"}
         op = self.ops.get(header["sig"])
         if op is None:
             return {"ok": False, "error": "unknown-op"}
@@ -336,8 +339,8 @@ class _Session:
         except Exception as e:  # the kernel failed (OpFailed or a platform bug): the op is lost, not the worker
             return {"ok": False, "error": "failed", "message": f"{type(e).__name__}: {str(e)[:500]}"}
         for t in outputs:  # kept under their key: an output the next op consumes is not sent back
-            t = t.detach().contiguous()
-            key = content_key(t.reshape(-1))
+            t = t.detach().resolve_conj().resolve_neg().contiguous()
+            key = content_key(t)
             self.cache.put(key, t)
             send_tensor(self.sock, key, t)
         return {"ok": True, "kernel_s": kernel_s}

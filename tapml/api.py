@@ -20,7 +20,7 @@ from .carving import AtomicDir, CarveOptions, FixtureStore, ModelRaised, ReplayR
 from .carving import carve as carve_model
 from .carving import replay as replay_store
 from .core import TapmlError
-from .engine import LocalResult, local_pass, migrate
+from .engine import LocalResult, ModelState, local_pass, migrate
 from .record import Run
 from .settings import Settings
 from .workloads import Workload, load_workload
@@ -87,6 +87,7 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
         settings = Settings(**{**settings.__dict__, "platform": platform})
     workload = as_workload(model, inputs)
     info = _info(workload, model, generate)
+    state = ModelState(workload.model, workload.inputs)  # before the carve: each live run starts as it did
     outdir = AtomicDir(out, force=force) if out is not None else None
     scratch = Path(outdir.tmp if outdir else tempfile.mkdtemp(prefix="tapml-run-"))
     try:
@@ -101,7 +102,7 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
         try:
             run = migrate(lambda: workload.run(generate), opened, target, judge=settings.judge(target), plan=plan,
                           layers=layers, all_calls=settings.all_calls, check_reference=check_reference,
-                          model_info=info, on_event=on_event, store_path=store_path)
+                          model_info=info, on_event=on_event, store_path=store_path, restore=state.restore)
         except ModelRaised as e:
             raise TapmlError(f"{workload.name} raised during a mixed run: {e}") from e
         finally:

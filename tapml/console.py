@@ -103,8 +103,10 @@ def show_store(s: dict, as_json: bool) -> None:
         rows.append(("truncated", s["truncated"]))
     if "replay" in s:
         r = s["replay"]
-        rows.append(("replay", f"{r['checked'] - len(r['mismatches'])}/{r['checked']} bit-exact "
-                               f"({r['skipped_nondeterministic']} nondeterministic skipped)"))
+        noisy = len(r.get("reference_nondeterministic", []))
+        rows.append(("replay", f"{r['checked'] - len(r['mismatches']) - noisy}/{r['checked'] - noisy} bit-exact "
+                               f"({r['skipped_nondeterministic']} nondeterministic skipped"
+                               + (f", {noisy} where the reference disagrees with itself" if noisy else "") + ")"))
     for k, v in rows:
         table.add_row(f"[cyan]{k}[/]", v)
     o.print(table)

@@ -31,11 +31,12 @@ def summarize(store: FixtureStore, *, verified: bool, replay: ReplayReport | Non
         "tensor_uses": len(refs),
         "stored_bytes": store.stored_bytes,
         "unique_tensor_bytes": store.unique_tensor_bytes,
-        "referenced_bytes": m["stats"]["bytes_referenced"],
+        "referenced_bytes": m["stats"].get("bytes_referenced", 0),
         "truncated": m["truncated"],
         "verified": verified,
     }
     if replay is not None:
         summary["replay"] = {"checked": replay.checked, "skipped_nondeterministic": replay.skipped,
-                             "fidelity": replay.fidelity, "mismatches": [vars(m) for m in replay.mismatches]}
+                             "fidelity": replay.fidelity, "mismatches": [vars(m) for m in replay.mismatches],
+                             "reference_nondeterministic": [vars(m) for m in replay.noisy]}
     return summary

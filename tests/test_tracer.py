@@ -158,7 +158,8 @@ def test_filters_modules_ops_unique_and_budget(tmp_path):
     assert len(sigs) == len(set(sigs))
     budget = carve_fn(tmp_path / "d", model, lambda: model(x), max_bytes=300)
     assert budget.manifest["truncated"] and len(budget.ops) < len(only_addmm.ops) + 10
-    assert budget.stored_bytes < 4096
+    rng = budget.tensors[budget.manifest["rng_state"]["key"]]["nbytes"]  # the generator state, kept beside the ops
+    assert budget.stored_bytes - rng < 4096
 
 
 def test_minilm_carve_is_large_and_replays_exactly(minilm_store):

@@ -8,14 +8,18 @@ and the error and status roots. It imports nothing else of tapml.
 
 from .errors import CheckFailed, OpFailed, OpRefused, TapmlError
 from .imports import import_object
-from .keys import HashMemo, content_key
+from .keys import HashMemo, byte_view, content_key
 from .opcall import OpCall, bind_args, flatten_outputs
 from .ops import (
     ALLOWED_NAMESPACES,
     DENIED_OPS,
+    UNDECLARED_WRITES,
     UNINITIALIZED,
     OpInfo,
     allow_namespace,
+    bump_undeclared,
+    library_of,
+    load_library,
     op_info,
     op_info_by_name,
     remote_refusal,
@@ -24,7 +28,7 @@ from .ops import (
 from .status import Status
 from .tensors import TensorSpec, broadcast_narrowed, dtype_from_name, dtype_name, relayout, storage_order
 from .typedjson import SchemaError, from_json, json_schema, jsonable, to_json, validate
-from .values import MalformedValue, Opaque, check_spec, check_value, decode_value, encode, iter_specs
+from .values import MalformedValue, Opaque, check_spec, check_value, decode_value, encode, iter_specs, only_tensors
 from .version import __version__
 
 __all__ = [
@@ -44,9 +48,14 @@ __all__ = [
     "Status",
     "TapmlError",
     "TensorSpec",
+    "UNDECLARED_WRITES",
     "allow_namespace",
+    "bump_undeclared",
+    "library_of",
+    "load_library",
     "bind_args",
     "broadcast_narrowed",
+    "byte_view",
     "check_spec",
     "check_value",
     "content_key",
@@ -61,6 +70,7 @@ __all__ = [
     "json_schema",
     "jsonable",
     "op_info",
+    "only_tensors",
     "op_info_by_name",
     "relayout",
     "remote_refusal",

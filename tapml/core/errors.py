@@ -17,7 +17,15 @@ class CheckFailed(Exception):
 
 
 class OpRefused(TapmlError):
-    """An op name that is not an allow-listed, side-effect-free operator overload."""
+    """An op name that is not an allow-listed, side-effect-free operator overload.
+
+    ``kind``: ``"namespace"`` when the op is well-formed but its namespace is not allowed
+    (a library the store or client did not name, or one that is not trusted) — such an op
+    is refused where it would run; every other kind marks the name itself as hostile or broken."""
+
+    def __init__(self, message: str, kind: str = "name"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class OpFailed(Exception):

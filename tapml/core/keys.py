@@ -9,7 +9,7 @@ import xxhash
 
 from .tensors import dtype_name
 
-__all__ = ["content_key", "HashMemo"]
+__all__ = ["content_key", "byte_view", "HashMemo"]
 
 
 def content_key(flat: torch.Tensor) -> str:
@@ -22,8 +22,22 @@ def content_key(flat: torch.Tensor) -> str:
     """
     h = xxhash.xxh3_128(dtype_name(flat.dtype).encode() + b"\0")
     if flat.numel():
-        h.update(memoryview(flat.detach().view(torch.uint8).numpy()))
+        h.update(byte_view(flat))
     return h.hexdigest()
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A tensor's elements in logical order as raw bytes (copied only when they are not already so laid
+    out): what is hashed and what crosses the wire. Conjugate and negative views are resolved first."""
+    t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    flat = t.reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # size-1 dims keep any stride through a reshape
+        flat = flat.as_strided((flat.numel(),), (1,), flat.storage_offset())
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 class HashMemo:

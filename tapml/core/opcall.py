@@ -22,7 +22,7 @@ import torch
 from .errors import OpRefused
 from .ops import OpInfo, op_info, resolve_op
 from .tensors import TensorSpec
-from .values import MalformedValue, check_value, decode_value, iter_specs
+from .values import MalformedValue, check_value, decode_value, iter_specs, only_tensors
 
 __all__ = ["OpCall", "bind_args", "flatten_outputs"]
 
@@ -40,6 +40,7 @@ class OpCall:
     module: str = ""
     index: int = -1
     call: int = 0
+    library: str = ""  # the module that registers the op's namespace, when it is not aten/prims
 
     def __post_init__(self) -> None:
         self.func  # noqa: B018 — resolve through the allow-list now, not at run time
@@ -56,7 +57,7 @@ class OpCall:
 
     @cached_property
     def func(self) -> torch._ops.OpOverload:
-        return resolve_op(self.op)
+        return resolve_op(self.op, self.library if isinstance(self.library, str) else None)
 
     @cached_property
     def info(self) -> OpInfo:
@@ -88,11 +89,14 @@ class OpCall:
     @property
     def tensor_outputs_only(self) -> bool:
         """True when every output is a tensor (platforms return tensors, not Python scalars)."""
-        return _only_tensors(self.outputs)
+        return only_tensors(self.outputs)
 
     def to_json(self) -> dict:
-        return {"op": self.op, "args": self.args, "kwargs": self.kwargs, "outputs": self.outputs,
-                "module": self.module, "index": self.index, "call": self.call}
+        out = {"op": self.op, "args": self.args, "kwargs": self.kwargs, "outputs": self.outputs,
+               "module": self.module, "index": self.index, "call": self.call}
+        if self.library:
+            out["library"] = self.library
+        return out
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), separators=(",", ":"))
@@ -103,7 +107,8 @@ class OpCall:
         if not isinstance(obj, dict) or not all(k in obj for k in ("op", "args", "kwargs", "outputs")):
             raise OpRefused("an op call must be an object with op, args, kwargs and outputs")
         return cls(op=obj["op"], args=obj["args"], kwargs=obj["kwargs"], outputs=obj["outputs"],
-                   module=obj.get("module", ""), index=obj.get("index", -1), call=obj.get("call", 0))
+                   module=obj.get("module", ""), index=obj.get("index", -1), call=obj.get("call", 0),
+                   library=obj.get("library") or "")
 
     @classmethod
     def loads(cls, text: str) -> OpCall:
@@ -126,15 +131,6 @@ def _strip(value):
         if kind == "dict":
             return {"dict": {k: _strip(v) for k, v in payload.items()}}
     return value
-
-
-def _only_tensors(value) -> bool:
-    if isinstance(value, list):
-        return all(_only_tensors(v) for v in value)
-    if isinstance(value, dict):
-        (kind, payload), = value.items()
-        return kind == "tensor" or (kind == "tuple" and _only_tensors(payload))
-    return False
 
 
 def bind_args(op: OpCall, tensors: list[torch.Tensor], *, device: str | None = None) -> tuple[list, dict]:

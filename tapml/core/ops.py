@@ -18,19 +18,66 @@ import torch
 
 from .errors import OpRefused
 
-__all__ = ["OpInfo", "op_info", "op_info_by_name", "resolve_op", "remote_refusal", "allow_namespace",
-           "ALLOWED_NAMESPACES", "DENIED_OPS", "UNINITIALIZED"]
+__all__ = ["UNDECLARED_WRITES", "bump_undeclared", "OpInfo", "op_info", "op_info_by_name", "resolve_op",
+           "remote_refusal", "allow_namespace", "load_library",
+           "library_of", "ALLOWED_NAMESPACES", "DENIED_OPS", "UNINITIALIZED", "TRUSTED_LIBRARIES"]
 
 ALLOWED_NAMESPACES = frozenset({"aten", "prims"})
 # side effects outside tensors: files, the console, streams, raw storages
 DENIED_OPS = frozenset({
     "aten.from_file", "aten._print", "aten.record_stream", "aten.set", "aten._make_dep_token",
-    "aten._linalg_check_errors", "aten.sym_constrain_range", "aten._assert_scalar",
 })
-UNINITIALIZED = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted"})
+# Legacy schemas that write arguments without saying so (``(a!)``): batch norm's running statistics in
+# training mode. Treated as declared writes; version counters are bumped by hand after them (ATen does not).
+UNDECLARED_WRITES = {"aten.native_batch_norm": (3, 4), "aten.cudnn_batch_norm": (3, 4),
+                     "aten.miopen_batch_norm": (3, 4), "aten._batch_norm_impl_index": (3, 4)}
+UNINITIALIZED = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted",
+                           "_ctc_loss"})  # _ctc_loss leaves part of its log_alpha output unwritten
 _DENIED_TYPES = ("Storage", "Stream", "Any", "__torch__", "Capsule", "Future", "Await", "Object")
 _NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
 _extra_namespaces: set[str] = set()
+# Python modules that may be imported to register an op namespace a store or a client names: parts of the
+# installed PyTorch distribution, which register ops on import and do nothing else
+TRUSTED_LIBRARIES = ("torch.", "torchvision.", "torchaudio.")
+
+
+def library_of(func: torch._ops.OpOverload) -> str | None:
+    """The Python module that registered a custom op (``torch.library.custom_op``), when known."""
+    try:
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:
+        return None
+    definition = OPDEFS.get(f"{func.namespace}::{func._schema.name.split('::', 1)[-1]}")
+    init = getattr(definition, "_init_fn", None)
+    return getattr(init, "__module__", None)
+
+
+def load_library(namespace: str, module: str | None) -> None:
+    """Make ``namespace`` resolvable by importing the module that registers it — only a trusted one.
+
+    A store or a client names the module; importing code is only ever done for modules of the
+    installed PyTorch distribution (``TRUSTED_LIBRARIES``); anything else is refused with its name."""
+    if namespace in ALLOWED_NAMESPACES or namespace in _extra_namespaces:
+        return
+    if not module:
+        raise OpRefused(f"namespace {namespace!r} is registered by a Python module tapml does not know "
+                        "(not a torch.library.custom_op): its ops stay on the reference", "namespace")
+    if not isinstance(module, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", module) or \
+            not module.startswith(TRUSTED_LIBRARIES):
+        raise OpRefused(f"namespace {namespace!r} is registered by module {module!r}, which is not a trusted "
+                        f"library ({', '.join(p + '*' for p in TRUSTED_LIBRARIES)}): its ops stay on the reference",
+                        "namespace")
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise OpRefused(f"namespace {namespace!r}: module {module} cannot be imported here ({e})", "namespace") \
+            from None
+    if not any(n.startswith(f"{namespace}::") for n in torch._C._dispatch_get_all_op_names()):
+        raise OpRefused(f"module {module} did not register namespace {namespace!r}", "namespace")
+    _registered.cache_clear()
+    _extra_namespaces.add(namespace)
 
 
 def allow_namespace(namespace: str) -> None:
@@ -55,15 +102,20 @@ def _is_registered(namespace: str, op: str, overload: str) -> bool:
     return qualified in names if overload == "default" else f"{qualified}.{overload}" in names
 
 
-def resolve_op(name: str) -> torch._ops.OpOverload:
-    """``"aten.addmm.default"`` → ``torch.ops.aten.addmm.default``, or ``OpRefused`` saying why not."""
+def resolve_op(name: str, library: str | None = None) -> torch._ops.OpOverload:
+    """``"aten.addmm.default"`` → ``torch.ops.aten.addmm.default``, or ``OpRefused`` saying why not.
+
+    ``library``: the module a store or client says registers the op's namespace (imported only
+    when trusted, see ``load_library``)."""
     match = _NAME.fullmatch(name) if isinstance(name, str) else None
     if match is None:
         raise OpRefused(f"op name {name!r} is not NAMESPACE.OP.OVERLOAD")
     namespace, op, overload = match.groups()
+    if library is not None and namespace not in ALLOWED_NAMESPACES and namespace not in _extra_namespaces:
+        load_library(namespace, library)
     if namespace not in ALLOWED_NAMESPACES and namespace not in _extra_namespaces:
         raise OpRefused(f"op {name}: namespace {namespace!r} is not allow-listed "
-                        f"({', '.join(sorted(ALLOWED_NAMESPACES | _extra_namespaces))})")
+                        f"({', '.join(sorted(ALLOWED_NAMESPACES | _extra_namespaces))})", "namespace")
     if op.startswith("__") or overload.startswith("__"):
         raise OpRefused(f"op {name}: not an operator name")
     if f"{namespace}.{op}" in DENIED_OPS:
@@ -90,6 +142,13 @@ class OpInfo:
     nondeterministic: bool  # random (seeded) or uninitialized output
     outputs: tuple[str, ...]  # return names where the schema gives them ("" otherwise)
     inplace_view: bool = False
+    returned: tuple[int | str | None, ...] = ()  # per return: the mutated argument it aliases, or None
+    undeclared: tuple[int, ...] = ()  # arguments written without an (a!) in the schema
+
+    @property
+    def writes_unreturned(self) -> bool:
+        """Some argument is written but not returned: a target's new values for it would be lost."""
+        return any(m not in self.returned for m in self.mutated)
 
     @property
     def inplace(self) -> bool:
@@ -106,20 +165,32 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
     info = _INFO.get(func)
     if info is None:
         schema = func._schema
-        mutated = tuple(
-            (a.name if a.kwarg_only else i)
-            for i, a in enumerate(schema.arguments)
-            if a.alias_info is not None and a.alias_info.is_write
-        )
-        view = not mutated and any(r.alias_info is not None for r in schema.returns)
+        writers = {}  # alias set -> the argument written through it
+        for i, a in enumerate(schema.arguments):
+            if a.alias_info is not None and a.alias_info.is_write:
+                writers[tuple(sorted(a.alias_info.before_set))] = a.name if a.kwarg_only else i
+        undeclared = UNDECLARED_WRITES.get(f"{func.namespace}.{func._opname}", ())
+        mutated = tuple(writers.values()) + tuple(i for i in undeclared if i not in writers.values())
+        view = not writers and any(r.alias_info is not None for r in schema.returns)
+        returned = tuple(writers.get(tuple(sorted(r.alias_info.before_set))) if r.alias_info is not None else None
+                         for r in schema.returns)
         nondet = torch.Tag.nondeterministic_seeded in func.tags or func._opname in UNINITIALIZED
         info = _INFO[func] = OpInfo(str(func), mutated, view, nondet, tuple(r.name or "" for r in schema.returns),
-                                    torch.Tag.inplace_view in func.tags)
+                                    torch.Tag.inplace_view in func.tags, returned, undeclared)
     return info
 
 
-def op_info_by_name(name: str) -> OpInfo:
-    return op_info(resolve_op(name))
+def bump_undeclared(info: OpInfo, args, kwargs) -> None:
+    """After an op that writes arguments without saying so: bump their version counters, so every
+    hash memo keyed on (storage, version) sees the write (ATen bumps only for declared writes)."""
+    for i in info.undeclared:
+        t = args[i] if i < len(args) else None
+        if isinstance(t, torch.Tensor) and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
+def op_info_by_name(name: str, library: str | None = None) -> OpInfo:
+    return op_info(resolve_op(name, library))
 
 
 def remote_refusal(name: str) -> str | None:

@@ -32,7 +32,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def dtype_from_name(name: str) -> torch.dtype:
     """A dtype by name, from a fixed table: names arrive from stores and the wire, never ``getattr(torch, ...)``."""
-    dtype = _DTYPES.get(name) if isinstance(name, str) else None
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None  # (a list or dict is never hashed)
     if dtype is None:
         raise ValueError(f"unknown dtype {name!r}")
     return dtype
@@ -87,8 +87,8 @@ def storage_order(shape, stride) -> list[int]:
 
 
 def broadcast_narrowed(shape, stride) -> tuple[int, ...]:
-    """Broadcast dims (stride 0) hold one element's worth of memory."""
-    return tuple(1 if st == 0 else sz for sz, st in zip(shape, stride, strict=True))
+    """Broadcast dims (stride 0) hold one element's worth of memory (an empty dim holds none)."""
+    return tuple(1 if st == 0 and sz else sz for sz, st in zip(shape, stride, strict=True))
 
 
 def relayout(t: torch.Tensor, spec: TensorSpec, *, copy: bool = True) -> torch.Tensor:

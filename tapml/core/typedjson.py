@@ -148,7 +148,7 @@ def _from_dict(cls: type, value, path: str, strict: bool):
             raise SchemaError(f"{path or 'the top level'}: unknown field {unknown[0]!r}")
     kwargs = {}
     for key, f in fields.items():
-        if key in value and value[key] is not None:
+        if key in value and (value[key] is not None or hints[f.name] is Any):  # null is a value of Any
             kwargs[f.name] = _convert(hints[f.name], value[key], f"{path}.{key}" if path else key, strict)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise SchemaError(f"{path + '.' if path else ''}{key}: missing")

@@ -18,7 +18,8 @@ import torch
 
 from .tensors import dtype_from_name, dtype_name
 
-__all__ = ["encode", "decode_value", "iter_specs", "check_value", "check_spec", "Opaque", "MalformedValue"]
+__all__ = ["encode", "decode_value", "iter_specs", "only_tensors", "check_value", "check_spec", "Opaque",
+           "MalformedValue"]
 
 _MEMORY_FORMATS = {
     str(f).removeprefix("torch."): f
@@ -28,6 +29,7 @@ _LAYOUTS = {str(lay).removeprefix("torch."): lay for lay in (torch.strided, torc
 _DEVICES = ("cpu", "cuda", "meta")
 _MAX_DEPTH = 32
 _MAX_DIMS = 64
+_MAX_INT = 1 << 48  # sizes, strides and offsets beyond this are not a real tensor's
 
 
 class Opaque(ValueError):
@@ -110,8 +112,18 @@ def iter_specs(value):
             yield from iter_specs(list(payload.values()))
 
 
+def only_tensors(value) -> bool:
+    """True when an encoded result is tensors only (no Python scalars, no None)."""
+    if isinstance(value, list):
+        return all(only_tensors(v) for v in value)
+    if isinstance(value, dict):
+        (kind, payload), = value.items()
+        return kind == "tensor" or (kind == "tuple" and only_tensors(payload))
+    return False
+
+
 def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, int) and not isinstance(x, bool) and -_MAX_INT < x < _MAX_INT
 
 
 def check_spec(spec: Any, where: str = "tensor") -> None:
@@ -120,7 +132,7 @@ def check_spec(spec: Any, where: str = "tensor") -> None:
         raise MalformedValue(f"{where}: not an object")
     try:
         dtype_from_name(spec.get("dtype"))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise MalformedValue(f"{where}: {e}") from None
     shape, stride = spec.get("shape"), spec.get("stride")
     if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_int(s) and s >= 0 for s in shape):
@@ -130,8 +142,8 @@ def check_spec(spec: Any, where: str = "tensor") -> None:
     offset = spec.get("offset", 0)
     if not _int(offset) or offset < 0:
         raise MalformedValue(f"{where}: offset must be a non-negative integer")
-    if not isinstance(spec.get("exact", True), bool):
-        raise MalformedValue(f"{where}: exact must be a boolean")
+    if not isinstance(spec.get("exact", True), bool) or not isinstance(spec.get("storage", False), bool):
+        raise MalformedValue(f"{where}: exact and storage must be booleans")
     if "key" in spec and not isinstance(spec["key"], str):
         raise MalformedValue(f"{where}: key must be a string")
 
@@ -165,22 +177,22 @@ def check_value(value: Any, where: str = "value", depth: int = 0) -> None:
         for k, v in payload.items():
             check_value(v, f"{where}.{k}", depth + 1)
     elif kind == "float":
-        if payload not in ("inf", "-inf", "nan"):
+        if not isinstance(payload, str) or payload not in ("inf", "-inf", "nan"):
             raise MalformedValue(f"{where}: float {payload!r} is not inf, -inf or nan")
     elif kind == "dtype":
         try:
             dtype_from_name(payload)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise MalformedValue(f"{where}: {e}") from None
     elif kind == "device":
         if not isinstance(payload, str) or payload.split(":")[0] not in _DEVICES or \
                 (":" in payload and not payload.split(":", 1)[1].isdigit()):
             raise MalformedValue(f"{where}: device {payload!r} is not cpu, cuda[:N] or meta")
     elif kind == "memory_format":
-        if payload not in _MEMORY_FORMATS:
+        if not isinstance(payload, str) or payload not in _MEMORY_FORMATS:
             raise MalformedValue(f"{where}: unknown memory format {payload!r}")
     elif kind == "layout":
-        if payload not in _LAYOUTS:
+        if not isinstance(payload, str) or payload not in _LAYOUTS:
             raise MalformedValue(f"{where}: unknown layout {payload!r}")
     elif kind == "complex":
         if not (isinstance(payload, list) and len(payload) == 2 and all(isinstance(x, (int, float))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import platform as _platform
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,7 +13,7 @@ from tapml.carving import FixtureStore
 from tapml.core import Status, __version__
 from tapml.record import RUN_SCHEMA, Culprit, Metrics, OpRef, OpRow, Plan, Reference, Run, Step, TargetEvent
 
-from .localize import Localization
+from .localize import Localization, skip_reason
 from .mixed import MixedResult
 
 __all__ = ["RunFacts", "build_run", "summary_line", "OP_STATUSES"]
@@ -36,6 +36,7 @@ class RunFacts:
     target_stats: dict[str, int]
     target_events: list[TargetEvent]
     target_lost: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _row(rec: dict, local, mixed: MixedResult | None, noise: float | None) -> OpRow:
@@ -44,12 +45,12 @@ def _row(rec: dict, local, mixed: MixedResult | None, noise: float | None) -> Op
     if local is not None:
         row.status, row.reason, row.local = local.status, local.reason, local.local
         row.reference_noise = local.reference_noise
-    elif mixed is not None and mixed.status in (Status.UNSUPPORTED, Status.CRASHED, Status.TIMEOUT):
+    elif mixed is not None and mixed.status in (Status.UNSUPPORTED, Status.CRASHED, Status.TIMEOUT, Status.SKIPPED):
         row.status, row.reason = mixed.status, mixed.reason
     elif mixed is not None and mixed.propagated is not None:
         row.status, row.reason = Status.OK, "local error measured on an earlier call of the same signature"
     else:
-        row.reason = "not selected by the plan"
+        row.reason = skip_reason(rec) or "not selected by the plan"
     if mixed is not None and mixed.propagated is not None:
         row.propagated = mixed.propagated
         row.offloaded = mixed.status == Status.OFFLOADED
@@ -70,7 +71,7 @@ def build_run(store: FixtureStore, facts: RunFacts, steps: list[Step], propagate
     victims = set(loc.victims)
     for row in ops:
         row.victim = row.index in victims
-    compute = [o for o in ops if not store.ops[o.index]["view"]]
+    compute = [o for o in ops if skip_reason(store.ops[o.index]) is None]  # views, random ops, ... never move
     offloaded = [o for o in compute if o.offloaded]
     counts = Counter(o.status for o in ops)
     culprit = None
@@ -84,15 +85,7 @@ def build_run(store: FixtureStore, facts: RunFacts, steps: list[Step], propagate
                           random_inputs=loc.random_inputs,
                           repro=f"tapml replay {facts.store_path} --platform {facts.target_name} --op {i}")
     final = steps[-1].end_to_end if steps else Metrics(ok=True)
-    failed = counts[Status.CRASHED] + counts[Status.TIMEOUT]
-    verdict = Status.DIVERGENT if (culprit or not final.ok) else \
-        (Status.INCOMPLETE if failed or facts.target_lost else Status.OK)
-    reason = None
-    if facts.target_lost:
-        not_run = sum(1 for o in ops if o.reason and o.reason.startswith("not run:"))
-        reason = f"{facts.target_lost}; {not_run} ops were not run on the target"
-    elif failed:
-        reason = f"{counts[Status.CRASHED]} ops crashed and {counts[Status.TIMEOUT]} timed out on the target"
+    verdict, reason = _verdict(culprit, steps, ops, counts, facts, len(compute), len(offloaded))
     first_nonfinite = next((OpRef(o.index, o.op, o.module, "local") for o in ops
                             if o.local is not None and o.local.new_nonfinite), None) \
         or next((OpRef(s.first_nonfinite.index, s.first_nonfinite.op, s.first_nonfinite.module, f"step {s.name}")
@@ -109,11 +102,40 @@ def build_run(store: FixtureStore, facts: RunFacts, steps: list[Step], propagate
         offloaded_ops=len(offloaded), first_nonfinite=first_nonfinite,
         saturated_ops=[o.index for o in ops if o.local is not None and o.local.saturated],
         end_to_end=final, tokens=steps[-1].tokens if steps else None, steps=steps, ops=ops,
-        target_stats=facts.target_stats, target_events=facts.target_events,
-        reason=reason if verdict != Status.OK else None,
+        target_stats=facts.target_stats, target_events=facts.target_events, reason=reason, notes=facts.notes,
     )
     run.summary = summary_line(run)
     return run
+
+
+def _verdict(culprit, steps: list[Step], ops: list[OpRow], counts: Counter, facts: RunFacts, compute: int,
+             offloaded: int) -> tuple[Status, str | None]:
+    """divergent when any op or any step is out of bounds; incomplete whenever the run could not check
+    what it was asked to (the target lost or failing, the live run off the carved path, nothing
+    offloaded); ok only when everything it checked passed and something was checked."""
+    bad_step = next((s for s in steps if not s.end_to_end.ok), None)
+    if culprit is not None:
+        return Status.DIVERGENT, None
+    if bad_step is not None:
+        return Status.DIVERGENT, f"the model output is out of bounds from step {bad_step.name!r} on"
+    failed = counts[Status.CRASHED] + counts[Status.TIMEOUT]
+    off_path = next((s for s in steps if s.diverged), None)
+    if facts.target_lost:
+        not_run = sum(1 for o in ops if o.reason and o.reason.startswith("not run:"))
+        return Status.INCOMPLETE, f"{facts.target_lost}; {not_run} ops were not run on the target"
+    if failed:
+        return Status.INCOMPLETE, (f"{counts[Status.CRASHED]} ops crashed and {counts[Status.TIMEOUT]} timed "
+                                   "out on the target")
+    if off_path is not None:
+        return Status.INCOMPLETE, (f"step {off_path.name!r} left the carved path ({off_path.diverged}); "
+                                   "the ops after it were not offloaded")
+    if not compute:
+        return Status.INCOMPLETE, "the model has no compute ops (only views, random or Python-value ops): " \
+                                  "nothing was offloaded or checked"
+    if not offloaded:
+        return Status.INCOMPLETE, (f"nothing was offloaded: all {compute} compute ops stayed on the reference "
+                                   f"({counts[Status.UNSUPPORTED]} unsupported by the target)")
+    return Status.OK, None
 
 
 def summary_line(r: Run) -> str:
@@ -131,8 +153,9 @@ def summary_line(r: Run) -> str:
                 f"{m.max_abs:.3g} against a tolerance of atol {tol.atol:.3g} + rtol {tol.rtol:.3g}; "
                 f"{c.victims_downstream} later ops inherit it{token_note}")
     if r.verdict == Status.DIVERGENT:
-        return (f"no single op is out of tolerance, but the model output is (max abs "
-                f"{r.end_to_end.max_abs:.3g}): small errors accumulate{token_note}")
+        worst = max((s.end_to_end.max_abs for s in r.steps), default=r.end_to_end.max_abs)
+        return (f"no single op is out of tolerance, but the model output is (max abs {worst:.3g}; "
+                f"{r.reason}): small errors accumulate{token_note}")
     if r.verdict == Status.INCOMPLETE:
         restarts = len([e for e in r.target_events if e.recovery != "lost"])
         return r.reason + (f" ({restarts} worker restarts)" if restarts else "")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from tapml.carving import FixtureStore
-from tapml.core import OpFailed, Status, TapmlError, to_json
+from tapml.core import OpFailed, OpRefused, Status, TapmlError, only_tensors, op_info_by_name, to_json
 from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
 from tapml.record import Metrics, RandomCheck, RandomDraw
@@ -26,8 +26,6 @@ from .reference import Reference
 
 __all__ = ["LocalResult", "Localization", "localize", "local_pass", "run_local", "select_ops", "find_culprit",
            "find_victims", "random_input_check", "skip_reason", "reference_noise", "DRAWS"]
-
-PYTHON_VALUE = "aten._local_scalar_dense.default"
 
 
 @dataclass
@@ -49,13 +47,21 @@ class LocalResult:
 
 
 def skip_reason(rec: dict) -> str | None:
-    """Why an op is never sent to a target (it stays on the reference by design)."""
+    """Why an op is never sent to a target (it stays on the reference by design); None for a compute op."""
     if rec["nondeterministic"]:
         return "nondeterministic on the reference (random or uninitialized output): not comparable"
     if rec["view"]:
         return "view op (no compute): stays on the reference"
-    if rec["op"] == PYTHON_VALUE:
-        return "returns a Python value: stays on the reference"
+    if not only_tensors(rec["outputs"]):
+        return "returns a Python value, not tensors: stays on the reference"
+    try:
+        info = op_info_by_name(rec["op"], rec.get("library") or "")
+    except OpRefused as e:
+        return f"refused: {e}"
+    if info.inplace_view:
+        return "rewrites tensor metadata in place (squeeze_, resize_, ...): stays on the reference"
+    if info.writes_unreturned:
+        return "writes inputs it does not return (e.g. batch norm's running statistics): stays on the reference"
     return None
 
 
@@ -73,7 +79,10 @@ def run_local(store: FixtureStore, target: Target, judge: Judge, index: int, *, 
             except (Unsupported, OpFailed, TapmlError):
                 pass
         return result
-    op = store.op_call(index)
+    try:
+        op = store.op_call(index)
+    except OpRefused as e:  # an op of a library this machine will not import: it stays on the reference
+        return LocalResult(*here, Status.UNSUPPORTED, f"refused: {e}")
     try:
         support = target.prepare(op)
         if not support:

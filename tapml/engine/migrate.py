@@ -18,8 +18,8 @@ from tapml.record import Plan, Run, TargetEvent
 
 from .build import RunFacts, build_run
 from .localize import localize
-from .mixed import run_step
 from .plans import make_plan
+from .probe import probe, rng_replay
 from .reference import Reference, torch_reference
 from .steps import run_steps
 
@@ -39,21 +39,22 @@ def check_store(store: FixtureStore) -> None:
 def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judge: Judge, plan: str = "layers",
             layers: str | None = None, all_calls: bool = False, check_reference: bool = False,
             model_info: dict | None = None, on_event: Callable[[str, Any], None] | None = None,
-            store_path: str | None = None, reference: Reference | None = None) -> Run:
-    """Migrate step by step, localize, and return the run record."""
+            store_path: str | None = None, reference: Reference | None = None,
+            restore: Callable[[], None] | None = None) -> Run:
+    """Migrate step by step, localize, and return the run record.
+
+    ``restore`` puts the model's state back as it was when carved (``ModelState(model).restore``,
+    taken before the carve); it runs before every live run."""
     check_store(store)
     emit = on_event or (lambda *_: None)
     reference = reference or torch_reference()
     steps_plan = make_plan(store, plan, layers)
-    carved_seq = max((op["seq"] for op in store.ops), default=-1) + 1
-
-    # the reference run, live: the yardstick for end-to-end error and a check that the run repeats the carve
-    reference_out, probe, _ = run_step(run, store, target, set(), judge)
-    if probe.seq != carved_seq:
-        raise TapmlError(f"the model dispatched {probe.seq} ops now but {carved_seq} when carved: "
-                         "its path is not repeatable, so carved ops cannot be matched to the live run")
-    stats_before, events_before = Counter(target.stats), len(target.events)
-    outcome = run_steps(run, store, target, steps_plan, judge, reference_out, emit)
+    with rng_replay(store, restore) as rng:
+        run = rng(run)  # random ops repeat what the carve drew, in every live run
+        # the reference run, live: the yardstick for end-to-end error and a check that the run repeats the carve
+        ref = probe(run, store)
+        stats_before, events_before = Counter(target.stats), len(target.events)
+        outcome = run_steps(run, store, target, steps_plan, judge, ref.output, emit, ref.excluded)
     emit("local", None)
     propagated = {i: r.propagated for i, r in outcome.propagated.items() if r.propagated is not None}
     loc = localize(store, target, judge, propagated, reference=reference, all_calls=all_calls,
@@ -64,5 +65,6 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judg
         plan=Plan(kind=plan, layers=layers, steps=[s["name"] for s in steps_plan]), rule=judge.rule,
         compute_dtype=judge.compute_dtype,
         target_stats={k: int(v) for k, v in (Counter(target.stats) - stats_before).items()},
-        target_events=[TargetEvent(**e) for e in target.events[events_before:]], target_lost=target.lost)
+        target_events=[TargetEvent(**e) for e in target.events[events_before:]], target_lost=target.lost,
+        notes=list(ref.excluded.values()))
     return build_run(store, facts, outcome.steps, outcome.propagated, loc)

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tapml.carving import FixtureStore, ModelRaised
-from tapml.core import OpFailed, Status, decode_value, op_info
+from tapml.core import OpFailed, Status, TapmlError, bump_undeclared, decode_value, op_info, relayout
 from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
 from tapml.record import Metrics, OpRef
@@ -49,6 +49,13 @@ def flatten_tensors(value) -> list[torch.Tensor]:
     return []
 
 
+def _reference(func, args, kwargs):
+    """Run on the reference; an op that writes arguments without saying so gets their versions bumped."""
+    out = func(*args, **kwargs)
+    bump_undeclared(op_info(func), args, kwargs)
+    return out
+
+
 class MixedRun(TorchDispatchMode):
     """Sends the selected carved ops to ``target`` during a live run."""
 
@@ -71,19 +78,19 @@ class MixedRun(TorchDispatchMode):
         rec = self.by_seq.get(self.seq)
         self.seq += 1
         if rec is None or rec["index"] not in self.selected:
-            return func(*args, **kwargs)
+            return _reference(func, args, kwargs)
         index = rec["index"]
         if rec["op"] != str(func):
             self._diverge(f"op {index}: the live run called {func} where the carve had {rec['op']}")
-            return func(*args, **kwargs)
+            return _reference(func, args, kwargs)
         live = flatten_tensors([args, kwargs])
         op = self.store.op_call(index)
         if [tuple(t.shape) for t in live] != [s.shape for s in op.inputs]:
             self._diverge(f"op {index} ({rec['op']}): input shapes differ from the carve")
-            return func(*args, **kwargs)
+            return _reference(func, args, kwargs)
         outputs = self._on_target(index, op, live)
         if outputs is None:
-            return func(*args, **kwargs)
+            return _reference(func, args, kwargs)
         start = time.perf_counter()
         want = self.store.outputs(index)
         metrics = self.judge.judge(op, outputs, want, live, oracle=False)  # the oracle is for local errors
@@ -95,16 +102,30 @@ class MixedRun(TorchDispatchMode):
         if len(outputs) != len(want) or any(o.shape != w.shape for o, w in zip(outputs, want, strict=False)):
             result.status = Status.FELL_BACK  # a wrong shape cannot flow on: the reference result does
             result.reason = metrics.problem or "output count differs"
-            return func(*args, **kwargs)
-        outputs = [o.to(w.dtype) for o, w in zip(outputs, want, strict=True)]
+            return _reference(func, args, kwargs)
+        try:
+            return self._hand_back(func, rec, op, outputs, want, args, kwargs)
+        except Exception as e:  # tapml's own failure: the op falls back, the model is not blamed
+            result.status = Status.FELL_BACK
+            result.reason = f"tapml could not hand the target's outputs back: {type(e).__name__}: {e}"
+            return _reference(func, args, kwargs)
+
+    def _hand_back(self, func, rec: dict, op, outputs: list[torch.Tensor], want: list[torch.Tensor], args, kwargs):
+        """The target's outputs as the live model expects them: the carved dtypes and layouts (strides,
+        storage offset — the reference's kernels chose them, and later ops take other paths for
+        others), and written into the caller's tensors where the schema says the op writes them."""
         info = op_info(func)
-        if info.mutated:  # in place / out=: the target's values go into the caller's tensors
-            mutated = [args[m] if isinstance(m, int) else kwargs[m] for m in info.mutated]
-            targets = flatten_tensors(mutated)
-            for dst, src in zip(targets, outputs, strict=False):
-                dst.copy_(src)
-            outputs = targets
-        it = iter(outputs)
+        laid = [relayout(o.to(w.dtype), spec, copy=False) for o, w, spec in zip(outputs, want, op.output_specs,
+                                                                                 strict=True)]
+        if info.mutated:
+            if len(laid) != len(info.returned):
+                raise ValueError("an in-place op returning a list cannot be written back")
+            for r, m in enumerate(info.returned):
+                if m is not None:  # this return is the argument written in place
+                    dst = args[m] if isinstance(m, int) else kwargs[m]
+                    dst.copy_(laid[r])
+                    laid[r] = dst
+        it = iter(laid)
         return decode_value(rec["outputs"], lambda _: next(it))
 
     def _on_target(self, index: int, op, live: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -144,11 +165,17 @@ def offloadable(store: FixtureStore, indices) -> set[int]:
 def run_step(run: Callable[[], Any], store: FixtureStore, target: Target, selected: set[int], judge: Judge,
              on_op: Callable[[], None] | None = None) -> tuple[Any, MixedRun, float]:
     """One live run with ``selected`` ops on the target; returns (output, mixed run, wall seconds)."""
-    mixed = MixedRun(store, target, offloadable(store, selected), judge, on_op)
+    chosen = offloadable(store, selected)
+    mixed = MixedRun(store, target, chosen, judge, on_op)
     start = time.perf_counter()
     try:
         with torch.no_grad(), mixed:
             output = run()
+    except TapmlError:
+        raise  # tapml's own (a store it cannot read, ...): not the model's
     except (Exception, SystemExit) as e:  # the model itself raised: say so, with what it said
         raise ModelRaised(f"{type(e).__name__}: {e}") from e
+    for i in chosen - set(mixed.results):  # selected but never reached: say why
+        mixed.results[i] = MixedResult(Status.SKIPPED, f"not offloaded: {mixed.diverged}" if mixed.diverged else
+                                       "not offloaded: the live run did not reach it")
     return output, mixed, time.perf_counter() - start

@@ -55,8 +55,18 @@ def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, worst: int
     return Metrics(**_compare(got, want, tol, worst))
 
 
+def _as_real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real and imaginary parts (a trailing dim of 2), compared as floats."""
+    return torch.view_as_real(t.resolve_conj().to(torch.complex64 if t.dtype == torch.complex32 else t.dtype))
+
+
 def _compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, worst: int) -> dict:
     m: dict = {"tolerance": tol, "shape": list(want.shape), "dtype": str(want.dtype).removeprefix("torch.")}
+    if want.is_complex() and got.shape == want.shape:
+        real = _compare(_as_real(got.to(want.dtype)), _as_real(want), tol, worst)
+        problem = f"dtype {str(got.dtype).removeprefix('torch.')} instead of {m['dtype']}" \
+            if got.dtype != want.dtype else None
+        return dict(real, shape=m["shape"], dtype=m["dtype"], **({"problem": problem, "ok": False} if problem else {}))
     if got.shape != want.shape:
         m.update(ok=False, problem=f"shape {list(got.shape)} instead of {list(want.shape)}",
                  max_abs=math.inf, mismatch_fraction=1.0)

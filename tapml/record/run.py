@@ -250,7 +250,8 @@ class Run:
     tokens: Tokens | None = None
     target_stats: dict[str, int] = field(default_factory=dict)
     target_events: list[TargetEvent] = field(default_factory=list)
-    reason: str | None = None  # why the verdict is incomplete
+    reason: str | None = None  # why the verdict is incomplete (or which step made it divergent)
+    notes: list[str] = field(default_factory=list)  # what was not compared and why (uninitialized outputs, ...)
 
     def to_json(self) -> dict:
         return to_json(self)

@@ -100,7 +100,7 @@ def test_a_broken_store_is_one_short_error_per_item_under_pytest(store, tmp_path
     shutil.copytree(store, broken)
     shard = next((broken / "tensors").iterdir())
     data = bytearray(shard.read_bytes())
-    data[-5] ^= 0xFF
+    data[8 + int.from_bytes(data[:8], "little") + 3] ^= 0xFF  # the first stored tensor: an op input
     shard.write_bytes(bytes(data))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--tapml-store", str(broken)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)

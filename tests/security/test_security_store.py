@@ -33,6 +33,13 @@ def store(tmp_path) -> Path:
     return tmp_path / "s"
 
 
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def _manifest(store: Path) -> dict:
     return json.loads((store / "manifest.json").read_text())
 
@@ -84,6 +91,14 @@ def test_store_faults_during_replay_are_store_errors_naming_the_file(store, dama
     (lambda m: m["tensors"][next(iter(m["tensors"]))].pop("nbytes"), "nbytes: missing"),
     (lambda m: m["ops"][0].update(op="aten.from_file.default"), "side effects"),
     (lambda m: m["shards"].update({"../../etc": {"bytes": 1}}), "invalid shard"),
+    # found by benchmarks/fuzz.py: each was an exit 3 (a traceback-worthy internal error) before
+    (lambda m: m["ops"][0].update(args=[_nested(200)]), "nested too deeply"),
+    (lambda m: m["ops"][0].update(kwargs={"dict": {"m": {"memory_format": ["a"]}}}), "unknown memory format"),
+    (lambda m: m["ops"][0].update(kwargs={"dict": {"m": {"layout": {}}}}), "unknown layout"),
+    (lambda m: m["ops"][0]["args"][0]["tensor"].update(stride=[10**30, 1]), "non-negative integers"),
+    (lambda m: m["ops"][0]["args"][0]["tensor"].update(stride=[1 << 30, 1]), "span"),
+    (lambda m: m["tensors"][next(iter(m["tensors"]))].update(shard="x" * 300), "in unknown shard"),
+    (lambda m: m["stats"].pop("bytes_referenced"), None),
 ])
 def test_resealed_malformed_manifests_exit_2_with_one_line(store, edit, message):
     m = _manifest(store)
@@ -91,6 +106,9 @@ def test_resealed_malformed_manifests_exit_2_with_one_line(store, edit, message)
     (store / "manifest.json").write_text(_reseal(m))
     for args in (["inspect", store], ["replay", store, "--platform", "torch-cpu"]):
         proc = run_cli(*args)
+        if message is None:  # harmless: reads fine
+            assert proc.returncode == 0, proc.stderr
+            continue
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -166,3 +184,13 @@ def test_stale_temporary_directories_of_killed_runs_are_removed(tmp_path, store)
     mine.mkdir()
     assert main(["carve", "zoo:tiny-llama", "-o", str(tmp_path / "again")]) == 0
     assert not stale.exists() and mine.exists()
+
+
+def test_nesting_deeper_than_the_json_parser_allows(store):
+    m = _manifest(store)
+    body = {k: v for k, v in m.items() if k != "digest"}
+    text = json.dumps(body, separators=(",", ":")).replace('"args":[', '"args":[' + "[" * 5000 + "]" * 5000 + ",", 1)
+    sealed = f'{text[:-1]},"digest":"{hashlib.sha256(text.encode()).hexdigest()}"}}'
+    (store / "manifest.json").write_text(sealed)
+    proc = run_cli("inspect", store)
+    assert proc.returncode == 2 and "is corrupt" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -112,6 +112,13 @@ def test_running_out_of_file_descriptors_does_not_end_the_worker():
      "op": {"op": "aten.neg.default", "args": [{"tensor": {"dtype": "_dynamo", "shape": [1], "stride": [1]}}],
             "kwargs": {"dict": {}}, "outputs": None}},
     {"kind": "launch"},
+    # found by benchmarks/fuzz.py: each killed the session thread with a traceback before
+    {"kind": "run", "sig": "s", "index": 0, "module": "", "call": 0, "keys": [],
+     "op": {"op": "aten.neg.default", "args": [{"memory_format": ["a"]}], "kwargs": {"dict": {}}, "outputs": None}},
+    {"kind": "run", "sig": "s", "index": 0, "module": "", "call": 0,
+     "keys": [{"base": "k", "shape": [4], "stride": [1], "offset": 2**63}]},
+    {"kind": "run", "sig": "s", "index": 0, "module": "", "call": 0,
+     "keys": [{"base": "k", "shape": [4], "stride": [2**63], "offset": 0}]},
 ])
 def test_malformed_frames_get_an_error_reply_and_no_traceback(frame):
     w = spawn_worker("torch-cpu")
@@ -265,3 +272,14 @@ def test_a_worker_without_a_token_file_generates_one_and_says_where(tmp_path):
         proc.kill()
         proc.wait()
     assert json.loads('"ok"') == "ok"
+
+
+def test_a_frame_that_stalls_halfway_is_cut():
+    w = spawn_worker("torch-cpu", frame_s=1.0)
+    try:
+        with RemoteTarget(w.address, token=w.token) as target:
+            target._data.sendall((100).to_bytes(4, "little") + b"{}")  # 98 header bytes never come
+            assert closed_within(target._data, 10)
+        assert serves(w.address, w.token)
+    finally:
+        w.stop()
