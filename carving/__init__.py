@@ -6,6 +6,7 @@ its ops on the reference, mark named ``step``s of a multi-call run.
 
 from .atomic import AtomicDir, OutputError
 from .carve import CarveResult, ModelRaised, carve
+from .dataflow import Graph
 from .layout import TensorRef, tensor_key
 from .manifest import Manifest, check_manifest, store_schema
 from .replay import Mismatch, ReplayReport, replay, run_op
@@ -20,6 +21,7 @@ __all__ = [
     "CarveOptions",
     "CarveResult",
     "FixtureStore",
+    "Graph",
     "Manifest",
     "Mismatch",
     "ModelRaised",

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tapml.core import __version__
+from tapml.core import __version__, tensors_in
 
 from .store import StoreError, StoreWriter
 from .tracer import CarveError, CarveOptions, Tracer
@@ -80,6 +80,10 @@ def carve(
                 "threads": torch.get_num_threads(),
             },
             "steps": tracer.steps,
+            "edges": tracer.dataflow.edges,
+            "flow": tracer.dataflow.flow,
+            "outputs": tracer.dataflow.producers(tensors_in(output)),
+            "returns": tracer.dataflow.makers(tensors_in(output)),
             "layers": tracer.layers,
             "ops": tracer.ops,
         }

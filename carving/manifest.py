@@ -118,6 +118,10 @@ class Manifest:
     digest: str
     truncated: str | None = None
     rng_state: dict[str, Any] | None = None  # the CPU generator's state when the carve began (a tensor ref)
+    edges: list[list[int]] | None = None  # [producer op, output slot, consumer op, input position]
+    outputs: list[list[int] | None] | None = None  # per model output tensor: [op, slot] that produced it
+    flow: list[list[int]] | None = None  # like edges, following tensor objects (views included): for replays
+    returns: list[list[int] | None] | None = None  # per model output tensor: [op, slot] that returned it
 
 
 def store_schema() -> dict:
@@ -202,6 +206,9 @@ def check_manifest(obj: Any) -> None:
         first, end = (layer.get("ops") or [0, 0]) + [0, 0][len(layer.get("ops") or []):]
         if not 0 <= first <= end <= n_ops:
             raise MalformedValue(f"layers[{i}].ops: range {layer.get('ops')} is outside 0..{n_ops}")
+    for e in (obj.get("edges") or []) + (obj.get("flow") or []):
+        if len(e) != 4 or not 0 <= e[0] < e[2] < n_ops or e[1] < 0 or e[3] < 0:
+            raise MalformedValue(f"edges: {e} is not [producer, slot, later consumer, input] of known ops")
     for i, step in enumerate(obj["steps"]):
         if len(step["ops"]) != 2 or not 0 <= step["ops"][0] <= step["ops"][1] <= n_ops:
             raise MalformedValue(f"steps[{i}].ops: range {step['ops']} is outside 0..{n_ops}")

@@ -24,6 +24,7 @@ import torch
 from tapml.core import HashMemo, OpCall, iter_specs
 
 from .atomic import AtomicDir, OutputError
+from .dataflow import Graph
 from .layout import TensorRef, canonical, content_key, dtype_from_name, dtype_name, materialize
 from .manifest import check_manifest
 
@@ -239,6 +240,7 @@ class FixtureStore:
         self._handles: dict[str, Any] = {}
         self._calls: dict[int, OpCall] = {}
         self._verified: set[str] = set()
+        self._graph: Graph | None = None
 
     # -- contents ----------------------------------------------------------------
     @property
@@ -314,6 +316,14 @@ class FixtureStore:
                                              outputs=rec["outputs"], module=rec["module"], index=rec["index"],
                                              call=rec["call"], library=rec.get("library") or "")
         return op
+
+    @property
+    def graph(self) -> Graph:
+        """The carved run's data flow (edges between ops, live and dead outputs)."""
+        if self._graph is None:
+            m = self.manifest
+            self._graph = Graph(len(self.ops), m.get("edges"), m.get("outputs"), m.get("flow"), m.get("returns"))
+        return self._graph
 
     def rng_state(self) -> torch.Tensor | None:
         """The CPU generator's state when the carve began (None for stores carved before it was kept)."""

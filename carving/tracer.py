@@ -22,8 +22,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
-from tapml.core import ALLOWED_NAMESPACES, TapmlError, bump_undeclared, dtype_name, encode, library_of, op_info
+from tapml.core import (
+    ALLOWED_NAMESPACES,
+    TapmlError,
+    bump_undeclared,
+    dtype_name,
+    encode,
+    library_of,
+    op_info,
+    tensors_in,
+)
 
+from .dataflow import DataFlow
 from .store import StoreError, StoreWriter, UncarvableTensor
 
 __all__ = ["CarveOptions", "CarveError", "Tracer", "step", "signature"]
@@ -116,6 +126,7 @@ class Tracer(TorchDispatchMode):
         self._internal: dict[str, bool] = {}
         self._seq = 0
         self._root_calls = 0
+        self.dataflow = DataFlow()
 
     # -- lifecycle ----------------------------------------------------------------
     def __enter__(self):
@@ -253,6 +264,11 @@ class Tracer(TorchDispatchMode):
         try:
             add = self.writer.add if not info.mutated else (lambda t: self.writer.add(t, cached=False))
             rec["outputs"] = encode(out, add)
+            produced = tensors_in(out)
+            self.dataflow.made(rec["index"], produced)
+            if not info.view:  # a view's memory was written by whoever wrote its base
+                returned = {k for k, m in enumerate(info.returned) if m is not None}
+                self.dataflow.wrote(rec["index"], produced, returned)
         except StoreError:
             raise
         except Exception as e:
@@ -290,8 +306,9 @@ class Tracer(TorchDispatchMode):
         if info.mutated:
             self.writer.protect([
                 t for m in info.mutated
-                for t in _tensors(args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m))
+                for t in tensors_in(args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m))
             ])
+        self.dataflow.read(rec["index"], tensors_in([list(args), kwargs]))
         return rec
 
 
@@ -307,11 +324,3 @@ def _why(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if isinstance(e, UncarvableTensor) and text else \
         f"{type(e).__name__}: {text[0][:300] if text else ''}"
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []

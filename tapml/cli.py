@@ -86,8 +86,9 @@ def _settings_options(f):
         click.option("--tolerance", "tolerances", multiple=True,
                      help="atol:X,rtol:Y globally, or PATTERN=atol:X,rtol:Y per op glob / module:GLOB."),
         click.option("--config", type=click.Path(), help="TOML file with a [tolerance] section."),
-        click.option("--rule", type=click.Choice(["tolerance", "oracle"]), default="tolerance", show_default=True,
-                     help="Plain tolerance, or the fp64-oracle ratio rule."),
+        click.option("--rule", type=click.Choice(["bound", "tolerance", "oracle"]), default="bound",
+                     show_default=True,
+                     help="Error-analysis bounds, assert_close tolerances, or the fp64-oracle ratio."),
     ]):
         f = option(f)
     return f
@@ -140,6 +141,9 @@ def replay(store_dir, op_indices, all_calls, as_json, **kw):
     with console.progress(f"replaying on {settings.platform or settings.remote}") as ticker:
         result = api.replay(store_dir, settings=settings, ops=list(op_indices), on_result=ticker.advance)
     console.show_replay(result, as_json)
+    if not result.ok:
+        raise CheckFailed(f"{result.counts.get('divergent', 0)} replayed ops are divergent, "
+                          f"{result.counts.get('crashed', 0) + result.counts.get('timeout', 0)} crashed or timed out")
 
 
 @cli.command()

@@ -34,7 +34,7 @@ _SETTINGS = {
     "all-calls": ("one test per call, not per unique op signature", "bool"),
     "tolerance": ("tolerance specs as for tapml offload (comma separated)", "text"),
     "config": ("TOML file with a [tolerance] section", "path"),
-    "rule": ("tolerance or oracle", "text"),
+    "rule": ("bound (default), tolerance or oracle", "text"),
     "json": ("write the tapml summary (counts per status and op type) to this file", "path"),
     "artifacts": ("directory for the obtained tensors of failing tests (default tapml-artifacts)", "path"),
     "timeout": ("seconds per op on the target (default 60)", "float"),
@@ -173,7 +173,7 @@ class TapmlPlugin:
             return Settings(timeout=setting(self.config, "timeout") or 60.0,
                             token_file=setting(self.config, "token-file"),
                             tolerances=tuple(split_tolerances(setting(self.config, "tolerance") or "")),
-                            config=setting(self.config, "config"), rule=setting(self.config, "rule") or "tolerance",
+                            config=setting(self.config, "config"), rule=setting(self.config, "rule") or "bound",
                             reconnect_s=2.0)
         except TapmlError as e:
             raise pytest.UsageError(f"tapml: {e}") from None

@@ -44,7 +44,7 @@ class Settings:
     timeout: float = 60.0  # seconds per op on the target
     tolerances: tuple[str, ...] = ()
     config: str | None = None
-    rule: str = "tolerance"
+    rule: str = "bound"
     all_calls: bool = False
     in_process: bool = False  # run the platform in this process (no worker; tests and notebooks)
     reconnect_s: float = 30.0

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from tapml.judging import HISTOGRAM_EDGES, Tolerance, compare, compare_outputs
+from tapml.core import OpCall
+from tapml.judging import HISTOGRAM_EDGES, Judge, Tolerance, compare
 
 TOL = Tolerance(atol=1e-3, rtol=0.0, origin="test")
 
@@ -37,11 +38,23 @@ def test_the_tolerance_boundary_is_atol_plus_rtol_times_expected():
     assert not compare(torch.tensor([101.1, 1.0]), want, tol).ok
 
 
-def test_shape_and_dtype_mismatches_are_problems():
-    m = compare(torch.zeros(2, 3), torch.zeros(3, 2), TOL)
-    assert not m.ok and "shape [2, 3] instead of [3, 2]" in m.problem and math.isinf(m.max_abs)
+def test_shape_and_dtype_mismatches_are_problems_not_infinite_errors():
+    m = compare(torch.zeros(2, 3), torch.zeros(3, 2), TOL, label="output 1 (mean)")
+    assert not m.ok and m.problem == "output 1 (mean): shape [2, 3] ≠ expected [3, 2]" and m.max_abs is None
+    assert m.problem_kind == "shape" and m.cosine is None
     m = compare(torch.zeros(3, dtype=torch.float64), torch.zeros(3), TOL)
-    assert not m.ok and "dtype float64 instead of float32" in m.problem
+    assert not m.ok and m.problem_kind == "dtype" and "dtype float64 ≠ expected float32" in m.problem
+
+
+def test_nan_is_never_perfect():
+    want = torch.ones(4)
+    m = compare(torch.full((4,), float("nan")), want, TOL)
+    assert not m.ok and m.nonfinite_mismatches == 4 and m.max_abs == math.inf
+    assert math.isnan(m.cosine) and math.isnan(m.sqnr_db) and m.max_ulp is None
+    both = torch.tensor([1.0, float("-inf"), float("nan")])
+    assert compare(both.clone(), both, TOL).ok  # the same non-finite values on both sides match
+    m = compare(torch.tensor([1.0, float("inf"), float("nan")]), both, TOL)
+    assert not m.ok and m.nonfinite_mismatches == 1
 
 
 def test_integers_must_match_exactly():
@@ -57,12 +70,26 @@ def test_cosine_sqnr_and_ulp():
     assert not m.ok and m.max_ulp == 1 and m.cosine > 0.999999 and m.sqnr_db > 100
 
 
-def test_compare_outputs_reports_the_worst_output_and_all_must_pass():
-    a, b = torch.zeros(3), torch.ones(3)
-    m = compare_outputs([a, b + 0.5], [a, b], TOL)
-    assert not m.ok and m.output == 1 and m.outputs == 2 and m.max_abs == 0.5
-    m = compare_outputs([a], [a, b], TOL)
-    assert not m.ok and "1 outputs instead of 2" in m.problem
+SPEC = {"dtype": "float32", "shape": [4, 3], "stride": [3, 1]}
+STAT = {"dtype": "float32", "shape": [4, 1], "stride": [1, 1]}
+LAYER_NORM = OpCall(op="aten.native_layer_norm.default", args=[{"tensor": SPEC}, [3], None, None, 1e-5],
+                    kwargs={"dict": {}}, outputs={"tuple": [{"tensor": SPEC}, {"tensor": STAT}, {"tensor": STAT}]})
+
+
+def test_the_judge_names_the_wrong_output_and_only_live_outputs_decide():
+    x = torch.randn(4, 3)
+    want = list(torch.ops.aten.native_layer_norm.default(x, [3], None, None, 1e-5))
+    wrong = [want[0], want[0], want[0]]  # TVM 0.27's bug: the normalized tensor for all three outputs
+    m = Judge().judge(LAYER_NORM, wrong, want, [x])
+    assert not m.ok and m.problem == "output 1 (mean): shape [4, 3] ≠ expected [4, 1]" and m.why == m.problem
+    m = Judge().judge(LAYER_NORM, wrong, want, [x], live=[True, False, False])
+    assert m.ok and [(d.output, d.name) for d in m.dead] == [(1, "mean"), (2, "rstd")]
+    assert "shape [4, 3] ≠ expected [4, 1]" in m.dead[0].problem
+
+
+def test_count_mismatch():
+    m = Judge().judge(LAYER_NORM, [torch.zeros(4, 3)], [torch.zeros(4, 3)] * 3)
+    assert not m.ok and m.problem_kind == "count" and "1 outputs ≠ expected 3" in m.problem
 
 
 def test_histogram_edges_are_decades():

@@ -121,7 +121,7 @@ def test_one_tolerance_parser_for_cli_config_and_plugin(tmp_path):
 
 def test_the_plugin_applies_a_comma_joined_tolerance(tmp_path, tiny_store):
     proc = pytest_run("--tapml-store", tiny_store, "--tapml-platform", "fp16", "--tapml-tolerance", SPEC,
-                      "--junitxml", tmp_path / "j.xml", cwd=tmp_path)
+                      "--tapml-rule", "tolerance", "--junitxml", tmp_path / "j.xml", cwd=tmp_path)
     outcomes = {}
     for case in ET.parse(tmp_path / "j.xml").getroot().iter("testcase"):
         kind = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")

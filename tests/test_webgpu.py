@@ -71,9 +71,11 @@ def test_kernels_match_the_reference(kernel_store, webgpu):
         assert op in ran, (op, sorted(ran))
         assert ran[op].status == "ok", (op, ran[op].local)
     assert ran["aten.embedding.default"].local.max_abs == 0.0  # a gather is exact
-    # layer norm: the normalized output is right; TVM 0.27's frontend returns wrongly shaped mean/rstd
+    # layer norm: the normalized output is right; TVM 0.27's frontend returns wrongly shaped mean/rstd, which
+    # nothing reads here: a dead-output finding, not a divergence
     norm = ran["aten.native_layer_norm.default"]
-    assert norm.status == "divergent" and "instead of" in norm.local.problem
+    assert norm.status == "ok" and [d.output for d in norm.local.dead] == [1, 2]
+    assert "output 1 (mean): shape" in norm.local.dead[0].problem
     i = norm.index
     got = webgpu.execute(kernel_store.op_call(i), kernel_store.inputs(i))[0]
     assert torch.allclose(got, kernel_store.outputs(i)[0], atol=1e-5, rtol=1.3e-6)
@@ -121,7 +123,7 @@ def test_minilm_offloaded_to_webgpu(minilm_store, tmp_path, capsys):
     code = main(["offload", "zoo:minilm", "--platform", "tvm-webgpu", "--store", str(minilm_store.path),
                  "-o", str(out), "--json"])
     brief = json.loads(capsys.readouterr().out)
-    assert code == 1 and brief["verdict"] == "divergent" and brief["coverage"] >= 0.8  # TVM's layer-norm outputs
+    assert code == 0 and brief["verdict"] == "ok" and brief["coverage"] >= 0.8  # layer norms' bad outputs are dead
     record = json.loads((out / "run.json").read_text())
     assert record["counts"]["crashed"] == 0 and record["steps"][-1]["end_to_end"]["max_abs"] < 1e-3
     assert all(o["reason"] for o in record["ops"] if o["status"] == "unsupported")

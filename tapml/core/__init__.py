@@ -28,7 +28,17 @@ from .ops import (
 from .status import Status
 from .tensors import TensorSpec, broadcast_narrowed, dtype_from_name, dtype_name, relayout, storage_order
 from .typedjson import SchemaError, from_json, json_schema, jsonable, to_json, validate
-from .values import MalformedValue, Opaque, check_spec, check_value, decode_value, encode, iter_specs, only_tensors
+from .values import (
+    MalformedValue,
+    Opaque,
+    check_spec,
+    check_value,
+    decode_value,
+    encode,
+    iter_specs,
+    only_tensors,
+    tensors_in,
+)
 from .version import __version__
 
 __all__ = [
@@ -76,6 +86,7 @@ __all__ = [
     "remote_refusal",
     "resolve_op",
     "storage_order",
+    "tensors_in",
     "to_json",
     "validate",
 ]

@@ -159,6 +159,16 @@ class OpInfo:
 
 
 _INFO: dict[object, OpInfo] = {}
+# what the schema leaves unnamed: how a message should call each output
+_OUTPUT_NAMES = {
+    "native_layer_norm": ("output", "mean", "rstd"), "native_group_norm": ("output", "mean", "rstd"),
+    "native_batch_norm": ("output", "save_mean", "save_invstd"),
+    "_native_batch_norm_legit": ("output", "save_mean", "save_invstd"),
+    "_native_batch_norm_legit_no_training": ("output", "save_mean", "save_invstd"),
+    "max_pool2d_with_indices": ("output", "indices"), "max_pool3d_with_indices": ("output", "indices"),
+    "var_mean": ("var", "mean"), "std_mean": ("std", "mean"), "_ctc_loss": ("neg_log_likelihood", "log_alpha"),
+    "_scaled_dot_product_flash_attention_for_cpu": ("output", "logsumexp"),
+}
 
 
 def op_info(func: torch._ops.OpOverload) -> OpInfo:
@@ -175,8 +185,11 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
         returned = tuple(writers.get(tuple(sorted(r.alias_info.before_set))) if r.alias_info is not None else None
                          for r in schema.returns)
         nondet = torch.Tag.nondeterministic_seeded in func.tags or func._opname in UNINITIALIZED
-        info = _INFO[func] = OpInfo(str(func), mutated, view, nondet, tuple(r.name or "" for r in schema.returns),
-                                    torch.Tag.inplace_view in func.tags, returned, undeclared)
+        names = tuple(r.name or "" for r in schema.returns)
+        if not any(names):
+            names = _OUTPUT_NAMES.get(func._opname, names)
+        info = _INFO[func] = OpInfo(str(func), mutated, view, nondet, names, torch.Tag.inplace_view in func.tags,
+                                    returned, undeclared)
     return info
 
 

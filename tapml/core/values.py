@@ -18,7 +18,7 @@ import torch
 
 from .tensors import dtype_from_name, dtype_name
 
-__all__ = ["encode", "decode_value", "iter_specs", "only_tensors", "check_value", "check_spec", "Opaque",
+__all__ = ["encode", "decode_value", "iter_specs", "tensors_in", "only_tensors", "check_value", "check_spec", "Opaque",
            "MalformedValue"]
 
 _MEMORY_FORMATS = {
@@ -95,6 +95,18 @@ def decode_value(value: Any, tensor) -> Any:
     if kind == "complex":
         return complex(*payload)
     raise Opaque(f"cannot rebuild a recorded {payload} value")
+
+
+def tensors_in(value) -> list:
+    """The tensors in a live args/kwargs/result structure, in the order ``encode`` (and so ``iter_specs``)
+    visits them: lists, tuples and dict values, depth first."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_in(v)]
+    return []
 
 
 def iter_specs(value):

@@ -22,7 +22,7 @@ from .localize import (
     skip_reason,
 )
 from .migrate import check_store, migrate
-from .mixed import MixedResult, MixedRun, flatten_tensors, run_step
+from .mixed import MixedResult, MixedRun, run_step
 from .plans import PLANS, find_blocks, groups_for, make_plan
 from .probe import ModelState, OffCarvedPath
 from .reference import Reference, torch_reference
@@ -30,7 +30,7 @@ from .steps import end_to_end, run_steps, tokens_of
 
 __all__ = ["DRAWS", "OP_STATUSES", "PLANS", "LocalResult", "Localization", "MixedResult", "MixedRun", "ModelState",
            "OffCarvedPath", "Reference",
-           "build_run", "check_store", "end_to_end", "find_blocks", "find_culprit", "find_victims", "flatten_tensors",
+           "build_run", "check_store", "end_to_end", "find_blocks", "find_culprit", "find_victims",
            "groups_for", "local_pass", "localize", "make_plan", "migrate", "random_input_check", "reference_noise",
            "run_local", "run_step", "run_steps", "select_ops", "skip_reason", "summary_line", "tokens_of",
            "torch_reference"]

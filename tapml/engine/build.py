@@ -55,7 +55,7 @@ def _row(rec: dict, local, mixed: MixedResult | None, noise: float | None) -> Op
         row.propagated = mixed.propagated
         row.offloaded = mixed.status == Status.OFFLOADED
         row.target_ms = mixed.target_ms
-        if row.local is not None and row.local.max_abs:
+        if row.local is not None and row.local.max_abs and mixed.propagated.max_abs is not None:
             row.amplification = mixed.propagated.max_abs / row.local.max_abs
     row.tolerance = (row.local or row.propagated or Metrics(ok=True)).tolerance
     if noise is not None:
@@ -82,7 +82,8 @@ def build_run(store: FixtureStore, facts: RunFacts, steps: list[Step], propagate
                           signature=rec["signature"], local=loc.culprit.local,
                           victims_downstream=len([v for v in loc.victims if v > i]),
                           step=store.steps[rec["step"]]["name"] if store.steps else None,
-                          random_inputs=loc.random_inputs,
+                          random_inputs=loc.random_inputs, candidates=loc.candidates, explains=loc.explains,
+                          nondeterministic=loc.nondeterministic,
                           repro=f"tapml replay {facts.store_path} --platform {facts.target_name} --op {i}")
     final = steps[-1].end_to_end if steps else Metrics(ok=True)
     verdict, reason = _verdict(culprit, steps, ops, counts, facts, len(compute), len(offloaded))
@@ -103,6 +104,7 @@ def build_run(store: FixtureStore, facts: RunFacts, steps: list[Step], propagate
         saturated_ops=[o.index for o in ops if o.local is not None and o.local.saturated],
         end_to_end=final, tokens=steps[-1].tokens if steps else None, steps=steps, ops=ops,
         target_stats=facts.target_stats, target_events=facts.target_events, reason=reason, notes=facts.notes,
+        findings=loc.findings,
     )
     run.summary = summary_line(run)
     return run
@@ -149,15 +151,27 @@ def summary_line(r: Run) -> str:
     if c is not None:
         m, tol = c.local, c.local.tolerance
         where = f"{c.source.rsplit('/', 1)[-1]}" if c.source else "unknown source"
-        return (f"{c.op} in {c.module or '(model)'} (call {c.call}, {where}) diverges: max abs "
-                f"{m.max_abs:.3g} against a tolerance of atol {tol.atol:.3g} + rtol {tol.rtol:.3g}; "
-                f"{c.victims_downstream} later ops inherit it{token_note}")
+        if m.problem:
+            how = m.problem
+        elif m.bound is not None and r.rule == "bound":
+            how = (f"{m.bound.ratio:.3g}× beyond the error a correct implementation may show (max abs "
+                   f"{m.max_abs:.3g}; the reference sits at {m.bound.reference_ratio:.2g}×)")
+        else:
+            how = f"max abs {m.max_abs:.3g} against a tolerance of atol {tol.atol:.3g} + rtol {tol.rtol:.3g}"
+        inherit = f"{c.victims_downstream} ops downstream inherit it" if c.victims_downstream else \
+            "no op downstream is out of tolerance because of it"
+        return f"{c.op} in {c.module or '(model)'} (call {c.call}, {where}) diverges: {how}; {inherit}{token_note}"
     if r.verdict == Status.DIVERGENT:
-        worst = max((s.end_to_end.max_abs for s in r.steps), default=r.end_to_end.max_abs)
-        return (f"no single op is out of tolerance, but the model output is (max abs {worst:.3g}; "
-                f"{r.reason}): small errors accumulate{token_note}")
+        bad = next((s for s in r.steps if not s.end_to_end.ok), None)
+        e = bad.end_to_end if bad is not None else r.end_to_end
+        size = (f"{e.bound.ratio:.3g}× what correct rounding differences allow" if e.bound is not None
+                else f"max abs {e.max_abs:.3g}" if e.max_abs is not None else e.problem)
+        return (f"no single op is out of bounds, but the model output is ({size}, from step "
+                f"{bad.name if bad else '?'!r} on): small errors accumulate{token_note}")
     if r.verdict == Status.INCOMPLETE:
         restarts = len([e for e in r.target_events if e.recovery != "lost"])
         return r.reason + (f" ({restarts} worker restarts)" if restarts else "")
-    return (f"every offloaded op is within tolerance on {r.target['name']}; "
-            f"{r.coverage:.0%} of compute ops ran on the target")
+    bounds = "within its error bound" if r.rule == "bound" else "within tolerance"
+    notes = f"; {len(r.findings)} findings (see below)" if r.findings else ""
+    return (f"every offloaded op is {bounds} on {r.target['name']}; "
+            f"{r.coverage:.0%} of compute ops ran on the target{notes}")

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from tapml.carving import FixtureStore
+from tapml.carving import FixtureStore, Graph
 from tapml.core import OpFailed, OpRefused, Status, TapmlError, only_tensors, op_info_by_name, to_json
 from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
-from tapml.record import Metrics, RandomCheck, RandomDraw
+from tapml.record import Candidate, Finding, Metrics, RandomCheck, RandomDraw
 
 from .reference import Reference
 
@@ -93,7 +93,9 @@ def run_local(store: FixtureStore, target: Target, judge: Judge, index: int, *, 
         return LocalResult(*here, Status.UNSUPPORTED, e.reason)
     except OpFailed as e:
         return LocalResult(*here, e.status, f"{type(e).__name__}: {e}", lost=e.fatal)
-    metrics = judge.judge(op, got, store.outputs(index), inputs)
+    want = store.outputs(index)
+    live = [store.graph.live(index, k) for k in range(len(want))]
+    metrics = judge.judge(op, got, want, inputs, live=live)
     return LocalResult(*here, Status.OK if metrics.ok else Status.DIVERGENT, local=metrics,
                        outputs=got if keep_outputs else [])
 
@@ -132,13 +134,24 @@ def local_pass(store: FixtureStore, target: Target, judge: Judge, *, indices: It
 
 
 def find_culprit(results: dict[int, LocalResult]) -> LocalResult | None:
+    """The first op in execution order out of bounds on its own (before data flow and impact are known)."""
     return next((results[i] for i in sorted(results) if results[i].status == Status.DIVERGENT), None)
 
 
-def find_victims(results: dict[int, LocalResult], propagated: dict[int, Metrics]) -> list[int]:
-    """Ops whose own kernel is fine (locally) but whose chained output is out of tolerance."""
-    return [i for i in sorted(propagated)
-            if not propagated[i].ok and i in results and results[i].status == Status.OK]
+def find_victims(culprit: int, graph: Graph, results: dict[int, LocalResult], propagated: dict[int, Metrics],
+                 offloaded_with: dict[int, set[int]] | None = None) -> list[int]:
+    """Ops the culprit's outputs reach (data-flow edges) whose own kernel is fine but whose chained
+    output is out of tolerance — in a step where the culprit itself ran on the target."""
+    down = graph.downstream(culprit) if graph.known else {i for i in propagated if i > culprit}
+    victims = []
+    for v in sorted(down):
+        local = results.get(v)
+        if v not in propagated or propagated[v].ok or (local is not None and local.status != Status.OK):
+            continue
+        if offloaded_with is not None and culprit not in offloaded_with.get(v, set()):
+            continue  # the culprit was on the reference when this op's error was measured: not its doing
+        victims.append(v)
+    return victims
 
 
 def reference_noise(store: FixtureStore, index: int, reference: Reference) -> float:
@@ -184,7 +197,7 @@ def random_input_check(store: FixtureStore, target: Target, judge: Judge, index:
 
 @dataclass
 class Localization:
-    """What the isolated pass found: every measured op, the culprit, its victims."""
+    """What the isolated pass found: every measured op, the culprit, its victims, the findings."""
 
     results: dict[int, LocalResult]
     isolated: dict[str, int]  # status counts of the isolated pass proper (for the pytest plugin's parity)
@@ -192,22 +205,106 @@ class Localization:
     victims: list[int] = field(default_factory=list)
     random_inputs: RandomCheck | None = None
     noise: dict[int, float] = field(default_factory=dict)
+    candidates: list[Candidate] = field(default_factory=list)
+    explains: str | None = None
+    nondeterministic: bool | None = None
+    findings: list[Finding] = field(default_factory=list)
 
 
 def localize(store: FixtureStore, target: Target, judge: Judge, propagated: dict[int, Metrics], *,
              reference: Reference, all_calls: bool = False, check_reference: bool = False,
-             on_result: Callable[[LocalResult], None] | None = None) -> Localization:
-    """The isolated pass — every unique signature, plus every call whose chained output went wrong
-    — then the culprit, its victims and whether random inputs would have revealed it."""
+             on_result: Callable[[LocalResult], None] | None = None, offloaded_with: dict[int, set[int]] | None = None,
+             impact: Callable[[list[int]], float] | None = None, suspects: set[int] | None = None) -> Localization:
+    """The isolated pass — every unique signature, plus every call whose chained output went wrong —
+    then the culprit (out of bounds, reaching the model's output, ranked by impact when several), its
+    victims along data-flow edges, and the findings that do not decide the verdict."""
     results = local_pass(store, target, judge, all_calls=all_calls, on_result=on_result, reference=reference)
     isolated = dict(Counter(str(r.status) for r in results.values()))
     for i in sorted(propagated):
         if i not in results and not propagated[i].ok and target.lost is None:
             results[i] = run_local(store, target, judge, i, reference=reference)
-    loc = Localization(results, isolated, find_culprit(results), find_victims(results, propagated))
-    if loc.culprit is not None and target.lost is None:
-        loc.random_inputs = random_input_check(store, target, judge, loc.culprit.index, reference)
+    loc = Localization(results, isolated)
+    loc.culprit, loc.candidates, loc.explains = _rank(store, results, judge, impact)
+    if loc.culprit is None and suspects and target.lost is None:
+        # the output went out of bounds, but no op measured so far explains it: every call that ran on the
+        # target in that step, alone (a fault in one call of a signature whose chained error stayed small)
+        for i in sorted(suspects - set(results)):
+            results[i] = run_local(store, target, judge, i, reference=reference)
+            if on_result is not None:
+                on_result(results[i])
+        loc.culprit, loc.candidates, loc.explains = _rank(store, results, judge, impact)
+    loc.findings = _findings(store, results)
+    if loc.culprit is not None:
+        loc.victims = find_victims(loc.culprit.index, store.graph, results, propagated, offloaded_with)
+        if target.lost is None:
+            loc.random_inputs = random_input_check(store, target, judge, loc.culprit.index, reference)
+            loc.nondeterministic = _twice_differs(store, target, loc.culprit.index)
+            if loc.nondeterministic:
+                loc.findings.append(Finding("nondeterministic-target", "warning",
+                                            "the target gave two different answers for the same call of the culprit",
+                                            loc.culprit.index, loc.culprit.op, loc.culprit.module))
     if check_reference:
         loc.noise = {i: reference_noise(store, i, reference) for i, r in results.items()
                      if r.status in (Status.OK, Status.DIVERGENT)}
     return loc
+
+
+def _findings(store: FixtureStore, results: dict[int, LocalResult]) -> list[Finding]:
+    """Wrong values that cannot explain the model's output: dead outputs, ops that reach no output."""
+    out = []
+    for r in sorted(results.values(), key=lambda r: r.index):
+        for d in (r.local.dead if r.local is not None else []):
+            out.append(Finding("dead-output", "warning", f"{d.problem} — a dead output (no later op reads it and the "
+                               "model does not return it): reported, not the reason the op falls back", r.index,
+                               r.op, r.module))
+        if r.status == Status.DIVERGENT and not store.graph.reaches_output(r.index):
+            out.append(Finding("unreached", "warning", "out of bounds, but nothing it produces reaches the model's "
+                               "outputs", r.index, r.op, r.module))
+    return out
+
+
+def _rank(store: FixtureStore, results: dict[int, LocalResult], judge: Judge,
+          impact: Callable[[list[int]], float] | None) -> tuple[LocalResult | None, list[Candidate], str | None]:
+    """The culprit among the ops out of bounds whose effect reaches the output; with several, the
+    one whose signature alone on the target moves the model's output most (a few extra runs)."""
+    reaching = [results[i] for i in sorted(results)
+                if results[i].status == Status.DIVERGENT and store.graph.reaches_output(i)]
+    if len(reaching) <= 1 or impact is None:
+        return (reaching[0] if reaching else None), [], None
+    first_of: dict[str, LocalResult] = {}
+    for r in reaching:
+        first_of.setdefault(store.ops[r.index]["signature"], r)
+    ranked = sorted(first_of.values(), key=lambda r: -_severity(r))[:5]
+    candidates = []
+    for r in ranked:
+        sig = store.ops[r.index]["signature"]
+        calls = [op["index"] for op in store.ops if op["signature"] == sig]
+        rec = store.ops[r.index]
+        candidates.append(Candidate(r.index, r.op, r.module, rec["call"], _severity(r), impact(calls)))
+    best = max(candidates, key=lambda c: (c.end_to_end if c.end_to_end is not None else -1.0, c.local_ratio or 0))
+    culprit = results[best.index]
+    others = ", ".join(f"{c.op} (#{c.index}: {c.end_to_end:.3g})" for c in candidates if c is not best)
+    explains = (f"{len(reaching)} ops are out of bounds on their own; offloaded alone, this one moves the model's "
+                f"output most ({best.end_to_end:.3g}; {others})")
+    return culprit, candidates, explains
+
+
+def _severity(r: LocalResult) -> float:
+    m = r.local
+    if m is None:
+        return 0.0
+    if m.bound is not None:
+        return m.bound.ratio
+    return m.max_abs if m.max_abs is not None else float("inf")
+
+
+def _twice_differs(store: FixtureStore, target: Target, index: int) -> bool | None:
+    """Run one call twice on the target with the same inputs: a target that answers differently is noisy."""
+    try:
+        op = store.op_call(index)
+        a = target.execute(op, store.inputs(index))
+        b = target.execute(op, store.inputs(index))
+    except (Unsupported, OpFailed, TapmlError):
+        return None
+    return any(x.shape != y.shape or not torch.equal(x.nan_to_num(), y.nan_to_num())
+               for x, y in zip(a, b, strict=False))

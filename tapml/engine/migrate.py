@@ -6,6 +6,7 @@ cannot tell a spawned worker, a remote one or an in-process platform apart.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -17,11 +18,14 @@ from tapml.platforms import Target
 from tapml.record import Plan, Run, TargetEvent
 
 from .build import RunFacts, build_run
+from .exact import exact_outputs
 from .localize import localize
+from .mixed import run_step
 from .plans import make_plan
 from .probe import probe, rng_replay
+from .quarantine import Quarantine
 from .reference import Reference, torch_reference
-from .steps import run_steps
+from .steps import end_to_end, run_steps
 
 __all__ = ["migrate", "check_store"]
 
@@ -34,6 +38,13 @@ def check_store(store: FixtureStore) -> None:
     opts = m.get("options", {})
     if opts.get("modules") or opts.get("ops") or opts.get("unique"):
         raise TapmlError(f"{store.path} was carved with filters; offload needs every op of the run")
+
+
+def _quarantine_note(target: Quarantine) -> list[str]:
+    if not target.spared:
+        return []
+    return [f"{target.spared} calls were not sent: their signature crashed or timed out on the target earlier in "
+            f"this run ({len(target.failed)} signatures quarantined)"]
 
 
 def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judge: Judge, plan: str = "layers",
@@ -49,16 +60,27 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judg
     emit = on_event or (lambda *_: None)
     reference = reference or torch_reference()
     steps_plan = make_plan(store, plan, layers)
+    target = Quarantine(target)  # what crashed or hung is not sent again
+    exact = exact_outputs(store) if judge.rule != "tolerance" else None  # the model in float64: the truth
     with rng_replay(store, restore) as rng:
         run = rng(run)  # random ops repeat what the carve drew, in every live run
         # the reference run, live: the yardstick for end-to-end error and a check that the run repeats the carve
         ref = probe(run, store)
         stats_before, events_before = Counter(target.stats), len(target.events)
-        outcome = run_steps(run, store, target, steps_plan, judge, ref.output, emit, ref.excluded)
-    emit("local", None)
-    propagated = {i: r.propagated for i, r in outcome.propagated.items() if r.propagated is not None}
-    loc = localize(store, target, judge, propagated, reference=reference, all_calls=all_calls,
-                   check_reference=check_reference, on_result=lambda _: emit("op", None))
+        outcome = run_steps(run, store, target, steps_plan, judge, ref.output, emit, ref.excluded, exact)
+
+        def impact(indices: list[int]) -> float:
+            """The model output's error with only these ops on the target (ranking several culprits)."""
+            emit("impact", None)
+            output, _, _ = run_step(run, store, target, set(indices), judge)
+            m = end_to_end(output, ref.output, judge, ref.excluded, exact)
+            return m.bound.ratio if m.bound is not None else (m.max_abs if m.max_abs is not None else math.inf)
+
+        emit("local", None)
+        propagated = {i: r.propagated for i, r in outcome.propagated.items() if r.propagated is not None}
+        loc = localize(store, target, judge, propagated, reference=reference, all_calls=all_calls,
+                       check_reference=check_reference, on_result=lambda _: emit("op", None),
+                       offloaded_with=outcome.offloaded_with, impact=impact, suspects=outcome.suspects)
     facts = RunFacts(
         store_path=store_path or str(store.path), model=model_info or store.manifest.get("model", {}),
         reference=reference.record, target=target.describe(), target_name=target.name,
@@ -66,5 +88,5 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judg
         compute_dtype=judge.compute_dtype,
         target_stats={k: int(v) for k, v in (Counter(target.stats) - stats_before).items()},
         target_events=[TargetEvent(**e) for e in target.events[events_before:]], target_lost=target.lost,
-        notes=list(ref.excluded.values()))
+        notes=list(ref.excluded.values()) + _quarantine_note(target))
     return build_run(store, facts, outcome.steps, outcome.propagated, loc)

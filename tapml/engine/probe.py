@@ -23,9 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves, tree_map
 
 from tapml.carving import FixtureStore, ModelRaised, tensor_key
-from tapml.core import UNINITIALIZED, HashMemo, TapmlError, bump_undeclared, iter_specs, op_info
-
-from .mixed import flatten_tensors
+from tapml.core import UNINITIALIZED, HashMemo, TapmlError, bump_undeclared, iter_specs, op_info, tensors_in
 
 __all__ = ["probe", "ProbeResult", "OffCarvedPath", "rng_replay", "ModelState"]
 
@@ -71,7 +69,7 @@ class _Probe(TorchDispatchMode):
         out = func(*args, **kwargs)
         bump_undeclared(info, args, kwargs)
         if rec is not None and not rec["view"]:  # a view's memory was made by whoever made its base
-            for t in flatten_tensors(out):
+            for t in tensors_in(out):
                 if isinstance(t, torch.Tensor) and t.numel():
                     self.produced[_ptr(t)] = rec["index"]
         return out
@@ -84,8 +82,8 @@ class _Probe(TorchDispatchMode):
         if torch.Tag.out in func.tags or func._opname in _FILLS:
             for m in info.mutated:
                 t = args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m)
-                overwritten |= {_ptr(x) for x in flatten_tensors(t)}
-        return any(self.produced.get(_ptr(t)) in self.tainted for t in flatten_tensors([args, kwargs])
+                overwritten |= {_ptr(x) for x in tensors_in(t)}
+        return any(self.produced.get(_ptr(t)) in self.tainted for t in tensors_in([args, kwargs])
                    if t.numel() and _ptr(t) not in overwritten)
 
     def _check(self, func, rec: dict | None, args, kwargs) -> None:
@@ -96,7 +94,7 @@ class _Probe(TorchDispatchMode):
             self.departure = f"op {rec['index']}: the model now calls {func} where the carve recorded {rec['op']}"
             return
         refs = list(iter_specs([rec["args"], rec["kwargs"]]))
-        for t, ref in zip(flatten_tensors([args, kwargs]), refs, strict=False):
+        for t, ref in zip(tensors_in([args, kwargs]), refs, strict=False):
             if not t.numel() or _ptr(t) in self.produced:
                 continue  # made during this run: compared step by step, not here
             shape = list(t.shape)

@@ -3,6 +3,13 @@
 Every comparison records max abs and rel error, the fraction of elements outside
 the tolerance, cosine similarity, SQNR, ULP distance, NaN/Inf counts on each
 side and the worst elements, so a verdict can be read, not just trusted.
+
+Honest by construction: a NaN or Inf is a mismatch unless the reference has the
+same non-finite value at that element, and then cosine, SQNR and ULP distance say
+so (NaN) instead of scoring the finite rest; a wrong shape or dtype is a problem
+of its own kind with assert_close-style wording, never an "inf" error. Two tiers:
+the cheap check (max abs, the tolerance) runs for every op; the full metric set
+only when asked (an op out of bounds, a report).
 """
 
 from __future__ import annotations
@@ -11,9 +18,10 @@ import math
 
 import torch
 
+from tapml.core import dtype_name
 from tapml.record import Metrics, Tolerance, Worst
 
-__all__ = ["compare", "compare_outputs", "has_nonfinite", "saturated", "rmse", "HISTOGRAM_EDGES"]
+__all__ = ["compare", "has_nonfinite", "saturated", "rmse", "HISTOGRAM_EDGES", "output_label", "as_real"]
 
 # element-error histogram bins: exact, then decades 1e-10 .. 1e4, then inf/NaN
 HISTOGRAM_EDGES = [10.0**k for k in range(-10, 5)]
@@ -43,80 +51,105 @@ def saturated(t: torch.Tensor, dtype: str | None) -> int:
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root mean square difference; inf when non-finite values differ."""
     if not a.numel():
         return 0.0
-    d = a.double() - b.double()
-    d = d[torch.isfinite(d)]
-    return math.sqrt(float((d * d).mean().item())) if d.numel() else float("inf")
+    a, b = a.double(), b.double()
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    d = (a - b).masked_fill(same, 0.0)
+    if not torch.isfinite(d).all():
+        return math.inf
+    return math.sqrt(float((d * d).mean().item()))
 
 
-def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, worst: int = 5) -> Metrics:
-    """Metrics of ``got`` against ``want`` and whether it is within ``tol``."""
-    return Metrics(**_compare(got, want, tol, worst))
-
-
-def _as_real(t: torch.Tensor) -> torch.Tensor:
+def as_real(t: torch.Tensor) -> torch.Tensor:
     """A complex tensor as its real and imaginary parts (a trailing dim of 2), compared as floats."""
     return torch.view_as_real(t.resolve_conj().to(torch.complex64 if t.dtype == torch.complex32 else t.dtype))
 
 
-def _compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, worst: int) -> dict:
-    m: dict = {"tolerance": tol, "shape": list(want.shape), "dtype": str(want.dtype).removeprefix("torch.")}
-    if want.is_complex() and got.shape == want.shape:
-        real = _compare(_as_real(got.to(want.dtype)), _as_real(want), tol, worst)
-        problem = f"dtype {str(got.dtype).removeprefix('torch.')} instead of {m['dtype']}" \
-            if got.dtype != want.dtype else None
-        return dict(real, shape=m["shape"], dtype=m["dtype"], **({"problem": problem, "ok": False} if problem else {}))
+def output_label(index: int, name: str = "", count: int = 1) -> str:
+    """``output 1 (mean)`` — how every message names the output it is about."""
+    if count <= 1 and not name:
+        return "the output"
+    return f"output {index}" + (f" ({name})" if name else "")
+
+
+def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, worst: int = 5, full: bool = True,
+            label: str = "the output") -> Metrics:
+    """Metrics of ``got`` against ``want`` and whether it is within ``tol`` (``full``: every metric)."""
+    m = Metrics(ok=False, tolerance=tol, shape=list(want.shape), dtype=dtype_name(want.dtype))
     if got.shape != want.shape:
-        m.update(ok=False, problem=f"shape {list(got.shape)} instead of {list(want.shape)}",
-                 max_abs=math.inf, mismatch_fraction=1.0)
+        m.problem_kind, m.max_abs, m.mismatch_fraction = "shape", None, 1.0
+        m.problem = f"{label}: shape {list(got.shape)} ≠ expected {list(want.shape)}"
         return m
     if got.dtype != want.dtype:
-        m["problem"] = f"dtype {str(got.dtype).removeprefix('torch.')} instead of {m['dtype']}"
+        m.problem_kind = "dtype"
+        m.problem = f"{label}: dtype {dtype_name(got.dtype)} ≠ expected {dtype_name(want.dtype)}"
         got = got.to(want.dtype)
-    elif torch.equal(got, want):  # the common case on a good target: skip the float64 work
-        nan = int(torch.isnan(want).sum()) if want.is_floating_point() else 0
-        inf = int(torch.isinf(want).sum()) if want.is_floating_point() else 0
-        m.update(ok=True, exact=True, max_abs=0.0, max_rel=0.0, mismatch_fraction=0.0, mismatches=0, cosine=1.0,
-                 sqnr_db=math.inf, max_ulp=0, nan=[nan, nan], inf=[inf, inf], worst=[])
+    if want.is_complex():
+        got, want = as_real(got), as_real(want)
+    if torch.equal(got, want):  # the common case on a good target: skip the float64 work
+        _exact(m, want)
+        m.ok = m.problem is None
         return m
-    n = want.numel()
-    if not (want.is_floating_point() or want.is_complex()):
-        diff = (got.long() - want.long()).abs() if want.dtype != torch.bool else (got != want).long()
-        bad = diff > 0
-        m.update(exact=bool(not bad.any()), max_abs=float(diff.max().item()) if n else 0.0,
-                 mismatch_fraction=float(bad.float().mean().item()) if n else 0.0)
-        m["ok"] = m["exact"] and "problem" not in m
-        m["worst"] = _worst(got, want, diff.double(), worst)
+    if not want.is_floating_point():
+        _integers(m, got, want, worst)
         return m
-    g, w = got.double(), want.double()
-    nan_g, nan_w = torch.isnan(g), torch.isnan(w)
-    inf_g, inf_w = torch.isinf(g), torch.isinf(w)
-    m.update(nan=[int(nan_g.sum()), int(nan_w.sum())], inf=[int(inf_g.sum()), int(inf_w.sum())])
-    same = (g == w) | (nan_g & nan_w)
-    diff = (g - w).abs().masked_fill(same, 0.0).nan_to_num(nan=math.inf, posinf=math.inf)
-    allowed = tol.atol + tol.rtol * w.abs()
-    bad = diff > allowed.nan_to_num(nan=0.0)
-    rel = (diff / w.abs()).masked_fill(same, 0.0).nan_to_num(nan=math.inf, posinf=math.inf)
-    finite = torch.isfinite(g) & torch.isfinite(w)
-    gf, wf = g[finite], w[finite]
-    err2 = float(((gf - wf) ** 2).sum().item()) if gf.numel() else 0.0
-    sig2 = float((wf**2).sum().item()) if wf.numel() else 0.0
-    norm = math.sqrt(float((gf**2).sum().item()) * sig2) if gf.numel() else 0.0
-    m.update(
-        max_abs=float(diff.max().item()) if n else 0.0,
-        max_rel=float(rel.max().item()) if n else 0.0,
-        mismatch_fraction=float(bad.double().mean().item()) if n else 0.0,
-        mismatches=int(bad.sum().item()),
-        cosine=(float((gf * wf).sum().item()) / norm) if norm else (1.0 if err2 == 0 else 0.0),
-        sqnr_db=(10 * math.log10(sig2 / err2)) if err2 and sig2 else (-math.inf if err2 else math.inf),
-        max_ulp=int((_ordered(got) - _ordered(want)).abs().masked_fill(same | ~finite, 0).max().item())
-        if n and want.dtype in _INT_VIEW else None,
-    )
-    m["ok"] = not bool(bad.any()) and "problem" not in m
-    m["worst"] = _worst(got, want, diff, worst)
-    m["histogram"] = _histogram(diff)
+    _floats(m, got, want, tol, worst, full)
     return m
+
+
+def _exact(m: Metrics, want: torch.Tensor) -> None:
+    nan = int(torch.isnan(want).sum()) if want.is_floating_point() else 0
+    inf = int(torch.isinf(want).sum()) if want.is_floating_point() else 0
+    m.exact, m.max_abs, m.max_rel, m.mismatch_fraction, m.mismatches = True, 0.0, 0.0, 0.0, 0
+    m.cosine, m.sqnr_db, m.max_ulp, m.nan, m.inf, m.worst = 1.0, math.inf, 0, [nan, nan], [inf, inf], []
+
+
+def _integers(m: Metrics, got: torch.Tensor, want: torch.Tensor, worst: int) -> None:
+    n = want.numel()
+    diff = (got.long() - want.long()).abs() if want.dtype != torch.bool else (got != want).long()
+    bad = diff > 0
+    m.exact = bool(not bad.any())
+    m.max_abs = float(diff.max().item()) if n else 0.0
+    m.mismatch_fraction = float(bad.float().mean().item()) if n else 0.0
+    m.mismatches = int(bad.sum().item())
+    m.ok = m.exact and m.problem is None
+    m.worst = _worst(got, want, diff.double(), worst)
+
+
+def _floats(m: Metrics, got: torch.Tensor, want: torch.Tensor, tol: Tolerance, worst: int, full: bool) -> None:
+    g, w = got.double(), want.double()
+    n = want.numel()
+    nan_g, nan_w, inf_g, inf_w = torch.isnan(g), torch.isnan(w), torch.isinf(g), torch.isinf(w)
+    same = (g == w) | (nan_g & nan_w)  # the same non-finite value on both sides matches
+    nonfinite_bad = ~same & (nan_g | nan_w | inf_g | inf_w)
+    diff = (g - w).abs().masked_fill(same, 0.0).masked_fill(nonfinite_bad, math.inf)
+    bad = (diff > (tol.atol + tol.rtol * w.abs()).nan_to_num(nan=0.0, posinf=math.inf)) | nonfinite_bad
+    m.nan, m.inf = [int(nan_g.sum()), int(nan_w.sum())], [int(inf_g.sum()), int(inf_w.sum())]
+    m.nonfinite_mismatches = int(nonfinite_bad.sum())
+    m.max_abs = float(diff.max().item()) if n else 0.0
+    m.mismatches = int(bad.sum().item())
+    m.mismatch_fraction = m.mismatches / n if n else 0.0
+    m.ok = not m.mismatches and m.problem is None
+    if not (full or not m.ok):
+        return
+    m.max_rel = float((diff / w.abs()).masked_fill(same, 0.0).nan_to_num(nan=math.inf, posinf=math.inf).max()) \
+        if n else 0.0
+    if m.nonfinite_mismatches:  # a score over the finite rest would hide the problem: say there is none
+        m.cosine, m.sqnr_db, m.max_ulp = math.nan, math.nan, None
+    else:
+        finite = torch.isfinite(g) & torch.isfinite(w)
+        gf, wf = g[finite], w[finite]
+        err2 = float(((gf - wf) ** 2).sum().item()) if gf.numel() else 0.0
+        sig2 = float((wf**2).sum().item()) if wf.numel() else 0.0
+        norm = math.sqrt(float((gf**2).sum().item()) * sig2) if gf.numel() else 0.0
+        m.cosine = (float((gf * wf).sum().item()) / norm) if norm else (1.0 if err2 == 0 else math.nan)
+        m.sqnr_db = (10 * math.log10(sig2 / err2)) if err2 and sig2 else (-math.inf if err2 else math.inf)
+        m.max_ulp = int((_ordered(got) - _ordered(want)).abs().masked_fill(~finite | same, 0).max().item()) \
+            if n and want.dtype in _INT_VIEW else None
+    m.worst = _worst(got, want, diff, worst)
+    m.histogram = _histogram(diff)
 
 
 def _histogram(diff: torch.Tensor) -> list[int]:
@@ -147,19 +180,3 @@ def _worst(got: torch.Tensor, want: torch.Tensor, diff: torch.Tensor, k: int) ->
 def _num(x: torch.Tensor):
     v = x.item()
     return v if not isinstance(v, float) or math.isfinite(v) else repr(v)
-
-
-def compare_outputs(got: list[torch.Tensor], want: list[torch.Tensor], tol: Tolerance) -> Metrics:
-    """All outputs of one op: the worst output's metrics, plus how many outputs were compared."""
-    if len(got) != len(want):
-        return Metrics(ok=False, problem=f"{len(got)} outputs instead of {len(want)}", max_abs=math.inf,
-                       mismatch_fraction=1.0, tolerance=tol)
-    results = [compare(g, w, tol) for g, w in zip(got, want, strict=True)]
-    if not results:
-        return Metrics(ok=True, max_abs=0.0, mismatch_fraction=0.0, tolerance=tol)
-    worst = max(range(len(results)), key=lambda i: (not results[i].ok, results[i].max_abs))
-    out = results[worst]
-    out.ok = all(r.ok for r in results)
-    if len(results) > 1:
-        out.output, out.outputs = worst, len(results)
-    return out

@@ -2,7 +2,11 @@
 
 from .run import (
     RUN_SCHEMA,
+    BoundCheck,
+    Candidate,
     Culprit,
+    DeadOutput,
+    Finding,
     Metrics,
     OpRef,
     OpRow,
@@ -21,5 +25,27 @@ from .run import (
     run_schema,
 )
 
-__all__ = ["RUN_SCHEMA", "Culprit", "Metrics", "OpRef", "OpRow", "Oracle", "Plan", "RandomCheck", "RandomDraw",
-           "Reference", "Run", "Step", "TargetEvent", "Timing", "Tokens", "Tolerance", "Worst", "run_schema"]
+__all__ = [
+    "RUN_SCHEMA",
+    "BoundCheck",
+    "Candidate",
+    "Culprit",
+    "DeadOutput",
+    "Finding",
+    "Metrics",
+    "OpRef",
+    "OpRow",
+    "Oracle",
+    "Plan",
+    "RandomCheck",
+    "RandomDraw",
+    "Reference",
+    "Run",
+    "Step",
+    "TargetEvent",
+    "Timing",
+    "Tokens",
+    "Tolerance",
+    "Worst",
+    "run_schema",
+]

@@ -15,7 +15,8 @@ from typing import Any
 from tapml.core import Status, from_json, json_schema, to_json
 
 __all__ = ["RUN_SCHEMA", "Tolerance", "Worst", "Oracle", "Metrics", "OpRow", "Timing", "Tokens", "OpRef", "Step",
-           "RandomDraw", "RandomCheck", "Culprit", "Plan", "Reference", "Run", "TargetEvent", "run_schema"]
+           "RandomDraw", "RandomCheck", "Culprit", "Plan", "Reference", "Run", "TargetEvent", "BoundCheck",
+           "DeadOutput", "Finding", "Candidate", "run_schema"]
 
 RUN_SCHEMA = 2  # 2: "reference" is an object (name, device, description), not a string
 
@@ -53,11 +54,31 @@ class Oracle:
 
 
 @dataclass
+class BoundCheck:
+    """Where an output sits against the error any correct implementation may show (the ``bound`` rule)."""
+
+    form: str  # the formula, e.g. "4·√K·u·|A|·|B| + 2u·|y| (K=384)", or the fp64-oracle fallback
+    ratio: float  # max over elements of |target − exact| / bound: above 1 is out of bounds
+    reference_ratio: float  # the same for the reference: a healthy target sits near it
+    output: int = 0
+    consistent_with: str | None = None  # the arithmetic the target's errors match, when out of bounds
+
+
+@dataclass
+class DeadOutput:
+    """An output no later op reads and the model does not return, whose values are wrong anyway."""
+
+    output: int
+    problem: str
+    name: str = ""
+
+
+@dataclass
 class Metrics:
-    """A comparison of the target's output with the reference's (the worst output of an op)."""
+    """A comparison of the target's output with the reference's (the worst live output of an op)."""
 
     ok: bool
-    max_abs: float = 0.0
+    max_abs: float | None = 0.0
     tolerance: Tolerance | None = None
     shape: list[int] | None = None
     dtype: str | None = None
@@ -75,6 +96,11 @@ class Metrics:
     histogram: list[int] | None = None
     output: int | None = None  # which output of the op these numbers are for
     outputs: int | None = None  # how many outputs were compared
+    output_name: str | None = None  # that output's name in the op's schema
+    problem_kind: str | None = None  # shape | dtype | count
+    nonfinite_mismatches: int | None = None  # NaN/Inf where the reference has another value
+    bound: BoundCheck | None = None
+    dead: list[DeadOutput] = field(default_factory=list)
     saturated: int | None = None
     new_nonfinite: bool | None = None
     oracle: Oracle | None = None
@@ -177,6 +203,18 @@ class RandomCheck:
 
 
 @dataclass
+class Candidate:
+    """An op out of bounds on its own, ranked by how much it moves the model's output alone."""
+
+    index: int
+    op: str
+    module: str
+    call: int
+    local_ratio: float | None = None  # its bound ratio (or max abs under other rules)
+    end_to_end: float | None = None  # the model output's error with only this op's signature on the target
+
+
+@dataclass
 class Culprit:
     """The op whose own (local) error explains the divergence."""
 
@@ -191,6 +229,9 @@ class Culprit:
     source: str | None = None
     step: str | None = None
     random_inputs: RandomCheck | None = None
+    candidates: list[Candidate] = field(default_factory=list)  # when several ops were out of bounds
+    explains: str | None = None  # why this one and not the others
+    nondeterministic: bool | None = None  # the target gave two answers for the same call
 
 
 @dataclass
@@ -201,6 +242,18 @@ class TargetEvent:
     recovery: str  # respawned | reconnected | lost
     op: int | None = None
     log: str | None = None  # the last lines of a spawned worker's log
+
+
+@dataclass
+class Finding:
+    """Something wrong that does not decide the verdict (a dead output's values, a noisy target, ...)."""
+
+    kind: str  # dead-output | nondeterministic-target | reference-noise | ...
+    severity: str  # info | warning
+    message: str
+    index: int | None = None
+    op: str | None = None
+    module: str | None = None
 
 
 @dataclass
@@ -252,6 +305,7 @@ class Run:
     target_events: list[TargetEvent] = field(default_factory=list)
     reason: str | None = None  # why the verdict is incomplete (or which step made it divergent)
     notes: list[str] = field(default_factory=list)  # what was not compared and why (uninitialized outputs, ...)
+    findings: list[Finding] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return to_json(self)

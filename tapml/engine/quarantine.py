@@ -1,0 +1,78 @@
+"""Quarantine: an op signature that crashed or hung the target is not sent to it again in the same run.
+
+Why: a hang costs the op timeout (60 s by default) every time it is tried — once
+per cumulative step and again in the isolated pass, eight times for a layer-0 op
+of MiniLM. The first failure is the finding; repeating it only costs time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from tapml.core import OpCall, OpFailed, Status
+from tapml.platforms import Capabilities, Support, Target
+
+__all__ = ["Quarantine"]
+
+
+class Quarantine(Target):
+    """The engine's view of a target, remembering which signatures crashed or timed out on it."""
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.name, self.description = target.name, target.description
+        self.failed: dict[str, tuple[OpFailed, int]] = {}  # signature -> (the failure, the op it happened on)
+        self.spared = 0  # calls not sent because their signature is quarantined
+
+    @property
+    def lost(self) -> str | None:
+        return self.target.lost
+
+    @property
+    def events(self) -> list[dict]:
+        return self.target.events
+
+    @property
+    def stats(self) -> Counter:
+        return self.target.stats
+
+    def capabilities(self) -> Capabilities:
+        return self.target.capabilities()
+
+    def _check(self, op: OpCall) -> None:
+        hit = self.failed.get(op.signature)
+        if hit is not None:
+            self.spared += 1
+            error, where = hit
+            if op.index == where:  # the very call that failed: its failure, recorded once, reused
+                raise OpFailed(f"{error} (recorded earlier in this run; not sent again)", error.status)
+            raise OpFailed(f"quarantined: this signature {error.status} on the target at op {where} "
+                           f"earlier in this run ({error}); not sent again", Status.SKIPPED)
+
+    def prepare(self, op: OpCall) -> Support:
+        self._check(op)
+        try:
+            return self.target.prepare(op)
+        except OpFailed as e:
+            self._remember(op, e)
+            raise
+
+    def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        self._check(op)
+        try:
+            return self.target.execute(op, inputs)
+        except OpFailed as e:
+            self._remember(op, e)
+            raise
+
+    def _remember(self, op: OpCall, e: OpFailed) -> None:
+        if not e.fatal and e.status.failed:
+            self.failed.setdefault(op.signature, (e, op.index))
+
+    def describe(self) -> dict:
+        return self.target.describe()
+
+    def close(self) -> None:
+        self.target.close()
