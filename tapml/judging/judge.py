@@ -161,8 +161,9 @@ class Judge:
         if exact is None or exact_t is None or len(exact) != len(want):
             return
         u = unit_roundoff(self.compute_dtype or next((str(want[i].dtype)[6:] for i in floats), "float32"))
-        bounds = op_bounds(op, inputs, exact_t, u, [w.dtype for w in want]) \
-            if not any(e.is_complex() for e in exact) else [None] * len(want)
+        dtypes = [reduced if reduced is not None and w.is_floating_point() else w.dtype for w in want]  # ULPs there
+        bounds = op_bounds(op, inputs, exact_t, u, dtypes) if not any(e.is_complex() for e in exact) \
+            else [None] * len(want)
         k_oracle = 3.0 if self.compute_dtype == "bfloat16" else 2.0
         for i in floats:
             g, w, e, et = got[i], want[i], exact[i], exact_t[i]
