@@ -6,9 +6,9 @@ its ops on the reference, mark named ``step``s of a multi-call run.
 
 from .atomic import AtomicDir, OutputError
 from .carve import CarveResult, ModelRaised, carve
-from .dataflow import Graph
+from .graph import Graph
 from .layout import TensorRef, tensor_key
-from .manifest import Manifest, check_manifest, store_schema
+from .manifest import OP_COLUMNS, Manifest, check_manifest, read_manifest, store_schema
 from .replay import Mismatch, ReplayReport, replay, run_op
 from .store import SCHEMA_VERSION, FixtureStore, StoreError, StoreWriter
 from .tracer import CarveError, CarveOptions, signature, step
@@ -16,6 +16,7 @@ from .tracer import CarveError, CarveOptions, signature, step
 __all__ = [
     "AtomicDir",
     "OutputError",
+    "OP_COLUMNS",
     "SCHEMA_VERSION",
     "CarveError",
     "CarveOptions",
@@ -31,6 +32,7 @@ __all__ = [
     "TensorRef",
     "carve",
     "check_manifest",
+    "read_manifest",
     "replay",
     "run_op",
     "signature",

@@ -52,11 +52,23 @@ def carve(
     The store appears at ``out`` only if the run finished; otherwise nothing is left.
     """
     options = options or CarveOptions()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a carve allocates many small records: cyclic GC passes over them (while they live) only cost time
+    try:
+        path, tracer, writer, output = _carve(model, run, out, force, options, model_info, on_op, shard_bytes)
+        result = CarveResult(path, len(tracer.ops), len(tracer.layers), len(tracer.steps),
+                             writer.bytes_stored, tracer.truncated, output)
+        del tracer, writer  # freed by reference counting before the collector is back
+        return result
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _carve(model, run, out, force, options, model_info, on_op, shard_bytes):
     with StoreWriter(out, force=force, shard_bytes=shard_bytes) as writer:
         tracer = Tracer(writer, model, options, on_op=on_op)
         rng_state = torch.random.get_rng_state()  # live runs start from here: random ops repeat exactly
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # a carve allocates many small records; cyclic GC passes only cost time
         try:
             with torch.no_grad(), tracer:
                 output = run()
@@ -64,16 +76,13 @@ def carve(
             raise  # the store could not be written (a full disk), or tapml could not record: not the model's fault
         except (Exception, SystemExit) as e:  # a model calling sys.exit() must not end tapml silently
             raise ModelRaised(f"{type(e).__name__}: {e}") from e
-        finally:
-            if gc_was_enabled:
-                gc.enable()
         manifest = {
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "versions": {"tapml": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "model": model_info or {"class": type(model).__name__},
             "options": options.to_json(),
             "truncated": tracer.truncated,
-            "rng_state": writer.add(rng_state),
+            "rng_state": tracer.objects.add_use(writer.add(rng_state)),
             "stats": {
                 "bytes_stored": writer.bytes_stored,
                 "bytes_referenced": writer.bytes_referenced,
@@ -82,11 +91,12 @@ def carve(
             "steps": tracer.steps,
             "edges": tracer.dataflow.edges,
             "flow": tracer.dataflow.flow,
-            "outputs": tracer.dataflow.producers(tensors_in(output)),
-            "returns": tracer.dataflow.makers(tensors_in(output)),
+            "outputs": tracer.producers(tensors_in(output)),
+            "returns": tracer.makers(tensors_in(output)),
             "layers": tracer.layers,
+            "strings": tracer.strings.items,
+            "uses": tracer.objects.uses,
             "ops": tracer.ops,
         }
-        path = writer.commit(manifest)
-    return CarveResult(path, len(tracer.ops), len(tracer.layers), len(tracer.steps),
-                       writer.bytes_stored, tracer.truncated, output)
+        path = writer.commit(manifest, compacted=True)  # the tracer records schema 2's form as it goes
+    return path, tracer, writer, output

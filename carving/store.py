@@ -14,23 +14,24 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from ctypes import string_at
 from pathlib import Path
 from typing import Any
 
 import safetensors
 import safetensors.torch
 import torch
+from xxhash import xxh3_128_hexdigest
 
 from tapml.core import HashMemo, OpCall, iter_specs
 
 from .atomic import AtomicDir, OutputError
-from .dataflow import Graph
-from .layout import TensorRef, canonical, content_key, dtype_from_name, dtype_name, materialize
-from .manifest import check_manifest
+from .graph import Graph
+from .layout import TensorRef, _unit_stride, canonical, content_key, dtype_from_name, dtype_name, materialize
+from .manifest import SCHEMA_VERSION, compact, read_manifest
 
 __all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "FixtureStore", "MANIFEST", "UncarvableTensor"]
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 _SHARD_DIR = "tensors"
 _PACKED = "__packed__"  # one uint8 tensor per shard holding the small tensors back to back
@@ -47,6 +48,29 @@ class UncarvableTensor(ValueError):
 
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _DIGEST_FIELD = ',"digest":"'
+_DTYPE_INFO: dict[torch.dtype, tuple[str, bytes, int]] = {}
+
+
+def _dtype_info(dtype: torch.dtype) -> tuple[str, bytes, int]:
+    """A dtype's name, what ``content_key`` hashes before the bytes, and its item size."""
+    info = _DTYPE_INFO.get(dtype)
+    if info is None:
+        name = dtype_name(dtype)
+        info = _DTYPE_INFO[dtype] = (name, name.encode() + b"\0", dtype.itemsize)
+    return info
+
+
+def _permuted(shape: tuple, stride: tuple) -> bool:
+    """Whether the layout is a permutation of a contiguous one (a transpose, a permuted view): no gaps, no
+    overlap, no broadcast — so its elements in storage order are the bytes from its first element on."""
+    expected = 1
+    for st, sz in sorted(zip(stride, shape, strict=True)):
+        if sz == 1:
+            continue
+        if st != expected:
+            return False
+        expected *= sz
+    return True
 
 
 def _seal(body: dict) -> str:
@@ -79,7 +103,10 @@ class StoreWriter:
         self.shards: dict[str, dict] = {}
         self.bytes_stored = 0  # unique tensor bytes accepted so far
         self.bytes_referenced = 0  # bytes over every use, before dedup
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] = {}  # tensors of 64 KiB and more, held until their shard is written
+        self._pending_small: list[str] = []  # keys whose bytes are in _packed
+        self._packed: list[bytes] = []
+        self._packed_bytes = 0
         self._pending_bytes = 0
         self._pending_views: dict[int, list[str]] = {}  # storage ptr -> pending keys that alias it
         self._memo = HashMemo()  # a tensor read by many ops is hashed once
@@ -93,37 +120,82 @@ class StoreWriter:
         ``cached=False`` for outputs of in-place ops: their version counter is bumped
         only after the dispatch mode returns, so the hash cache cannot see the write yet.
         """
+        return self.use(t, cached=cached)[0]
+
+    def use(self, t: torch.Tensor, *, cached: bool = True) -> tuple[dict, int]:
+        """``add``, also returning the bytes this use references (what ``reused`` counts again)."""
         held = t  # the caller's tensor: its version counter sees later in-place writes; a detach() would not
         if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested:
             kind = "quantized" if t.is_quantized else ("meta" if t.is_meta else str(t.layout).removeprefix("torch."))
             raise UncarvableTensor(f"a {kind} tensor {tuple(t.shape)} (tapml records dense strided tensors only)")
-        if t.requires_grad:
-            t = t.detach()
         if not t.is_cpu:
             t = t.cpu()
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
-        flat, exact = canonical(t)
-        key = self._memo.key(held if held.device == t.device else t, flat, memo=cached)
-        storage = flat.untyped_storage().data_ptr()
-        shares = flat.numel() > 0 and storage == t.untyped_storage().data_ptr()
+        dtype, shape, stride = t.dtype, tuple(t.shape), t.stride()
+        name, prefix, itemsize = _dtype_info(dtype)
+        numel = t.numel()
+        nbytes = numel * itemsize
+        exact = True
+        if nbytes < _PACK_BELOW and (t.is_contiguous() or _permuted(shape, stride)):
+            # the elements in storage order are the bytes at data_ptr: hashed and copied without a torch op
+            self.bytes_referenced += nbytes
+            raw = string_at(t.data_ptr(), nbytes) if nbytes else b""
+            key = xxh3_128_hexdigest(prefix + raw)
+            if key not in self.index:
+                self.index[key] = {"dtype": name, "numel": numel, "nbytes": nbytes, "offset": self._packed_bytes}
+                self._packed.append(raw)  # joined once per shard: a growing bytearray would copy itself
+                self._packed_bytes += nbytes
+                self._pending_small.append(key)
+                self._stored(nbytes)
+            ref = {"key": key, "dtype": name, "shape": shape, "stride": stride}
+            if t.storage_offset():
+                ref["offset"] = t.storage_offset()
+            return ref, nbytes
+        if t.is_contiguous():
+            flat = t
+        else:
+            flat, exact = canonical(t.detach())
         nbytes = flat.numel() * flat.element_size()
         self.bytes_referenced += nbytes
-        if key not in self.index:
-            self.index[key] = {"dtype": dtype_name(flat.dtype), "numel": flat.numel(), "nbytes": nbytes}
-            self._pending[key] = flat
-            self._pending_bytes += nbytes
-            self.bytes_stored += nbytes
-            if shares:
-                self._pending_views.setdefault(storage, []).append(key)
-            if self._pending_bytes >= self.shard_bytes:
-                self.flush()
-        ref = {"key": key, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "stride": list(t.stride())}
+        if nbytes < _PACK_BELOW:  # a narrowed broadcast or a view with gaps, packed by canonical()
+            raw = string_at(flat.data_ptr(), nbytes) if nbytes else b""
+            key = xxh3_128_hexdigest(prefix + raw)
+            if key not in self.index:
+                self.index[key] = {"dtype": name, "numel": flat.numel(), "nbytes": nbytes,
+                                   "offset": self._packed_bytes}
+                self._packed.append(raw)
+                self._packed_bytes += nbytes
+                self._pending_small.append(key)
+                self._stored(nbytes)
+        else:
+            if flat is t:
+                flat = _unit_stride(t.detach().reshape(-1))
+            key = self._memo.key(held if held.device == t.device else t, flat, memo=cached)
+            if key not in self.index:
+                self.index[key] = {"dtype": dtype_name(flat.dtype), "numel": flat.numel(), "nbytes": nbytes}
+                self._pending[key] = flat
+                storage = flat.untyped_storage().data_ptr()
+                if storage == t.untyped_storage().data_ptr():  # the program's memory: copied if written in place
+                    self._pending_views.setdefault(storage, []).append(key)
+                self._stored(nbytes)
+        # shape and stride as tuples (JSON arrays all the same): the tracer's signature tokens reuse them
+        ref = {"key": key, "dtype": name, "shape": shape, "stride": stride}
         if t.storage_offset():
             ref["offset"] = t.storage_offset()
         if not exact:
             ref["exact"] = False
-        return ref
+        return ref, nbytes
+
+    def reused(self, nbytes: int) -> None:
+        """Count one more use of bytes already recorded (a caller that remembers the ref)."""
+        self.bytes_referenced += nbytes
+
+    def _stored(self, nbytes: int) -> None:
+        self._pending_bytes += nbytes
+        self.bytes_stored += nbytes
+        if self._pending_bytes >= self.shard_bytes:
+            self.flush()
 
     def add_storage(self, t: torch.Tensor) -> dict:
         """Record a tensor with its whole storage: for ops (``as_strided``) that read beyond the view."""
@@ -131,14 +203,13 @@ class StoreWriter:
             return self.add(t)
         n = t.untyped_storage().nbytes() // t.element_size()
         whole = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
-        ref = self.add(whole)
-        ref.update(shape=list(t.shape), stride=list(t.stride()), storage=True)
+        ref = dict(self.add(whole), shape=tuple(t.shape), stride=t.stride(), storage=True)
         if t.storage_offset():
             ref["offset"] = t.storage_offset()
         return ref
 
     def protect(self, tensors: list[torch.Tensor]) -> None:
-        """Copy pending bytes that an in-place op is about to overwrite."""
+        """Copy pending bytes that an in-place op is about to overwrite (small ones were copied already)."""
         for t in tensors:
             if t.numel() == 0 or t.device.type != "cpu":
                 continue
@@ -148,25 +219,23 @@ class StoreWriter:
 
     def flush(self) -> None:
         """Write the pending tensors as one shard; small ones packed into one blob."""
-        if not self._pending:
+        if not self._pending and not self._pending_small:
             return
         name = f"shard-{len(self.shards):05d}.safetensors"
-        tensors, owners, small, offset = {}, set(), [], 0
+        tensors, owners = {}, set()
         for key, flat in self._pending.items():
-            meta = self.index[key]
-            meta["shard"] = name
-            if meta["nbytes"] < _PACK_BELOW:
-                small.append(flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8))
-                meta["offset"] = offset
-                offset += meta["nbytes"]
-                continue
+            self.index[key]["shard"] = name
             ptr = flat.untyped_storage().data_ptr()
             if ptr in owners:  # safetensors refuses tensors that share memory
                 flat = flat.clone()
             owners.add(flat.untyped_storage().data_ptr())
             tensors[key] = flat
-        if small:
-            tensors[_PACKED] = torch.cat(small)
+        for key in self._pending_small:
+            self.index[key]["shard"] = name
+        packed = bytearray(b"".join(self._packed))  # writable: frombuffer warns on read-only memory
+        if self._pending_small:
+            tensors[_PACKED] = torch.frombuffer(packed, dtype=torch.uint8) if packed else \
+                torch.empty(0, dtype=torch.uint8)
         target = self._tmp / _SHARD_DIR / name
         try:
             safetensors.torch.save_file(tensors, str(target))
@@ -175,12 +244,17 @@ class StoreWriter:
         self.shards[name] = {"bytes": target.stat().st_size}
         self._pending.clear()
         self._pending_views.clear()
+        self._pending_small.clear()
+        self._packed.clear()
+        self._packed_bytes = 0
         self._pending_bytes = 0
 
-    def commit(self, manifest: dict) -> Path:
-        """Write the manifest and move the finished store into place atomically."""
+    def commit(self, manifest: dict, *, compacted: bool = False) -> Path:
+        """Write the manifest and move the finished store into place atomically. The manifest comes in
+        memory's shape (ops and layers as records, tensor refs inline), or ``compacted`` (schema 2's form)."""
         self.flush()
-        body = dict(manifest, schema=SCHEMA_VERSION, tensors=self.index, shards=self.shards)
+        body = dict(manifest if compacted else compact(manifest), schema=SCHEMA_VERSION, tensors=self.index,
+                    shards=self.shards)
         target = self._tmp / MANIFEST
         try:
             target.write_text(_seal(body))
@@ -226,7 +300,7 @@ class FixtureStore:
         if not _unseal(text):
             raise StoreError(f"{mpath} was modified after the carve (digest mismatch)")
         try:
-            check_manifest(self.manifest)  # a resealed manifest is still only data: check all of it
+            self.manifest = read_manifest(self.manifest)  # a resealed manifest is still only data: check all of it
         except ValueError as e:
             raise StoreError(f"{mpath} is malformed: {e}") from None
         for name, meta in self.manifest["shards"].items():

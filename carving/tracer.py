@@ -12,6 +12,7 @@ import contextvars
 import fnmatch
 import hashlib
 import itertools
+import math
 import os
 import re
 import sys
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from tapml.core import (
     ALLOWED_NAMESPACES,
@@ -34,6 +34,9 @@ from tapml.core import (
 )
 
 from .dataflow import DataFlow
+from .leaves import leaf_paths
+from .manifest import INPLACE, NONDETERMINISTIC, VIEW, Table
+from .objects import Objects
 from .store import StoreError, StoreWriter, UncarvableTensor
 
 __all__ = ["CarveOptions", "CarveError", "Tracer", "step", "signature"]
@@ -70,29 +73,67 @@ class CarveOptions:
         return {"modules": self.modules, "ops": list(self.ops), "unique": self.unique, "max_bytes": self.max_bytes}
 
 
-def _meta(value):
-    """A repr-stable stand-in for a value: tensors become (dtype, shape, stride)."""
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided:  # sparse tensors have no strides (and are refused when stored)
-            return (dtype_name(value.dtype), tuple(value.shape), str(value.layout))
-        return (dtype_name(value.dtype), tuple(value.shape), value.stride())
-    if isinstance(value, (list, tuple)):
-        return tuple(_meta(v) for v in value)
-    if isinstance(value, dict):
-        return tuple((k, _meta(v)) for k, v in value.items())
-    return value
+def _token(value, tensor_token, key: list) -> None:
+    """Append ``value``'s part of a signature key: tensors as ``(dtype, shape, stride)``, everything else
+    tagged by kind (so ``True`` is not ``1`` and ``-0.0`` is not ``0.0``); brackets keep the structure."""
+    if value is None or type(value) is int:
+        key.append(value)
+    elif isinstance(value, torch.Tensor):
+        key.append(tensor_token(value))
+    elif isinstance(value, bool):
+        key.append("b1" if value else "b0")
+    elif isinstance(value, (list, tuple)):
+        key.append("[" if isinstance(value, list) else "(")
+        for v in value:
+            _token(v, tensor_token, key)
+        key.append("]")
+    elif isinstance(value, dict):
+        key.append("{")
+        for k, v in value.items():
+            key.append(("k", k))
+            _token(v, tensor_token, key)
+        key.append("}")
+    else:
+        key.append(_scalar_token(value))
+
+
+def _scalar_token(value):
+    if isinstance(value, int):
+        return ("i", int(value))
+    if isinstance(value, (float, complex, str)):
+        return (type(value).__name__[0], repr(value))
+    if isinstance(value, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+        return value
+    return ("o", type(value).__name__)
+
+
+def _tensor_token(t: torch.Tensor) -> tuple:
+    if t.layout != torch.strided:  # sparse tensors have no strides (and are refused when stored)
+        return (dtype_name(t.dtype), tuple(t.shape), str(t.layout))
+    return (dtype_name(t.dtype), tuple(t.shape), tuple(t.stride()))
+
+
+def _digest(key: list) -> str:
+    return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
 
 
 def signature(name: str, args, kwargs) -> str:
-    """Op identity for compile caches and de-duplication: overload, tensor metadata, other args."""
-    return hashlib.sha1(repr((name, _meta(args), _meta(kwargs))).encode()).hexdigest()[:16]
+    """Op identity for compile caches and de-duplication: overload, tensor metadata, other args.
+
+    The tracer computes the same value from what it already knows of each tensor."""
+    key: list = [name]
+    _token(list(args), _tensor_token, key)
+    _token(kwargs, _tensor_token, key)
+    return _digest(key)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Frame:
     layer: int | None  # index into layers, None when the module is filtered out
     path: str
     call: int
+    enclosing: int | None  # the innermost recorded layer at or above this module
+    module: int  # the path's index in the manifest's strings
 
 
 class Tracer(TorchDispatchMode):
@@ -117,15 +158,22 @@ class Tracer(TorchDispatchMode):
         for name, mod in self.model.named_modules():
             self._names.setdefault(mod, name)
         self._module_re = re.compile(self.options.modules) if self.options.modules else None
+        self._filtered = bool(self._module_re or self.options.ops or self.options.unique)
         self._calls: dict[str, int] = {}
         self._stack: list[_Frame] = []
         self._seen_sigs: set[str] = set()
+        self._sigs: dict[tuple, str] = {}  # signature key -> signature: hashed once per distinct call shape
+        self._funcs: dict[int, tuple] = {}  # id(OpOverload) -> (OpInfo, reads storage, outside aten/prims, the op)
         self._step_token: tuple[int, str] | None = None
         self._busy = False
         self._handles = []
-        self._internal: dict[str, bool] = {}
+        self._internal: dict[object, bool] = {}  # code object -> inside torch/tapml (not the user's line)
+        self._lines: dict[tuple, int] = {}  # (code object, line) -> "file:line" in strings
         self._seq = 0
         self._root_calls = 0
+        self.objects = Objects(writer)
+        self.strings = Table()  # op names, module paths and source lines, each once (the manifest's strings)
+        self._root_module = self.strings("")
         self.dataflow = DataFlow()
 
     # -- lifecycle ----------------------------------------------------------------
@@ -171,6 +219,7 @@ class Tracer(TorchDispatchMode):
         self._calls[path] = call + 1
         if module is self.model and not self._stack:
             self._sync_step(root_call=True)
+        outer = self._stack[-1].enclosing if self._stack else None
         layer = None
         if self._recording() and (self._module_re is None or self._module_re.search(path)):
             layer = len(self.layers)
@@ -182,14 +231,14 @@ class Tracer(TorchDispatchMode):
                     "class": type(module).__name__,
                     "call": call,
                     "step": len(self.steps) - 1,
-                    "parent": next((f.layer for f in reversed(self._stack) if f.layer is not None), None),
-                    "inputs": self._tensor_leaves({"args": args, "kwargs": kwargs}),
+                    "parent": outer,
+                    "inputs": self._tensor_leaves(args, kwargs),
                     "outputs": [],
                     "ops": [len(self.ops), len(self.ops)],
                 })
             finally:
                 self._busy = False
-        self._stack.append(_Frame(layer, path, call))
+        self._stack.append(_Frame(layer, path, call, layer if layer is not None else outer, self.strings(path)))
 
     def _exit_module(self, module, args, kwargs, output):
         if not self._stack:
@@ -205,17 +254,16 @@ class Tracer(TorchDispatchMode):
                 finally:
                     self._busy = False
 
-    def _tensor_leaves(self, tree) -> list[dict]:
-        """Tensors anywhere in a module's args/kwargs/outputs, with their pytree paths; a tensor the
-        store cannot hold (sparse, ...) is named instead, so the module is known not to be a unit."""
-        if isinstance(tree, torch.Tensor):  # the common single-tensor output, without pytree's cost
-            return [self._leaf("", tree)]
-        leaves, _ = tree_flatten_with_path(tree)
-        return [self._leaf(keystr(p), v) for p, v in leaves if isinstance(v, torch.Tensor)]
+    def _tensor_leaves(self, tree, kwargs=None) -> list[dict]:
+        """Tensors anywhere in a module's args/kwargs (or its output, without ``kwargs``), with their pytree
+        paths; a tensor the store cannot hold (sparse, ...) is named instead, so the module is known not to
+        be a unit."""
+        leaves = leaf_paths(tree) if kwargs is None else leaf_paths({"args": tree, "kwargs": kwargs})
+        return [self._leaf(path, t) for path, t in leaves]
 
     def _leaf(self, path: str, t: torch.Tensor) -> dict:
         try:
-            return {"path": path, "tensor": self.writer.add(t)}
+            return {"path": path, "tensor": self.objects.entry(t).use}
         except UncarvableTensor as e:
             return {"path": path, "uncarved": str(e)}
 
@@ -223,93 +271,182 @@ class Tracer(TorchDispatchMode):
     def _recording(self) -> bool:
         return self.truncated is None
 
-    def _source(self) -> str | None:
+    def _source(self) -> int | None:
+        """The user's line that led to the op in flight (an index into strings): the innermost frame outside
+        torch and tapml."""
         f = sys._getframe(2)
+        internal = self._internal
         while f is not None:
-            fn = f.f_code.co_filename
-            internal = self._internal.get(fn)
-            if internal is None:
-                internal = self._internal[fn] = fn.startswith(_INTERNAL_DIRS) or fn.startswith("<")
-            if not internal:
-                return f"{fn}:{f.f_lineno}"
+            code = f.f_code
+            inside = internal.get(code)
+            if inside is None:
+                fn = code.co_filename
+                inside = internal[code] = fn.startswith(_INTERNAL_DIRS) or fn.startswith("<")
+            if not inside:
+                where = (code, f.f_lineno)
+                line = self._lines.get(where)
+                if line is None:
+                    line = self._lines[where] = self.strings(f"{code.co_filename}:{f.f_lineno}")
+                return line
             f = f.f_back
         return None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._busy or not self._recording():
+        if self._busy or self.truncated is not None:
             return func(*args, **kwargs)
         seq = self._seq
         self._seq += 1
-        info = op_info(func)
+        known = self._funcs.get(id(func))  # OpOverload hashes in Python: its id is cheaper (overloads live forever)
+        if known is None:
+            known = self._funcs[id(func)] = self._know(func)
+        info = known[0]
         frame = self._stack[-1] if self._stack else None
         path = frame.path if frame else ""
-        if self._module_re is not None and not self._module_re.search(path):
+        if self._filtered and self._filtered_out(info, path, args, kwargs):
             return func(*args, **kwargs)
-        if self.options.ops and not any(fnmatch.fnmatchcase(info.name, p) for p in self.options.ops):
-            return func(*args, **kwargs)
-        sig = signature(info.name, args, kwargs)
-        if self.options.unique and sig in self._seen_sigs:
-            return func(*args, **kwargs)
-        self._seen_sigs.add(sig)
+        index = len(self.ops)
         self._sync_step(root_call=False)
         try:  # tapml's own failures are tapml's, named with the op: never "the model raised"
-            rec = self._inputs(func, info, seq, path, frame, sig, args, kwargs)
+            encoded, encoded_kwargs, sig = self._record_inputs(known[1], info, index, args, kwargs)
+            row = [seq, known[2], frame.module if frame else self._root_module, frame.call if frame else 0,
+                   frame.enclosing if frame else None, len(self.steps) - 1, self._source(), sig, encoded,
+                   {"dict": encoded_kwargs}, None, known[3]] + known[4]  # OP_COLUMNS
+            if info.mutated:
+                written = [t for m in info.mutated
+                           for t in tensors_in(args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m))]
+                self.writer.protect(written)
+                self.objects.forget(written)  # resize_, t_, set_ change metadata too
         except StoreError:
             raise
         except Exception as e:
             raise CarveError(f"op {info.name} in {path or '(model)'}: {_why(e)}") from e
         out = func(*args, **kwargs)
-        bump_undeclared(info, args, kwargs)
+        if info.undeclared:
+            bump_undeclared(info, args, kwargs)
         try:
-            add = self.writer.add if not info.mutated else (lambda t: self.writer.add(t, cached=False))
-            rec["outputs"] = encode(out, add)
-            produced = tensors_in(out)
-            self.dataflow.made(rec["index"], produced)
-            if not info.view:  # a view's memory was written by whoever wrote its base
-                returned = {k for k, m in enumerate(info.returned) if m is not None}
-                self.dataflow.wrote(rec["index"], produced, returned)
+            self._out = (index, info, [0])
+            row[10] = {"tensor": self._output(out)} if type(out) is torch.Tensor else encode(out, self._output)
         except StoreError:
             raise
         except Exception as e:
             raise CarveError(f"op {info.name} in {path or '(model)'}: output: {_why(e)}") from e
-        rec["view"] = info.view
-        rec["inplace"] = bool(info.mutated)
-        rec["nondeterministic"] = info.nondeterministic
-        self.ops.append(rec)
+        self.ops.append(row)
         if self.options.max_bytes is not None and self.writer.bytes_stored >= self.options.max_bytes:
-            self.truncated = f"--max-bytes {self.options.max_bytes} reached after op {rec['index']}"
+            self.truncated = f"--max-bytes {self.options.max_bytes} reached after op {index}"
         if self.on_op is not None:
             self.on_op(len(self.ops))
         return out
 
+    def _know(self, func) -> tuple:
+        """What every call of ``func`` shares: (OpInfo, reads its input's storage, op name string, flags,
+        the row's optional library column)."""
+        info = op_info(func)
+        library = []
+        if func.namespace not in ALLOWED_NAMESPACES:  # the module that registers it, so a reader can import it
+            module = library_of(func)
+            library = [self.strings(module) if module else None]
+        flags = VIEW * info.view + INPLACE * bool(info.mutated) + NONDETERMINISTIC * info.nondeterministic
+        return info, func._opname in _STORAGE_READERS, self.strings(info.name), flags, library
 
-    def _inputs(self, func, info, seq: int, path: str, frame, sig: str, args, kwargs) -> dict:
-        """The op's record up to its outputs (which exist only after it runs)."""
-        add = self.writer.add
-        rec = {
-            "index": len(self.ops),
-            "seq": seq,
-            "op": info.name,
-            "module": path,
-            "call": frame.call if frame else 0,
-            "layer": next((f.layer for f in reversed(self._stack) if f.layer is not None), None),
-            "step": len(self.steps) - 1,
-            "source": self._source(),
-            "signature": sig,
-            "args": ([encode(args[0], self.writer.add_storage)] + [encode(a, add) for a in args[1:]]
-                     if func._opname in _STORAGE_READERS and args else encode(list(args), add)),
-            "kwargs": encode(kwargs, add),
-        }
-        if func.namespace not in ALLOWED_NAMESPACES:
-            rec["library"] = library_of(func)
-        if info.mutated:
-            self.writer.protect([
-                t for m in info.mutated
-                for t in tensors_in(args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m))
-            ])
-        self.dataflow.read(rec["index"], tensors_in([list(args), kwargs]))
-        return rec
+    def _filtered_out(self, info, path: str, args, kwargs) -> bool:
+        if self._module_re is not None and not self._module_re.search(path):
+            return True
+        if self.options.ops and not any(fnmatch.fnmatchcase(info.name, p) for p in self.options.ops):
+            return True
+        if self.options.unique:
+            sig = signature(info.name, args, kwargs)
+            if sig in self._seen_sigs:
+                return True
+            self._seen_sigs.add(sig)
+        return False
+
+    def _record_inputs(self, reads_storage: bool, info, index: int, args, kwargs) -> tuple[list, dict, str]:
+        """The op's encoded args and kwargs (as ``encode`` writes them), its signature from the same walk, and
+        the data flow into it — one pass, since this runs for every op."""
+        key = [info.name, "["]
+        encoded, position = [], 0
+        for i, v in enumerate(args):
+            if i == 0 and reads_storage and isinstance(v, torch.Tensor):
+                encoded.append({"tensor": self.objects.add_use(self.writer.add_storage(v))})  # reads beyond the view
+                key.append(_tensor_token(v))
+                self.dataflow.read(index, 0, self.objects.observe(v))
+                position = 1
+                continue
+            enc, position = self._value(v, key, index, position)
+            encoded.append(enc)
+        key += ("]", "{")
+        encoded_kwargs = {}
+        for k, v in kwargs.items():
+            key.append(("k", k))
+            encoded_kwargs[k], position = self._value(v, key, index, position)
+        key.append("}")
+        key = tuple(key)
+        sig = self._sigs.get(key)
+        if sig is None:
+            sig = self._sigs[key] = _digest(list(key))
+        return encoded, encoded_kwargs, sig
+
+    def _value(self, v, key: list, index: int, position: int) -> tuple:
+        """One argument: its encoding (as ``encode``), its signature tokens (as ``_token``) appended to
+        ``key``, each tensor's data flow recorded. Returns ``(encoded, next input position)``."""
+        if isinstance(v, torch.Tensor):
+            e = self.objects.entry(v)
+            key.append(e.token)
+            if e.maker is not None or e.storage is not None:
+                self.dataflow.read(index, position, e)
+            return {"tensor": e.use}, position + 1
+        tp = type(v)
+        if v is None or tp is int:
+            key.append(v)
+            return v, position
+        if tp is bool:
+            key.append("b1" if v else "b0")
+            return v, position
+        if tp is float:
+            r = repr(v)
+            key.append(("f", r))
+            return (v if math.isfinite(v) else {"float": r}), position
+        if isinstance(v, (list, tuple)):
+            key.append("[" if isinstance(v, list) else "(")
+            items = []
+            for x in v:
+                enc, position = self._value(x, key, index, position)
+                items.append(enc)
+            key.append("]")
+            return (items if isinstance(v, list) else {"tuple": items}), position
+        if isinstance(v, dict):  # not an aten argument type: the generic walk
+            tensors = tensors_in(v)
+            entries = [self.objects.entry(t) for t in tensors]
+            for e in entries:
+                self.dataflow.read(index, position, e)
+                position += 1
+            refs = iter(entries)
+            _token(v, lambda _: next(refs).token, key)
+            refs = iter(entries)
+            return encode(v, lambda _: next(refs).use), position
+        key.append(_scalar_token(v))
+        return encode(v, None), position
+
+    def _output(self, t: torch.Tensor) -> int:
+        """One output tensor of the op in flight: recorded, marked as its output, its memory as written."""
+        index, info, slot = self._out
+        k = slot[0]
+        slot[0] += 1
+        e = self.objects.entry(t, cached=not info.mutated)
+        e.maker = (index, k)
+        if not info.view:  # a view's memory was written by whoever wrote its base
+            mutated = bool(info.mutated) and k < len(info.returned) and info.returned[k] is not None
+            self.dataflow.wrote(index, k, t, e, mutated)
+        return e.use
+
+    def producers(self, tensors: list) -> list[list[int] | None]:
+        """For each model output tensor, ``[op, slot]`` of the op that wrote its memory last, or None."""
+        return self.dataflow.producers(tensors)
+
+    def makers(self, tensors: list) -> list[list[int] | None]:
+        """For each model output tensor object, ``[op, slot]`` of the op that returned it, or None."""
+        return [list(m) if (m := self.objects.maker(t)) is not None else None for t in tensors]
 
 
 _STORAGE_READERS = frozenset({"as_strided", "as_strided_", "as_strided_copy"})  # read their input's storage

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tapml.carving import SCHEMA_VERSION, FixtureStore, ModelRaised, StoreError, carve
+from tapml.carving import SCHEMA_VERSION, FixtureStore, ModelRaised, StoreError, carve, replay
 
 
 def small_store(path, model=None):
@@ -90,7 +90,7 @@ def test_edited_manifest_is_detected(tmp_path):
     store = small_store(tmp_path / "s")
     mpath = store.path / "manifest.json"
     m = json.loads(mpath.read_text())
-    m["ops"][0]["op"] = "aten.sub.Tensor"
+    m["strings"][m["ops"][0][1]] = "aten.sub.Tensor"  # the first op's name (schema 2: a row, names in strings)
     mpath.write_text(json.dumps(m))
     with pytest.raises(StoreError, match="manifest.json was modified"):
         FixtureStore(store.path)
@@ -128,3 +128,16 @@ def test_streams_shards_instead_of_holding_everything(tmp_path):
     store = FixtureStore(tmp_path / "s")
     assert len(store.manifest["shards"]) >= 8  # 8 × 256 KiB of weights alone
     store.verify()
+
+
+def test_schema_1_stores_still_load(tmp_path):
+    """Stores carved before the compact manifest (schema 1: op records with their tensor refs inline)."""
+    from tapml.carving.store import _seal
+
+    store = small_store(tmp_path / "s")
+    v1 = {k: v for k, v in store.manifest.items() if k != "digest"}
+    v1["schema"] = 1  # schema 2 is read into schema 1's shape: written back as is, it is a schema 1 manifest
+    (store.path / "manifest.json").write_text(_seal(v1))
+    old = FixtureStore(store.path)
+    assert old.manifest["schema"] == 1 and old.ops == store.ops and old.layers == store.layers
+    assert replay(old).ok and old.graph.consumers == store.graph.consumers

@@ -160,8 +160,10 @@ def check_spec(spec: Any, where: str = "tensor") -> None:
         raise MalformedValue(f"{where}: key must be a string")
 
 
-def check_value(value: Any, where: str = "value", depth: int = 0) -> None:
-    """Raise ``MalformedValue`` unless ``value`` is exactly what ``encode`` can write."""
+def check_value(value: Any, where: str = "value", depth: int = 0,
+                spec: Callable[[Any, str], None] = check_spec) -> None:
+    """Raise ``MalformedValue`` unless ``value`` is exactly what ``encode`` can write; ``spec`` checks each
+    tensor payload (a store that lists tensor uses once refers to them by index)."""
     if depth > _MAX_DEPTH:
         raise MalformedValue(f"{where}: nested too deeply")
     if value is None or isinstance(value, (bool, int, str)):
@@ -172,22 +174,24 @@ def check_value(value: Any, where: str = "value", depth: int = 0) -> None:
         return
     if isinstance(value, list):
         for i, v in enumerate(value):
-            check_value(v, f"{where}[{i}]", depth + 1)
+            if v is None or type(v) is int or type(v) is bool:  # the common leaves, without a call
+                continue
+            check_value(v, f"{where}[{i}]", depth + 1, spec)
         return
     if not isinstance(value, dict) or len(value) != 1:
         raise MalformedValue(f"{where}: expected a JSON value or a one-key object")
     (kind, payload), = value.items()
     if kind == "tensor":
-        check_spec(payload, where)
+        spec(payload, where)
     elif kind == "tuple":
         if not isinstance(payload, list):
             raise MalformedValue(f"{where}: a tuple must hold a list")
-        check_value(payload, where, depth + 1)
+        check_value(payload, where, depth + 1, spec)
     elif kind == "dict":
         if not isinstance(payload, dict) or not all(isinstance(k, str) for k in payload):
             raise MalformedValue(f"{where}: a dict must map strings to values")
         for k, v in payload.items():
-            check_value(v, f"{where}.{k}", depth + 1)
+            check_value(v, f"{where}.{k}", depth + 1, spec)
     elif kind == "float":
         if not isinstance(payload, str) or payload not in ("inf", "-inf", "nan"):
             raise MalformedValue(f"{where}: float {payload!r} is not inf, -inf or nan")

@@ -13,7 +13,7 @@ import pytest
 import rpyc
 import torch
 
-from tapml.carving import FixtureStore, StoreError, carve
+from tapml.carving import OP_COLUMNS, FixtureStore, StoreError, carve
 from tapml.core import OpCall, OpRefused, resolve_op
 from tapml.remote import RemoteTarget, spawn_worker
 from tapml.remote.wire import recv_frame, send_frame, send_tensor
@@ -111,8 +111,9 @@ def tampered(tmp_path):
     canary = tmp_path / "canary"
     canary.write_text("SECRET-CANARY" * 8)
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    manifest["ops"][-1]["op"] = "aten.from_file.default"
-    manifest["ops"][-1]["args"] = [str(canary), True, 64]
+    manifest["strings"].append("aten.from_file.default")  # schema 2: an op is a row, its name an index into strings
+    manifest["ops"][-1][OP_COLUMNS.index("op")] = len(manifest["strings"]) - 1
+    manifest["ops"][-1][OP_COLUMNS.index("args")] = [str(canary), True, 64]
     (tmp_path / "s" / "manifest.json").write_text(_reseal(manifest))
     return tmp_path / "s", canary
 

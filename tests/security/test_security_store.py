@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tapml.carving import FixtureStore, StoreError, carve
+from tapml.carving import OP_COLUMNS, FixtureStore, StoreError, carve
 from tapml.cli import main
 
 
@@ -81,23 +81,30 @@ def test_store_faults_during_replay_are_store_errors_naming_the_file(store, dama
         assert proc.returncode == 2 and f"{shard.name} is missing" in proc.stderr
 
 
+ARGS, KWARGS, OUTPUTS = (OP_COLUMNS.index(c) for c in ("args", "kwargs", "outputs"))  # schema 2: ops are rows
+
+
+def _use(m: dict, value: dict) -> dict:
+    """The tensor use an encoded value refers to (schema 2 lists each use once, in ``uses``)."""
+    return m["uses"][value["tensor"]]
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.update(schema="1"), "no integer schema"),
     (lambda m: m.update(ops=5), "expected a list"),
-    (lambda m: m["ops"][0].update(outputs={"tensor": dict(m["ops"][0]["outputs"]["tensor"], shape=[999, 2])}),
-     "needs 1998 stored elements"),
-    (lambda m: m["ops"][0].update(args=[{"tensor": {"dtype": "float32", "shape": [-1], "stride": [1]}}]),
-     "non-negative"),
+    (lambda m: _use(m, m["ops"][0][OUTPUTS]).update(shape=[999, 2]), "needs 1998 stored elements"),
+    (lambda m: m["uses"].append({"dtype": "float32", "shape": [-1], "stride": [1]}), "non-negative"),
     (lambda m: m["tensors"][next(iter(m["tensors"]))].pop("nbytes"), "nbytes: missing"),
-    (lambda m: m["ops"][0].update(op="aten.from_file.default"), "side effects"),
+    (lambda m: m["strings"].__setitem__(m["ops"][0][1], "aten.from_file.default"), "side effects"),
     (lambda m: m["shards"].update({"../../etc": {"bytes": 1}}), "invalid shard"),
     # found by benchmarks/fuzz.py: each was an exit 3 (a traceback-worthy internal error) before
-    (lambda m: m["ops"][0].update(args=[_nested(200)]), "nested too deeply"),
-    (lambda m: m["ops"][0].update(kwargs={"dict": {"m": {"memory_format": ["a"]}}}), "unknown memory format"),
-    (lambda m: m["ops"][0].update(kwargs={"dict": {"m": {"layout": {}}}}), "unknown layout"),
-    (lambda m: m["ops"][0]["args"][0]["tensor"].update(stride=[10**30, 1]), "non-negative integers"),
-    (lambda m: m["ops"][0]["args"][0]["tensor"].update(stride=[1 << 30, 1]), "span"),
+    (lambda m: m["ops"][0].__setitem__(ARGS, [_nested(200)]), "nested too deeply"),
+    (lambda m: m["ops"][0].__setitem__(KWARGS, {"dict": {"m": {"memory_format": ["a"]}}}), "unknown memory format"),
+    (lambda m: m["ops"][0].__setitem__(KWARGS, {"dict": {"m": {"layout": {}}}}), "unknown layout"),
+    (lambda m: _use(m, m["ops"][0][ARGS][0]).update(stride=[10**30, 1]), "non-negative integers"),
+    (lambda m: _use(m, m["ops"][0][ARGS][0]).update(stride=[1 << 30, 1]), "span"),
     (lambda m: m["tensors"][next(iter(m["tensors"]))].update(shard="x" * 300), "in unknown shard"),
+    (lambda m: m["ops"][0][ARGS].append({"tensor": len(m["uses"])}), "is not an index into"),
     (lambda m: m["stats"].pop("bytes_referenced"), None),
 ])
 def test_resealed_malformed_manifests_exit_2_with_one_line(store, edit, message):
@@ -189,7 +196,7 @@ def test_stale_temporary_directories_of_killed_runs_are_removed(tmp_path, store)
 def test_nesting_deeper_than_the_json_parser_allows(store):
     m = _manifest(store)
     body = {k: v for k, v in m.items() if k != "digest"}
-    text = json.dumps(body, separators=(",", ":")).replace('"args":[', '"args":[' + "[" * 5000 + "]" * 5000 + ",", 1)
+    text = json.dumps(body, separators=(",", ":")).replace('"ops":[', '"ops":[' + "[" * 5000 + "]" * 5000 + ",", 1)
     sealed = f'{text[:-1]},"digest":"{hashlib.sha256(text.encode()).hexdigest()}"}}'
     (store / "manifest.json").write_text(sealed)
     proc = run_cli("inspect", store)

@@ -1,0 +1,113 @@
+"""What the tracer remembers about each live tensor object: its recorded use, until the tensor changes.
+
+Why: a weight is read by an op in every step and an activation by the next few ops;
+describing such a tensor again (layout, content key, signature token, storage) costs
+more than the op's own dispatch. An entry stays valid while the object lives and its
+version counter is unchanged (every in-place write bumps it, after the dispatch mode
+returns); an op that writes a tensor in place may also change its metadata
+(``resize_``, ``t_``, ``set_``), so the tracer ``forget``s it before that op runs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .store import StoreWriter
+
+__all__ = ["Entry", "Objects"]
+
+
+class Entry:
+    """One tensor object as recorded: its ref (shared by every use: never mutate), the signature token
+    ``(dtype, shape, stride)``, its bytes, the op output it is (``maker``) and its storage pointer."""
+
+    __slots__ = ("obj", "version", "now", "ref", "use", "token", "nbytes", "maker", "storage")
+
+    def __init__(self, obj: weakref.ref) -> None:
+        self.obj = obj
+        self.version: int | None = None  # the version ``ref`` describes; None: describe again on next use
+        self.now = -1  # the version at the latest use (-1: an inference tensor, which has no counter)
+        self.ref: dict | None = None
+        self.use = -1  # the ref's index in the manifest's uses
+        self.token: tuple | None = None
+        self.nbytes = 0
+        self.maker: tuple[int, int] | None = None  # (op, output slot) that returned this object
+        self.storage: int | None = None  # untyped storage pointer, None when empty
+
+
+class Objects:
+    """The entries, and the distinct tensor uses they describe (the manifest's ``uses``)."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        self._writer = writer
+        self._seen: dict[int, Entry] = {}
+        self.uses: list[dict] = []
+        self._uses: dict[tuple, int] = {}
+
+    def add_use(self, ref: dict) -> int:
+        """``ref``'s index in ``uses`` (an equal use recorded before keeps its index)."""
+        k = (ref["key"], ref["dtype"], tuple(ref["shape"]), tuple(ref["stride"]), ref.get("offset", 0),
+             ref.get("exact", True), ref.get("storage", False))
+        i = self._uses.get(k)
+        if i is None:
+            i = self._uses[k] = len(self.uses)
+            self.uses.append(ref)
+        return i
+
+    def entry(self, t: torch.Tensor, *, cached: bool = True) -> Entry:
+        """``t``'s entry, described again when it changed since (or when ``cached`` is False: an in-place
+        op's output, whose version is bumped only after the op returns). ``UncarvableTensor`` propagates."""
+        e = self._seen.get(id(t))
+        if e is None or e.obj() is not t:
+            e = self._seen[id(t)] = Entry(weakref.ref(t))
+        try:
+            now = t._version
+        except RuntimeError:  # inference tensors carry no version counter: never reused
+            now = -1
+        e.now = now
+        if e.version == now and cached:
+            self._writer.bytes_referenced += e.nbytes
+            return e
+        e.version = None
+        e.ref, e.nbytes = self._writer.use(t, cached=cached)
+        e.token = (e.ref["dtype"], e.ref["shape"], e.ref["stride"])  # tuples: see StoreWriter.use
+        e.use = self.add_use(e.ref)
+        e.storage = t.untyped_storage().data_ptr() if t.numel() else None
+        if cached and now >= 0:
+            e.version = now
+        return e
+
+    def made(self, t: torch.Tensor, op: int, slot: int) -> Entry:
+        """Mark ``t`` as output ``slot`` of ``op`` (views included)."""
+        e = self._seen.get(id(t))
+        if e is None or e.obj() is not t:
+            e = self._seen[id(t)] = Entry(weakref.ref(t))
+        e.maker = (op, slot)
+        return e
+
+    def maker(self, t: torch.Tensor) -> tuple[int, int] | None:
+        e = self._seen.get(id(t))
+        return e.maker if e is not None and e.obj() is t else None
+
+    def forget(self, tensors: list) -> None:
+        """Describe these tensors afresh at their next use (their metadata may change); keep their maker."""
+        for t in tensors:
+            e = self._seen.get(id(t))
+            if e is not None:
+                e.version = None
+
+    def observe(self, t: torch.Tensor) -> Entry:
+        """``t``'s entry for data flow only (maker, storage, version), without recording a use."""
+        e = self._seen.get(id(t))
+        if e is None or e.obj() is not t:
+            e = self._seen[id(t)] = Entry(weakref.ref(t))
+        try:
+            e.now = t._version
+        except RuntimeError:
+            e.now = -1
+        e.storage = t.untyped_storage().data_ptr() if t.numel() and t.layout == torch.strided else None
+        return e
