@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: demo test setup lint bench clean
+.PHONY: demo test setup lint bench bench-carve bench-scale clean
 
 $(BIN)/.tapml-ready: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,10 +31,19 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Every figure of the README's Figures section (carve: ~1 min; scale: ~15 min, most of it the 1.1B model)
 bench: setup
 	$(BIN)/python benchmarks/carve.py
+	$(BIN)/python benchmarks/carve.py --threads 1
+	$(BIN)/python benchmarks/scale.py --offload
 	$(BIN)/python benchmarks/transport.py
 	$(BIN)/python benchmarks/offload.py
+
+bench-carve: setup
+	$(BIN)/python benchmarks/carve.py --threads 1
+
+bench-scale: setup
+	$(BIN)/python benchmarks/scale.py --offload
 
 clean:
 	rm -rf $(OUT) .pytest_cache
