@@ -20,7 +20,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tapml.core import MalformedValue, OpRefused, check_value, dtype_from_name, json_schema, resolve_op, validate
+from tapml.core import (
+    MalformedValue,
+    OpRefused,
+    SchemaError,
+    check_value,
+    dtype_from_name,
+    json_schema,
+    resolve_op,
+    validate,
+)
 
 from . import manifest_v1
 from .manifest_v1 import ShardMeta, StepRecord, TensorMeta, check_manifest_v1, check_ref
@@ -164,7 +173,8 @@ def read_manifest(obj: Any) -> dict:
     if isinstance(obj, dict) and obj.get("schema") == 1:
         check_manifest_v1(obj)
         return obj
-    big = {"strings": [], "uses": [], "ops": [], "edges": None, "flow": None}  # checked below, without the generic walk
+    # checked below without the generic walk, which costs ~10 us per record
+    big = {"strings": [], "uses": [], "ops": [], "edges": None, "flow": None, "tensors": {}}
     validate(Manifest, {k: big.get(k, v) if k in big else v for k, v in obj.items()} if isinstance(obj, dict) else obj)
     tensors, shards = obj["tensors"], obj["shards"]
     _check_tensors(tensors, shards)
@@ -209,8 +219,26 @@ def _index(i, table: list, where: str) -> int:
     return i
 
 
-def _check_tensors(tensors: dict, shards: dict) -> None:
+_META = {"dtype": str, "numel": int, "nbytes": int, "shard": str}  # TensorMeta's fields (and an optional offset)
+
+
+def _check_tensors(tensors, shards: dict) -> None:
+    if not isinstance(tensors, dict):
+        raise SchemaError("tensors: expected an object")
     for key, meta in tensors.items():
+        if type(meta) is not dict:
+            raise SchemaError(f"tensors.{key}: expected an object")
+        for name, kind in _META.items():
+            if name not in meta:
+                raise SchemaError(f"tensors.{key}.{name}: missing")
+            if type(meta[name]) is not kind:
+                raise SchemaError(f"tensors.{key}.{name}: expected {'an integer' if kind is int else 'a string'}")
+        if len(meta) > len(_META):
+            unknown = [k for k in meta if k not in _META and k != "offset"]
+            if unknown:
+                raise SchemaError(f"tensors.{key}: unknown field {unknown[0]!r}")
+            if meta.get("offset") is not None and type(meta["offset"]) is not int:
+                raise SchemaError(f"tensors.{key}.offset: expected an integer")
         if (meta.get("offset") or 0) < 0 or meta["numel"] < 0:
             raise MalformedValue(f"tensors.{key}: negative offset or size")
         if meta["shard"] not in shards:
