@@ -32,13 +32,13 @@ from .core import TapmlError
 from .engine import LocalResult, ModelState, local_pass, make_plan, migrate, select_ops
 from .platforms import Target
 from .record import Run
-from .repro import platform_spec, write_repro
+from .repro_script import platform_spec, write_repro
 from .settings import Settings
 from .workloads import Workload, load_workload
 
 __all__ = ["carve", "offload", "replay", "inspect", "repro", "report", "diff", "load_run", "emit_tests", "test",
            "zoo", "matrix", "platforms", "serve", "open_store", "as_workload", "ReplayResult", "DiffResult",
-           "Progress"]
+           "Progress", "CarveOptions"]
 
 load_run = reports.load_run
 

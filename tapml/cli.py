@@ -48,9 +48,7 @@ def carve(model, out, force, generate, modules, op_globs, unique, max_bytes, ver
 
     MODEL is zoo:NAME, path/to/file.py:factory or pkg.module:factory.
     """
-    from .carving import CarveOptions
-
-    options = CarveOptions(modules=modules, ops=op_globs, unique=unique, max_bytes=max_bytes)
+    options = api.CarveOptions(modules=modules, ops=op_globs, unique=unique, max_bytes=max_bytes)
     with console.progress("carving") as bar:
         store = api.carve(model, out=out, force=force, generate=generate, options=options, on_op=bar.count)
     _show_store(store, verify=False, replay=verify_replay, as_json=as_json)
