@@ -241,19 +241,48 @@ class TapmlPlugin:
         tr = terminalreporter
         tr.section("tapml")
         rescheduled = sum(1 for r in self.results if r.get("rescheduled"))
-        tr.write_line("carved ops: " + ", ".join(f"{n} {s}" for s, n in by_status.most_common())
+        every = setting(config, "all-calls")
+        # the run record's words: an isolated pass over unique signatures counts signatures, not ops
+        unit = "carved ops (every call)" if every else "carved op signatures (the first call of each)"
+        tr.write_line(f"{unit}: " + ", ".join(f"{n} {s}" for s, n in by_status.most_common())
                       + (f"; {rescheduled} rescheduled to another device after a worker failure"
                          if rescheduled else ""))
-        for op, c in sorted(by_op.items(), key=lambda kv: -sum(kv[1].values()))[:15]:
+        for op, c in sorted(by_op.items(), key=lambda kv: -sum(kv[1].values())):
             tr.write_line(f"  {op:40s} " + ", ".join(f"{n} {s}" for s, n in c.most_common()))
+        if not every:
+            tr.write_line("later calls of a signature are not tested on their own: --tapml-all-calls tests every "
+                          "call (and makes each selectable with -k by its module path)")
         path = setting(config, "json")
         if path:
-            Path(path).write_text(json.dumps({"counts": dict(by_status), "rescheduled": rescheduled,
+            Path(path).write_text(json.dumps({"unit": "ops" if every else "signatures", "counts": dict(by_status),
+                                              "rescheduled": rescheduled,
                                               "by_op": {k: dict(v) for k, v in by_op.items()}}, indent=1))
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        """A carved op's skip points at the op (store, index, module), not at this plugin's source line."""
+        outcome = yield
+        report = outcome.get_result()
+        if isinstance(item, CarvedOpItem) and report.skipped and isinstance(report.longrepr, tuple):
+            reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+            report.longrepr = (str(item.path.parent), None, f"op {item.index} ({item.label}) {reason}")
 
 
 def _plugin(config) -> TapmlPlugin:
     return config.pluginmanager.get_plugin(PLUGIN_NAME)
+
+
+def _platform_name(spec: str) -> str:
+    """What a platform calls itself (``faulty-gelu``), not the class or file it was loaded from."""
+    if ":" not in spec:
+        return spec
+    from tapml.core import TapmlError
+    from tapml.platforms import platform_class
+
+    try:
+        return platform_class(spec).name or spec.rsplit(":", 1)[-1]
+    except TapmlError:
+        return spec.rsplit(":", 1)[-1]  # it fails again, with its reason, when the item opens it
 
 
 class StoreFile(pytest.File):
@@ -268,12 +297,14 @@ class StoreFile(pytest.File):
         except TapmlError as e:
             raise self.CollectError(f"tapml: {e}") from None
         platforms = setting(self.config, "platform") or ["torch-cpu"]
+        labels = {p: _platform_name(p) for p in platforms}
         for index in select_ops(store, all_calls=setting(self.config, "all-calls")):
             rec = store.ops[index]
             for platform in platforms:
-                label = platform.rsplit(":", 1)[-1] if ".py:" in platform else platform
-                name = f"{index:04d}-{rec['op']}[{rec['module'] or '(model)'}][{label}]"
+                where = f"{rec['module'] or '(model)'}#{rec['call']}"
+                name = f"{index:04d}-{rec['op']}[{where}][{labels[platform]}]"
                 item = CarvedOpItem.from_parent(self, name=name, index=index, platform=platform)
+                item.label = f"{rec['op']} in {where}"
                 kind = "nondeterministic" if rec["nondeterministic"] else ("view" if rec["view"] else "compute")
                 item.add_marker("tapml")
                 item.add_marker(kind)
@@ -291,6 +322,7 @@ class CarvedOpItem(pytest.Item):
     def __init__(self, *, index: int, platform: str, **kw):
         super().__init__(**kw)
         self.index, self.platform = index, platform
+        self.label = ""  # "aten.gelu.default in encoder.layer.3.intermediate.intermediate_act_fn#0"
         self.result = None
         self.rescheduled = False
 
@@ -369,46 +401,20 @@ class CarvedOpItem(pytest.Item):
         return super().repr_failure(excinfo, style)
 
     def _where(self) -> str:
-        store = _plugin(self.config).store(str(self.path.parent))
-        rec = store.ops[self.index]
-        op = store.op_call(self.index)
-        shapes = ", ".join(f"{s.dtype}{list(s.shape)}" for s in op.inputs)
-        return (f"{rec['op']} in {rec['module'] or '(model)'} (call {rec['call']}, {rec['source']}) "
-                f"on {self.platform}\ninputs: {shapes}")
+        from tapml.failure_report import where
+
+        return where(_plugin(self.config).store(str(self.path.parent)), self.index, self.platform)
 
     def _explain(self) -> str:
-        from tapml.reports import fmt as num
+        from tapml.failure_report import mismatch_report
 
-        m, tol = self.result.local, self.result.local.tolerance
-        lines = [self._where(),
-                 f"outputs: {m.dtype}{m.shape}; {m.mismatches if m.mismatches is not None else '?'} of "
-                 f"{_numel(m.shape or [])} elements ({100 * (m.mismatch_fraction or 0):.2f}%) out of tolerance",
-                 f"max abs {num(m.max_abs)}, max rel {num(m.max_rel)}, cosine {num(m.cosine)}, "
-                 f"SQNR {num(m.sqnr_db)} dB, max ULP {num(m.max_ulp)}, NaN {m.nan}, Inf {m.inf}",
-                 f"tolerance: atol {num(tol.atol)}, rtol {num(tol.rtol)} — from {tol.origin}"]
-        if m.why:
-            lines.append(f"why: {m.why}")
-        lines.append(f"{'index':>16} | {'expected':>12} | {'got':>12} | {'diff':>10} | {'allowed':>10}")
-        for w in m.worst:
-            exp = w.expected
-            allowed = tol.atol + tol.rtol * abs(exp) if isinstance(exp, (int, float)) else float("nan")
-            lines.append(f"{str(w.index):>16} | {num(exp):>12} | {num(w.got):>12} | {num(w.diff):>10} | "
-                         f"{num(allowed):>10}")
-        if getattr(self, "artifact", None):
-            lines.append(f"obtained tensors: {self.artifact}")
         store = _plugin(self.config).store(str(self.path.parent))
-        lines.append(f"repro: tapml replay {store.path} --platform {self.platform} --op {self.index}")
-        return "\n".join(lines)
+        extra = [f"obtained tensors: {self.artifact}"] if getattr(self, "artifact", None) else []
+        extra.append(f"repro: tapml replay {store.path} --platform {self.platform} --op {self.index}")
+        return mismatch_report(self.result.local, self._where(), extra)
 
     def reportinfo(self):
         return self.path, None, f"{self.name}"
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def run_pytest(store: Path, platforms: tuple[str, ...] | list[str], remote: str | None, all_calls: bool,
