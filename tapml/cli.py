@@ -24,6 +24,11 @@ class _Group(click.Group):
     def list_commands(self, ctx):  # workflow order, not alphabetical
         return sorted(self.commands, key=lambda c: WORKFLOW.index(c) if c in WORKFLOW else len(WORKFLOW))
 
+    def format_commands(self, ctx, formatter):  # each command's first sentence whole (wrapped, never cut)
+        rows = [(name, self.commands[name].get_short_help_str(limit=1000)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tapml")
