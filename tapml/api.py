@@ -157,8 +157,16 @@ class _Clocked(Target):
         self.target, self.name, self.description = target, target.name, target.description
         self.compile_s = 0.0
 
-    def __getattr__(self, name: str) -> Any:  # lost, events, address, ...: the wrapped target's
+    def __getattr__(self, name: str) -> Any:  # address, ...: the wrapped target's
         return getattr(self.target, name)
+
+    @property
+    def lost(self) -> str | None:  # Target defines these as class attributes: delegate them explicitly
+        return self.target.lost
+
+    @property
+    def events(self) -> list[dict]:
+        return self.target.events
 
     @property
     def stats(self):

@@ -88,3 +88,16 @@ def test_repro_needs_an_op_of_the_store(tmp_path, bad):
     with pytest.raises(tapml.TapmlError, match="ops 0..|give --op N"):
         tapml.repro(store, tmp_path / "r", **bad)
     assert not (tmp_path / "r").exists()
+
+
+def test_offload_through_the_api_keeps_the_targets_crash_record(minilm_store, monkeypatch):
+    """The API times kernel preparation around the target; the engine still sees its crashes and restarts."""
+    import tapml
+
+    gelu = next(o["index"] for o in minilm_store.ops if o["op"] == "aten.gelu.default")
+    monkeypatch.setenv("TAPML_TEST_OP_INDEX", str(gelu))
+    killer = f"{ROOT}/tests/helpers/failing_platforms.py:KillSelf"
+    run = tapml.offload("zoo:minilm", store=minilm_store, platform=killer, plan="all")
+    assert run.verdict == "incomplete" and run.ops[gelu].status == "crashed"
+    assert run.target_events and run.target_events[0].what == "crashed"
+    assert all(s.timing.compile_s is not None for s in run.steps)
