@@ -15,7 +15,6 @@ import itertools
 import os
 import re
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,8 +28,8 @@ from .carving import AtomicDir, CarveOptions, FixtureStore, ModelRaised, ReplayR
 from .carving import carve as carve_model
 from .carving import replay as replay_store
 from .core import TapmlError
-from .engine import LocalResult, ModelState, local_pass, make_plan, migrate, select_ops
-from .platforms import Target
+from .engine import LocalResult, ModelState, local_pass, migrate, select_ops
+from .progress import CompileClock, Progress, ProgressEvents
 from .record import Run
 from .repro_script import platform_spec, write_repro
 from .settings import Settings
@@ -94,104 +93,6 @@ def carve(model: Any, inputs: Any = None, out: str | os.PathLike | None = None, 
     return FixtureStore(result.path)
 
 
-@dataclass
-class Progress:
-    """What an offload is doing, for a progress display: ``phase`` ("step", "isolated pass",
-    "ranking"), a label, how many ops of it are done and how many there will be."""
-
-    phase: str
-    label: str
-    done: int = 0
-    total: int | None = None
-    step: int | None = None  # k of n steps (0-based), for the "step" phase
-    steps: int | None = None
-
-
-class _Progressing:
-    """The engine's events (``step``, ``op``, ``local``, ``impact``) as ``Progress``: totals come from the
-    plan (every live run dispatches the whole model's selected ops) and from the isolated pass's selection."""
-
-    def __init__(self, store: FixtureStore, plan: str, layers: str | None, all_calls: bool,
-                 on_progress: Callable[[Progress], None] | None, on_event: Callable[[str, Any], None] | None):
-        self.on_progress, self.on_event = on_progress, on_event
-        self.offloaded = [sum(1 for i in s["offload"] if not _stays(store, i)) for s in make_plan(store, plan, layers)]
-        self.isolated = len([i for i in select_ops(store, all_calls=all_calls) if not _stays(store, i)])
-        self.current: Progress | None = None
-
-    def __call__(self, kind: str, payload: Any) -> None:
-        if self.on_event is not None:
-            self.on_event(kind, payload)
-        if kind == "step":
-            k, n, name = payload
-            self._start(Progress("step", name, 0, self.offloaded[k] if k < len(self.offloaded) else None, k, n))
-        elif kind == "local":
-            self._start(Progress("isolated pass", "isolated pass", 0, self.isolated))
-        elif kind == "impact":
-            self._start(Progress("ranking", "ranking culprits by their effect on the output"))
-        elif kind == "op" and self.current is not None:
-            self.current.done += 1
-            if self.current.total is not None and self.current.done > self.current.total:
-                self.current.total = self.current.done  # the pass added calls whose chained error was bad
-            self._emit()
-
-    def _start(self, p: Progress) -> None:
-        self.current = p
-        self._emit()
-
-    def _emit(self) -> None:
-        if self.on_progress is not None and self.current is not None:
-            self.on_progress(self.current)
-
-
-def _stays(store: FixtureStore, index: int) -> bool:
-    from .engine import skip_reason
-
-    return skip_reason(store.ops[index]) is not None
-
-
-class _Clocked(Target):
-    """The target with the time spent preparing (compiling) kernels counted, so step timing can show
-    compile time apart from transfer; the engine sees the same target otherwise."""
-
-    def __init__(self, target: Target):
-        self.target, self.name, self.description = target, target.name, target.description
-        self.compile_s = 0.0
-
-    def __getattr__(self, name: str) -> Any:  # address, ...: the wrapped target's
-        return getattr(self.target, name)
-
-    @property
-    def lost(self) -> str | None:  # Target defines these as class attributes: delegate them explicitly
-        return self.target.lost
-
-    @property
-    def events(self) -> list[dict]:
-        return self.target.events
-
-    @property
-    def stats(self):
-        return self.target.stats
-
-    def capabilities(self):
-        return self.target.capabilities()
-
-    def prepare(self, op):
-        start = time.perf_counter()
-        try:
-            return self.target.prepare(op)
-        finally:
-            self.compile_s += time.perf_counter() - start
-
-    def execute(self, op, inputs):
-        return self.target.execute(op, inputs)
-
-    def describe(self) -> dict:
-        return self.target.describe()
-
-    def close(self) -> None:
-        self.target.close()
-
-
 def offload(model: Any, inputs: Any = None, *, platform: str | None = None, settings: Settings | None = None,
             store: str | os.PathLike | FixtureStore | None = None, out: str | os.PathLike | None = None,
             force: bool = False, plan: str = "layers", layers: str | None = None, generate: int | None = None,
@@ -218,8 +119,8 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
             opened = open_store(store)
             _check_same_model(opened, info)
             store_path = str(opened.path)
-        events = _Progressing(opened, plan, layers, settings.all_calls, on_progress, on_event)
-        target = _Clocked(settings.open_target())
+        events = ProgressEvents(opened, plan, layers, settings.all_calls, on_progress, on_event)
+        target = CompileClock(settings.open_target())
         compile_marks: list[float] = []  # compile seconds so far at each step's start and at the isolated pass
 
         def on_engine_event(kind: str, payload: Any) -> None:
