@@ -154,10 +154,13 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
 
 
 def _annotate(run: Run, store: FixtureStore, settings: Settings, compile_marks: list[float]) -> None:
-    """What the API knows beyond the engine: how to reopen the platform, which ops are views, and each
-    step's compile time (taken out of its transfer + RPC share)."""
+    """What the API knows beyond the engine: how to reopen the platform (also in the culprit's replay
+    command, which names a FILE.py:Class platform by the spec it opens with), which ops are views, and
+    each step's compile time (taken out of its transfer + RPC share)."""
     if settings.remote is None and settings.platform:
-        run.target["spec"] = platform_spec(settings.platform)
+        run.target["spec"] = spec = platform_spec(settings.platform)
+        if run.culprit is not None:
+            run.culprit.repro = f"tapml replay {run.store} --platform {spec} --op {run.culprit.index}"
     for row in run.ops:
         row.view = bool(store.ops[row.index]["view"])
     for step, (before, after) in zip(run.steps, itertools.pairwise(compile_marks), strict=False):

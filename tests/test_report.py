@@ -86,6 +86,7 @@ def test_report_reads_without_javascript(runs):
     assert "aten.gelu.default in encoder.layer.3.intermediate.intermediate_act_fn" in text
     assert 'id="culprit-op">aten.gelu.default<' in text and "<svg" in text
     assert "tapml replay" in text and ".tapml-tmp-" not in text  # the repro names the real store, not a temp dir
+    assert f"--platform {ROOT}/examples/faulty_gelu.py:FaultyGelu --op 258" in text  # a spec that opens it
 
 
 def test_report_in_a_real_browser(runs, browser):
@@ -256,6 +257,8 @@ def test_repro_of_the_culprit_runs_anywhere(runs, tmp_path):
     assert faulty.returncode == 1 and "divergent" in faulty.stdout and "assert_close" in faulty.stdout, faulty.stderr
     good = run("torch-cpu")
     assert good.returncode == 0 and "tapml (bound rule) on torch-cpu: ok" in good.stdout, good.stdout + good.stderr
+    command = json.loads((runs["fault"] / "run.json").read_text())["culprit"]["repro"].split()
+    assert command[:2] == ["tapml", "replay"] and main(command[1:]) == 1  # the replay command works as written
 
 
 def test_repro_command_from_a_store_and_a_run(runs, tmp_path, capsys):
