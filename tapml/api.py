@@ -139,10 +139,7 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
         _annotate(run, opened, settings, compile_marks)
         if outdir is not None:
             if run.culprit is not None:
-                c = run.culprit
-                write_repro(opened, c.index, outdir.tmp / "repro", platform=run.target.get("spec", run.target["name"]),
-                            rule=run.rule, compute_dtype=run.compute_dtype, tolerance=c.local.tolerance)
-                c.repro_dir = "repro"
+                _write_culprit_repro(run, opened, outdir.tmp / "repro")
             run.write(outdir.tmp / "run.json")
             (outdir.tmp / "report.html").write_text(reports.render_report(run))
             reports.write_model_explorer(run, outdir.tmp / "model-explorer.json")
@@ -151,6 +148,19 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
     finally:
         if outdir is not None:
             outdir.abort()
+
+
+def _write_culprit_repro(run: Run, store: FixtureStore, out: Path) -> None:
+    """The culprit's standalone repro beside run.json; an op that cannot be written as a script (an
+    opaque argument) costs the repro, with a note, not the run."""
+    c = run.culprit
+    try:
+        write_repro(store, c.index, out, platform=run.target.get("spec", run.target["name"]), rule=run.rule,
+                    compute_dtype=run.compute_dtype, tolerance=c.local.tolerance)
+    except TapmlError as e:
+        run.notes.append(f"no standalone repro of the culprit: {e}")
+        return
+    c.repro_dir = out.name
 
 
 def _annotate(run: Run, store: FixtureStore, settings: Settings, compile_marks: list[float]) -> None:
