@@ -69,14 +69,6 @@ class _Progress:
                 self._task = self._bar.add_task(self._label, total=None)
             self._bar.update(self._task, completed=n)
 
-    def advance(self, *_) -> None:
-        if self._bar is not None and self._task is not None:
-            self._bar.advance(self._task)
-
-    def start(self, label: str, total: int | None) -> None:
-        if self._bar is not None:
-            self._task = self._bar.add_task(label, total=total)
-
 
 @contextlib.contextmanager
 def progress(label: str) -> Iterator[_Progress]:
@@ -246,10 +238,13 @@ def show_diff(result, as_json: bool) -> None:
     o = out()
     o.print(f"{result.path}: " + ", ".join(f"{n} {k}" for k, n in sorted(result.counts.items())))
     changed = [r for r in result.rows if r["change"] != "same"]
+    shown = changed if not o.is_terminal else changed[:TERMINAL_LIST]
     if changed:
         table(["#", "op", "module", "change", "A local", "B local"],
               [[r["index"], r["op"], r["module"] or "(model)", r["change"], _f(r["a_err"]), _f(r["b_err"])]
-               for r in changed], console=o, right=(0, 4, 5))
+               for r in shown], console=o, right=(0, 4, 5))
+    if len(shown) < len(changed):
+        o.print(f"  … and {len(changed) - len(shown)} more changed ops (all of them in {result.path} and with --json)")
 
 
 def show_platforms(rows: list[dict], as_json: bool) -> None:

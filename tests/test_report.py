@@ -137,6 +137,10 @@ def test_diff_of_two_real_runs(runs, browser, capsys):
     assert "worse" in page.locator("#diff-summary").inner_text()
     worse = page.locator('#diff tbody tr[data-change="worse"]')
     assert worse.count() > 0
+    views = page.locator("#diff tbody tr.view")
+    assert views.count() > 0 and not views.first.is_visible()  # view ops hidden, one click away
+    page.check("#show-views")
+    assert views.first.is_visible()
     page.select_option("#f-change", "worse")
     assert page.locator("#diff tbody tr:visible").count() == worse.count()
     first = page.locator("#diff tbody tr:visible").first.locator("td")
