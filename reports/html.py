@@ -1,23 +1,26 @@
-"""Run record → one self-contained HTML file (jinja2; CSS, JS and SVG inline)."""
+"""Run record → one self-contained HTML file (jinja2; CSS, JS and SVG inline), and the notebook card."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import jinja2
+import markupsafe
 
-from tapml.record import Run
+from tapml.record import OpRow, Run
 
 from .plots import end_to_end_by_step, error_along_model, error_histogram
 from .run import ReportError, load_run
+from .tree import measured_rows, ops_tree
 
-__all__ = ["render_report", "write_report", "render_diff", "write_diff", "diff_records", "fmt"]
+__all__ = ["render_report", "write_report", "summary_html", "fmt", "human_bytes", "write_text", "ENV"]
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("tapml.reports", "templates"),
-                          autoescape=jinja2.select_autoescape(["html", "j2"]), trim_blocks=True,
-                          lstrip_blocks=True)
+ENV = jinja2.Environment(loader=jinja2.PackageLoader("tapml.reports", "templates"),
+                         autoescape=jinja2.select_autoescape(["html", "j2"]), trim_blocks=True,
+                         lstrip_blocks=True)
 
 
 def fmt(x) -> str:
@@ -35,7 +38,23 @@ def fmt(x) -> str:
     return str(x)
 
 
-_ENV.filters["num"] = fmt
+def human_bytes(n: int | float | None) -> str:
+    """Bytes as people read them: B, KiB, MiB, GiB."""
+    if n is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _dots(text: str | None) -> markupsafe.Markup:
+    """A dotted name that may wrap after each dot (``encoder.<wbr>layer.<wbr>3``), never mid-word."""
+    return markupsafe.Markup(".<wbr>").join((text or "").split("."))
+
+
+ENV.filters.update(num=fmt, bytes=human_bytes, dots=_dots)
 
 
 def _boundaries(record: Run) -> list[tuple[int, str]]:
@@ -68,30 +87,62 @@ def _coverage(record: Run) -> tuple[list[dict], list[dict]]:
     return rows, grouped
 
 
-def render_report(record: Run) -> str:
-    ops = record.ops
-    culprit = record.culprit
-    first = record.first_nonfinite
-    tol = culprit.local.tolerance if culprit else next((o.tolerance for o in ops if o.tolerance), None)
-    plots = {
-        "along": error_along_model(ops, _boundaries(record), tol.atol if tol else None,
+def is_view(o: OpRow) -> bool:
+    """A view op (no compute); records written before the ``view`` field say so in their reason."""
+    return bool(o.view) if o.view is not None else (o.reason or "").startswith("view op")
+
+
+def _plots(record: Run) -> dict[str, str]:
+    culprit, first = record.culprit, record.first_nonfinite
+    tol = _tolerance(record)
+    return {
+        "along": error_along_model(record.ops, _boundaries(record), tol.atol if tol else None,
                                    culprit.index if culprit else None, first.index if first else None),
         "steps": end_to_end_by_step(record.steps) if record.steps else "",
         "histogram": error_histogram(culprit.local.histogram) if culprit and culprit.local.histogram else "",
     }
+
+
+def _tolerance(record: Run):
+    c = record.culprit
+    return c.local.tolerance if c else next((o.tolerance for o in record.ops if o.tolerance), None)
+
+
+def _repro_href(record: Run, run_json: str | Path | None, out: str | Path | None) -> str | None:
+    """The culprit's repro script as a link from where the report is written."""
+    c = record.culprit
+    if c is None or not c.repro_dir:
+        return None
+    script = f"{c.repro_dir}/repro.py"
+    if run_json is None or out is None:
+        return script
+    target = Path(run_json).resolve().parent / script
+    return Path(os.path.relpath(target, Path(out).resolve().parent)).as_posix()
+
+
+def render_report(record: Run, *, repro_href: str | None = None) -> str:
+    """The whole report; ``repro_href`` links the culprit's repro script (default: beside run.json)."""
     coverage, reasons = _coverage(record)
-    return _ENV.get_template("report.html.j2").render(
-        r=record, ops=ops, culprit=culprit, plots=plots, coverage=coverage, reasons=reasons,
-        op_types=sorted({o.op for o in ops}), statuses=[s for s, n in record.counts.items() if n],
+    return ENV.get_template("report.html.j2").render(
+        r=record, ops=record.ops, culprit=record.culprit, plots=_plots(record), coverage=coverage, reasons=reasons,
+        op_types=sorted({o.op for o in record.ops}), statuses=[s for s, n in record.counts.items() if n],
+        tree=ops_tree(record.ops), measured=measured_rows(record.ops), is_view=is_view,
+        views=sum(1 for o in record.ops if is_view(o)), repro_href=repro_href or _repro_href(record, None, None),
     )
 
 
-def _write(out: str | Path, html: str) -> Path:
+def summary_html(record: Run) -> str:
+    """The report's header, verdict and culprit card alone: how a ``Run`` shows itself in Jupyter."""
+    return ENV.get_template("fragment.html.j2").render(r=record, culprit=record.culprit,
+                                                        repro_href=_repro_href(record, None, None))
+
+
+def write_text(out: str | Path, text: str) -> Path:
     """Write beside the destination, then rename: a failed write leaves no half file."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        tmp.write_text(html)
+        tmp.write_text(text)
         tmp.replace(out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -99,52 +150,8 @@ def _write(out: str | Path, html: str) -> Path:
     return out
 
 
-def write_report(run_json: str | Path, out: str | Path) -> Path:
-    return _write(out, render_report(load_run(run_json)))
-
-
-def _key(o) -> tuple:
-    return (o.index, o.op, o.module)
-
-
-def _err(o) -> float | None:
-    return o.local.max_abs if o is not None and o.local is not None else None
-
-
-def diff_records(a: Run, b: Run) -> dict:
-    """Ops compared across two runs: worse, better, newly unsupported, newly supported."""
-    b_ops = {_key(o): o for o in b.ops}
-    rows = []
-    for oa in a.ops:
-        ob = b_ops.get(_key(oa))
-        if ob is None:
-            continue
-        ea, eb = _err(oa), _err(ob)
-        if oa.status != "unsupported" and ob.status == "unsupported":
-            change = "newly unsupported"
-        elif oa.status == "unsupported" and ob.status != "unsupported":
-            change = "newly supported"
-        elif oa.status == "ok" and ob.status == "divergent":
-            change = "worse"
-        elif oa.status == "divergent" and ob.status == "ok":
-            change = "better"
-        elif ea is not None and eb is not None and eb > 2 * ea and eb > 0:
-            change = "worse"
-        elif ea is not None and eb is not None and ea > 2 * eb and ea > 0:
-            change = "better"
-        else:
-            change = "same"
-        rows.append({"index": oa.index, "op": oa.op, "module": oa.module, "a_status": str(oa.status),
-                     "b_status": str(ob.status), "a_err": ea, "b_err": eb, "change": change,
-                     "reason": ob.reason if change == "newly unsupported" else ""})
-    return {"rows": rows, "counts": Counter(r["change"] for r in rows), "unmatched": len(a.ops) - len(rows)}
-
-
-def render_diff(a: Run, b: Run, names: tuple[str, str]) -> str:
-    d = diff_records(a, b)
-    return _ENV.get_template("diff.html.j2").render(a=a, b=b, names=names, d=d)
-
-
-def write_diff(run_a: str | Path, run_b: str | Path, out: str | Path) -> Path:
-    a, b = load_run(run_a), load_run(run_b)
-    return _write(out, render_diff(a, b, (str(run_a), str(run_b))))
+def write_report(run: str | Path | Run, out: str | Path, *, run_json: str | Path | None = None) -> Path:
+    """Render ``run`` (a record or its ``run.json``) into ``out``; links resolve from where ``out`` is."""
+    if not isinstance(run, Run):
+        run_json, run = run, load_run(run)
+    return write_text(out, render_report(run, repro_href=_repro_href(run, run_json, out)))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from tapml.core import SchemaError, TapmlError
 from tapml.record import RUN_SCHEMA, Run
 
-__all__ = ["ReportError", "load_run", "SUPPORTED_SCHEMA"]
+__all__ = ["ReportError", "load_run", "number", "SUPPORTED_SCHEMA"]
 
 SUPPORTED_SCHEMA = RUN_SCHEMA
 _REQUIRED = ("schema", "verdict", "ops", "steps", "counts", "target")
@@ -40,3 +41,12 @@ def load_run(path: str | Path) -> Run:
         return Run.from_json(record)
     except SchemaError as e:
         raise ReportError(f"{path} is not a valid run record: {e}") from None
+
+
+def number(x) -> float | None:
+    """A recorded number as a float: the record writes non-finite values as "inf", "-inf", "nan"."""
+    if x is None:
+        return None
+    if isinstance(x, str):
+        return math.inf if x in ("inf", "-inf") else math.nan
+    return float(x)

@@ -1,6 +1,7 @@
 """tapml: bring PyTorch models to new platforms top-down — carve, migrate, localize, test.
 
-The Python API (``tapml.carve``, ``tapml.offload``, ``tapml.replay``, ``tapml.inspect``)
+The Python API (``tapml.carve``, ``tapml.offload``, ``tapml.replay``, ``tapml.inspect``,
+``tapml.repro``, ``tapml.report``, ``tapml.diff``, ``tapml.load_run``, ``tapml.emit_tests``)
 is what the ``tapml`` command line runs; see ``tapml.api``. Importing ``tapml``
 loads torch and nothing heavier: compilers, browsers and plotting load where used.
 """
@@ -15,7 +16,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .core import CheckFailed, TapmlError, __version__  # noqa: E402
 
 _LAZY = {
-    "carve": "api", "offload": "api", "replay": "api", "inspect": "api", "open_store": "api",
+    "carve": "api", "offload": "api", "replay": "api", "inspect": "api", "open_store": "api", "repro": "api",
+    "report": "api", "diff": "api", "load_run": "api", "emit_tests": "api", "Progress": "api",
     "Workload": "workloads", "load_workload": "workloads", "Run": "record", "Settings": "settings",
 }
 

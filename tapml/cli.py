@@ -7,7 +7,6 @@ and exit 2; a failed check exits 1; a traceback only with --debug or TAPML_DEBUG
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -17,10 +16,18 @@ from . import api, console
 from .core import CheckFailed, TapmlError, __version__
 from .settings import Settings
 
+WORKFLOW = ("zoo", "carve", "inspect", "offload", "report", "diff", "repro", "replay", "test", "emit-tests",
+            "platforms", "worker")
+
 
 class _Group(click.Group):
     def list_commands(self, ctx):  # workflow order, not alphabetical
-        return list(self.commands)
+        return sorted(self.commands, key=lambda c: WORKFLOW.index(c) if c in WORKFLOW else len(WORKFLOW))
+
+    def format_commands(self, ctx, formatter):  # each command's first sentence whole (wrapped, never cut)
+        rows = [(name, self.commands[name].get_short_help_str(limit=1000)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,16 +53,9 @@ def carve(model, out, force, generate, modules, op_globs, unique, max_bytes, ver
 
     MODEL is zoo:NAME, path/to/file.py:factory or pkg.module:factory.
     """
-    from .carving import CarveOptions
-
-    if modules:
-        try:
-            re.compile(modules)
-        except re.error as e:
-            raise TapmlError(f"--modules {modules!r} is not a valid regex: {e}") from None
-    options = CarveOptions(modules=modules, ops=op_globs, unique=unique, max_bytes=max_bytes)
-    with console.progress("carving") as ticker:
-        store = api.carve(model, out=out, force=force, generate=generate, options=options, on_op=ticker.count)
+    options = api.CarveOptions(modules=modules, ops=op_globs, unique=unique, max_bytes=max_bytes)
+    with console.progress("carving") as bar:
+        store = api.carve(model, out=out, force=force, generate=generate, options=options, on_op=bar.count)
     _show_store(store, verify=False, replay=verify_replay, as_json=as_json)
 
 
@@ -77,7 +77,7 @@ def inspect(store_dir, as_json, do_replay, no_verify):
 
 
 def _settings_options(f):
-    """The options that pick and judge the target, shared by replay and offload."""
+    """The options that pick and judge the target, shared by replay and offload (same defaults)."""
     for option in reversed([
         click.option("--platform", "platform", help="Target platform (name, entry point or FILE.py:Class)."),
         click.option("--remote", help="HOST:PORT of a running `tapml worker` (default: spawn one here)."),
@@ -89,14 +89,16 @@ def _settings_options(f):
         click.option("--rule", type=click.Choice(["bound", "tolerance", "oracle"]), default="bound",
                      show_default=True,
                      help="Error-analysis bounds, assert_close tolerances, or the fp64-oracle ratio."),
+        click.option("--all-calls/--unique", default=False, show_default=True,
+                     help="Measure every call in isolation, or the first call of each unique signature."),
     ]):
         f = option(f)
     return f
 
 
-def _settings(kw: dict, **more) -> Settings:
-    names = ("platform", "remote", "token_file", "timeout", "tolerances", "config", "rule")
-    return Settings(**{k: kw.pop(k) for k in names}, **more)
+def _settings(kw: dict) -> Settings:
+    names = ("platform", "remote", "token_file", "timeout", "tolerances", "config", "rule", "all_calls")
+    return Settings(**{k: kw.pop(k) for k in names})
 
 
 @cli.command()
@@ -107,22 +109,19 @@ def _settings(kw: dict, **more) -> Settings:
 @click.option("--layers", "layers_re", help="Regex (full match) of the module paths that form the steps.")
 @click.option("--store", "store_dir", type=click.Path(), help="Reuse this carve instead of carving into OUT.")
 @click.option("--generate", type=click.IntRange(1), default=None, help="Run a generation of N tokens.")
-@click.option("--all-calls", is_flag=True, help="Isolated pass over every call, not every unique signature.")
 @click.option("--check-reference", is_flag=True, help="Also replay ops twice on the reference to measure its noise.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(), help="Directory for run.json (and the carve).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def offload(model, plan, layers_re, store_dir, generate, all_calls, check_reference, out, force, as_json, **kw):
-    """Carve MODEL (or reuse --store), migrate it to the target step by step, localize divergence."""
-    settings = _settings(kw, all_calls=all_calls)
-    with console.progress("offloading") as ticker:
-        def on_event(kind, payload):
-            if kind == "step":
-                ticker.describe(f"step {payload[0] + 1}/{payload[1]}: {payload[2]}")
-            ticker.advance()
+def offload(model, plan, layers_re, store_dir, generate, check_reference, out, force, as_json, **kw):
+    """Carve MODEL (or reuse --store), migrate it to the target step by step, localize divergence.
 
+    Writes OUT/run.json, OUT/report.html, OUT/model-explorer.json and, for a culprit, OUT/repro/.
+    """
+    settings = _settings(kw)
+    with console.progress("offloading") as bar:
         run = api.offload(model, settings=settings, store=store_dir, out=out, force=force, plan=plan,
-                          layers=layers_re, generate=generate, check_reference=check_reference, on_event=on_event)
+                          layers=layers_re, generate=generate, check_reference=check_reference, on_progress=bar.show)
     console.show_run(run, Path(out), as_json)
     if run.verdict != "ok":
         raise CheckFailed(f"verdict {run.verdict}: {run.summary}")
@@ -132,14 +131,12 @@ def offload(model, plan, layers_re, store_dir, generate, all_calls, check_refere
 @click.argument("store_dir", metavar="STORE", type=click.Path())
 @_settings_options
 @click.option("--op", "op_indices", type=int, multiple=True, help="Only this op index (repeatable).")
-@click.option("--all-calls/--unique", default=True, show_default=True,
-              help="Every call, or the first call of each signature.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def replay(store_dir, op_indices, all_calls, as_json, **kw):
+def replay(store_dir, op_indices, as_json, **kw):
     """Run carved ops on a target with the reference inputs: each op's local error."""
-    settings = _settings(kw, all_calls=all_calls)
-    with console.progress(f"replaying on {settings.platform or settings.remote}") as ticker:
-        result = api.replay(store_dir, settings=settings, ops=list(op_indices), on_result=ticker.advance)
+    settings = _settings(kw)
+    with console.progress("replaying") as bar:
+        result = api.replay(store_dir, settings=settings, ops=list(op_indices), on_progress=bar.show)
     console.show_replay(result, as_json)
     if not result.ok:
         raise CheckFailed(f"{result.counts.get('divergent', 0)} replayed ops are divergent, "
@@ -147,30 +144,35 @@ def replay(store_dir, op_indices, all_calls, as_json, **kw):
 
 
 @cli.command()
-@click.argument("run_json", metavar="RUN.json", type=click.Path())
-@click.option("-o", "--out", "out", required=True, type=click.Path(), help="HTML file to write.")
-def report(run_json, out):
-    """Render a run record as one self-contained HTML report."""
-    from .reports import write_report
+@click.argument("source", metavar="RUN.json|STORE", type=click.Path())
+@click.option("--op", "op_index", type=int, default=None, help="The op index (default: the run's culprit).")
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Directory to write the repro into.")
+@click.option("--platform", help="Platform the script runs on (default: the run's target, or torch-cpu).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def repro(source, op_index, out, platform, force):
+    """Write a standalone repro of one op: its inputs and a short script that calls it on a platform."""
+    path = api.repro(source, out, op=op_index, platform=platform, force=force)
+    click.echo(f"python {path / 'repro.py'}")
 
-    click.echo(str(write_report(run_json, out)))
+
+@cli.command()
+@click.argument("run_json", metavar="RUN.json", type=click.Path())
+@click.option("-o", "--out", "out", type=click.Path(), help="HTML file to write (default: report.html beside RUN).")
+@click.option("--model-explorer", "explorer", type=click.Path(),
+              help="Also write per-module errors as a Model Explorer node-data JSON file.")
+def report(run_json, out, explorer):
+    """Render a run record as one self-contained HTML report."""
+    click.echo(str(api.report(run_json, out, model_explorer=explorer)))
 
 
 @cli.command()
 @click.argument("run_a", metavar="RUN_A.json", type=click.Path())
 @click.argument("run_b", metavar="RUN_B.json", type=click.Path())
-@click.option("-o", "--out", "out", required=True, type=click.Path(), help="HTML file to write.")
-@click.option("--json", "as_json", is_flag=True, help="Also print the per-change counts as JSON.")
+@click.option("-o", "--out", "out", type=click.Path(), help="HTML file to write (default: beside RUN_A).")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts and every matched op's row as JSON.")
 def diff(run_a, run_b, out, as_json):
     """Compare the same ops across two runs: worse, better, newly unsupported."""
-    from .reports import diff_records, load_run, write_diff
-
-    path = write_diff(run_a, run_b, out)
-    counts = dict(diff_records(load_run(run_a), load_run(run_b))["counts"])
-    if as_json:
-        console.emit_json({"diff": str(path), "counts": counts})
-    else:
-        click.echo(f"{path}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    console.show_diff(api.diff(run_a, run_b, out), as_json)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -181,10 +183,7 @@ def diff(run_a, run_b, out, as_json):
 @click.pass_context
 def test(ctx, store_dir, platforms, remote, all_calls):
     """Run a store's carved ops as pytest tests (extra arguments go to pytest)."""
-    from .pytest_plugin import run_pytest
-
-    code = run_pytest(api.open_store(store_dir).path, platforms, remote, all_calls, list(ctx.args))
-    if code == 1:
+    if api.test(store_dir, platforms, remote, all_calls, list(ctx.args)) == 1:
         raise CheckFailed("some carved ops failed on the target")
 
 
@@ -196,10 +195,8 @@ def test(ctx, store_dir, platforms, remote, all_calls):
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def emit_tests_command(store_dir, out, only, all_calls, force, as_json):
-    """Write standalone pytest files plus the tensors they need (a subset store)."""
-    from .emit import emit_tests
-
-    result = emit_tests(api.open_store(store_dir), out, only=only, all_calls=all_calls, force=force)
+    """Write standalone, readable pytest files plus the tensors they need (a subset store)."""
+    result = api.emit_tests(store_dir, out, only=only, all_calls=all_calls, force=force)
     if as_json:
         console.emit_json(result)
         return
@@ -217,17 +214,12 @@ def emit_tests_command(store_dir, out, only, all_calls, force, as_json):
 @click.option("-o", "--out", "out", type=click.Path(), help="With --matrix: write zoo-matrix.md and .json here.")
 def zoo(as_json, matrix, targets, only, out):
     """List the built-in workloads (or run the zoo matrix)."""
-    from .zoo import ZOO
-
     if not matrix:
-        console.show_zoo([e.to_json() for e in ZOO.values()], as_json)
+        console.show_zoo(api.zoo(), as_json)
         return
-    from .matrix import run_matrix_to
-
-    names = [n.strip() for n in only.split(",")] if only else list(ZOO)
+    names = [n.strip() for n in only.split(",")] if only else None
     chosen = tuple(t.strip() for t in targets.split(",") if t.strip())
-    rows, text = run_matrix_to(names, chosen, out, on_row=lambda r: console.err.print(
-        f"{r['model']:18s} {r['target']:10s} {r['verdict']:10s} {r['offload_s']:6.1f}s"))
+    rows, text = api.matrix(names, chosen, out, on_row=console.show_matrix_row)
     console.emit_json(rows) if as_json else click.echo(text)
     if any(r["verdict"] == "error" for r in rows):
         raise CheckFailed("tapml itself failed on some workloads (see the table)")
@@ -238,9 +230,7 @@ def zoo(as_json, matrix, targets, only, out):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def platforms(names, as_json):
     """List target platforms and whether each is available here (NAMES may add FILE.py:Class)."""
-    from .platforms import describe_platforms
-
-    console.show_platforms(describe_platforms(names), as_json)
+    console.show_platforms(api.platforms(names), as_json)
 
 
 @cli.command()
@@ -257,12 +247,8 @@ def platforms(names, as_json):
               help="With --supervise: restart the child when one kernel runs longer than this.")
 def worker(platform_name, host, port, token_file, max_payload, cache_bytes, supervise, kernel_timeout):
     """Serve one platform to tapml clients over RPC."""
-    from .remote import WorkerConfig, run_worker
-    from .settings import read_token
-
-    config = WorkerConfig(platform=platform_name, host=host, port=port, token=read_token(token_file) or "",
-                          max_payload=max_payload, cache_bytes=cache_bytes)
-    run_worker(config, supervise=supervise, kernel_timeout=kernel_timeout)
+    api.serve(platform_name, host=host, port=port, token_file=token_file, max_payload=max_payload,
+              cache_bytes=cache_bytes, supervise=supervise, kernel_timeout=kernel_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,62 +2,80 @@
 
 Each selected op is first replayed on the reference; only ops that reproduce
 bit-exactly are emitted, with a subset store holding just the tensors they need
-and a plain pytest file that runs them on ``$TAPML_PLATFORM`` (default torch-cpu).
+and a plain pytest file with one readable test per op (per signature, or per call
+with ``all_calls``): the op call itself, named by its module path and call, run on
+``$TAPML_PLATFORM`` (default torch-cpu) by ``tapml.emitted.carved_op``.
 """
 
 from __future__ import annotations
 
 import datetime
+import re
 from pathlib import Path
 
+from .callsource import call_source, tensor_names
 from .carving import AtomicDir, FixtureStore, StoreWriter, replay
 from .core import decode_value, encode
 from .engine import select_ops, skip_reason
 
 __all__ = ["emit_tests"]
 
-_TEST_FILE = '''"""Carved operator tests emitted by tapml from {source} on {date}.
+_HEADER = '''"""Carved operator tests emitted by tapml from {source} on {date}.
 
-Run them with plain pytest (tapml installed); TAPML_PLATFORM picks the target
-(default torch-cpu; any name `tapml platforms` lists, or FILE.py:Class).
+Each test is one op call as the reference made it (the function body), fed the
+carved inputs from carved_store/. It checks that the call reproduces the
+reference's recorded output, then runs the op on $TAPML_PLATFORM (default
+torch-cpu; any name `tapml platforms` lists, or FILE.py:Class) and judges it as
+`tapml offload` does; a failure prints the worst elements and the bound or
+tolerance with its origin. Run with plain pytest (tapml installed); select by
+op or module path: pytest -k "gelu and layer.3".
+
+Knobs: RULE (bound | tolerance | oracle) and TOLERANCE (as --tolerance:
+"atol:1e-3,rtol:1e-3", "aten.gelu*=atol:1e-4,rtol:0", "module:encoder.*=rtol:1e-2"),
+here, from TAPML_RULE / TAPML_TOLERANCE, or per test: @carved_op(..., tolerance=...).
 """
 
 import os
-from pathlib import Path
+
+import torch
+
+from tapml.emitted import carved_op
+
+RULE = os.environ.get("TAPML_RULE", "bound")
+TOLERANCE = os.environ.get("TAPML_TOLERANCE", "")
+'''
+
+_TEST = '''
+
+@carved_op({new}, id={id!r})  # op {index} of the carve, {source}
+def test_{index:04d}_{name}({params}):
+    return {call}
+'''
+
+_CONFTEST = '''"""The target the emitted tests run on: $TAPML_PLATFORM (default torch-cpu), in this process."""
+
+import os
 
 import pytest
 
-from tapml.carving import FixtureStore
-from tapml.engine import run_local
-from tapml.settings import Settings
+from tapml.emitted import open_target
 
-STORE = FixtureStore(Path(__file__).with_name("carved_store"))
-SETTINGS = Settings(platform=os.environ.get("TAPML_PLATFORM", "torch-cpu"), in_process=True)
-OPS = {ops!r}
+collect_ignore = ["carved_store"]  # data for test_carved_ops.py, not a suite of its own
 
 
-@pytest.fixture(scope="module")
-def target():
-    target = SETTINGS.open_target()
-    yield target
-    target.close()
-
-
-@pytest.mark.parametrize("index", [i for i, _ in OPS], ids=[name for _, name in OPS])
-def test_carved_op(index, target):
-    result = run_local(STORE, target, SETTINGS.judge(target), index)
-    if result.status in ("unsupported", "skipped"):
-        pytest.skip(result.reason)
-    local = result.local
-    assert result.status == "ok", (
-        f"{{result.op}} in {{result.module}}: {{result.status}}: max abs {{local and local.max_abs}} "
-        f"({{(local and local.why) or result.reason}}); tolerance {{local and local.tolerance}}"
-    )
+@pytest.fixture(scope="session")
+def tapml_target():
+    with open_target(os.environ.get("TAPML_PLATFORM", "torch-cpu")) as target:
+        yield target
 '''
 
-_CONFTEST = '''# the subset store is data for test_carved_ops.py, not a suite of its own
-collect_ignore = ["carved_store"]
-'''
+
+def _test_source(store: FixtureStore, new: int, index: int) -> str:
+    rec, op = store.ops[index], store.op_call(index)
+    names = tensor_names(op)
+    where = (rec["source"] or "unknown source").rsplit("/", 1)[-1]
+    return _TEST.format(new=new, id=f"{rec['module'] or '(model)'}#{rec['call']}", index=index, source=where,
+                        name=re.sub(r"\W", "_", rec["op"]), params=", ".join(names), call=call_source(op, names))
 
 
 def emit_tests(store: FixtureStore, out: str | Path, *, only: str | None = None, all_calls: bool = False,
@@ -84,10 +102,9 @@ def emit_tests(store: FixtureStore, out: str | Path, *, only: str | None = None,
                                              "bytes_referenced": writer.bytes_referenced},
                 "steps": [{"index": 0, "name": "emitted", "ops": [0, len(ops)]}], "layers": [], "ops": ops,
             })
-        names = [(new, f"{i:04d}-{store.ops[i]['op']}[{store.ops[i]['module'] or '(model)'}]")
-                 for new, i in enumerate(chosen)]
-        (outdir.tmp / "test_carved_ops.py").write_text(_TEST_FILE.format(
-            source=store.path, date=datetime.date.today().isoformat(), ops=names))
+        header = _HEADER.format(source=store.path, date=datetime.date.today().isoformat())
+        tests = "".join(_test_source(store, new, i) for new, i in enumerate(chosen))
+        (outdir.tmp / "test_carved_ops.py").write_text(header + tests)
         (outdir.tmp / "conftest.py").write_text(_CONFTEST)
         path = outdir.commit()
     return {"path": str(path), "emitted": len(chosen), "not_reproducible": bad,

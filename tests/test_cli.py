@@ -158,3 +158,24 @@ def test_generate_and_replay_check(tmp_path, capsys):
     assert summary["replay"]["fidelity"] == 1.0
     code, _, err = run(["carve", "zoo:minilm", "--generate", "2", "-o", str(tmp_path / "x")], capsys)
     assert code == 2 and "no generate entry" in err
+
+
+def test_help_lists_commands_in_workflow_order_uncut(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.startswith("  ")
+              and not line.startswith("   ")]
+    assert listed[:8] == ["zoo", "carve", "inspect", "offload", "report", "diff", "repro", "replay"]
+    assert "..." not in out.split("Commands:")[1]
+
+
+def test_one_error_style_for_pytest_usage_errors_too(tmp_path, factory_file, capsys):
+    store = tmp_path / "s"
+    assert main(["carve", f"{factory_file}:good", "-o", str(store)]) == 0
+    capsys.readouterr()
+    for args, message in ((["--tapml-rule", "xx"], "--rule 'xx': choose from"),
+                          (["--platform", "nope"], "unknown platform 'nope'")):
+        code = main(["test", str(store), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("tapml: error: ") and message in err, err
+        assert "ERROR" not in err and len(err.strip().splitlines()) == 1

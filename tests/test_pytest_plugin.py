@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -46,8 +47,14 @@ def test_collects_unique_signatures_with_readable_ids(store, tmp_path):
     addmm = next(op for op in store.ops if op["module"] == "encoder.layer.0.attention.self.query"
                  and op["op"] == "aten.addmm.default")
     expected = (f"manifest.json::{addmm['index']:04d}-aten.addmm.default"
-                "[encoder.layer.0.attention.self.query][torch-cpu]")
+                "[encoder.layer.0.attention.self.query#0][torch-cpu]")
     assert any(line.endswith(expected) for line in ids)
+    proc = pytest_run("--collect-only", "-q", "--tapml-store", store.path, "-k", "addmm and layer.3", cwd=tmp_path)
+    assert sum("::" in line for line in proc.stdout.splitlines()) == 0  # unique signatures: layer 0 holds them
+    proc = pytest_run("--collect-only", "-q", "--tapml-store", store.path, "--tapml-all-calls", "-k",
+                      "addmm and layer.3", cwd=tmp_path)
+    selected = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert len(selected) == 6 and all("[encoder.layer.3." in line and "#0]" in line for line in selected)
     proc = pytest_run("--collect-only", "-q", "--tapml-store", store.path, "-k", "softmax", cwd=tmp_path)
     assert sum("::" in line for line in proc.stdout.splitlines()) == 1
     proc = pytest_run("--collect-only", "-q", "--tapml-store", store.path, "-m", "view", cwd=tmp_path)
@@ -69,7 +76,8 @@ def test_counts_match_the_isolated_pass_of_offload(store, tmp_path, platform):
     assert outcomes["passed"] == isolated["ok"] and outcomes["failure"] == isolated["divergent"]
     assert outcomes["skipped"] == isolated["unsupported"] + isolated["skipped"]
     assert json.loads(summary.read_text())["counts"] == {k: v for k, v in isolated.items() if v}
-    assert "tapml" in proc.stdout and "carved ops:" in proc.stdout
+    assert "carved op signatures (the first call of each): " in proc.stdout
+    assert json.loads(summary.read_text())["unit"] == "signatures"
     root = ET.parse(tmp_path / "j.xml").getroot()
     props = {p.get("name") for p in root.iter("property")}
     assert {"tapml_max_abs", "tapml_status", "tapml_cosine"} <= props
@@ -80,12 +88,28 @@ def test_fault_injection_fails_exactly_the_culprit_readably(store, tmp_path):
                       "--tapml-artifacts", tmp_path / "art", cwd=tmp_path)
     assert proc.returncode == 1
     failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
-    assert len(failed) == 1 and "aten.gelu.default[encoder.layer.3.intermediate.intermediate_act_fn]" in failed[0]
+    gelu = next(op["index"] for op in store.ops if op["module"] == "encoder.layer.3.intermediate.intermediate_act_fn")
+    assert len(failed) == 1
+    assert f"{gelu:04d}-aten.gelu.default[encoder.layer.3.intermediate.intermediate_act_fn#0][faulty-gelu]" in failed[0]
+    assert "carved ops (every call): " in proc.stdout
     assert "Traceback" not in proc.stdout and "Error" not in proc.stdout.split("FAILURES")[1].split("tapml ==")[0]
     for text in ("out of tolerance", "index |     expected |          got |", "allowed", "repro: tapml replay",
                  "from default for float32 (torch.testing)"):
         assert text in proc.stdout
     assert len(list((tmp_path / "art").glob("*.safetensors"))) == 1
+
+
+def test_skips_name_the_op_not_the_plugin(store, tmp_path):
+    proc = pytest_run("--tapml-store", store.path, "-rs", "-k", "view", cwd=tmp_path)
+    skipped = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skipped and "pytest_plugin.py" not in proc.stdout
+    line = re.compile(rf"SKIPPED \[1\] \S*{store.path.name}: op (\d+) \((aten\.view\.default) in (\S+)#(\d+)\) "
+                      r"skipped: view op \(no compute\)")
+    found = [m for m in map(line.match, skipped) if m]
+    assert found, skipped
+    op = store.ops[int(found[0].group(1))]
+    assert (op["op"], op["module"] or "(model)", op["call"]) == (found[0].group(2), found[0].group(3),
+                                                                   int(found[0].group(4)))
 
 
 def test_ini_and_pyproject_settings(store, tmp_path):
@@ -166,6 +190,36 @@ def test_emitted_tests_pass_with_plain_pytest_elsewhere(store, tmp_path, capsys)
     env = dict(os.environ, TAPML_PLATFORM=FAULTY)
     proc = pytest_run(out, "-q", "-k", "gelu", cwd=elsewhere, env=env)
     assert proc.returncode == 0  # only the first gelu call was emitted; the fault is in layer 3
+    source = (out / "test_carved_ops.py").read_text()
+    gelu = next(op for op in store.ops if op["op"] == "aten.gelu.default")
+    assert source.count("\n@carved_op(") == result["emitted"]
+    assert (f"id='{gelu['module']}#0')  # op {gelu['index']} of the carve, activations.py:89\n"
+            f"def test_{gelu['index']:04d}_aten_gelu_default(x):\n    return torch.ops.aten.gelu.default(x)") in source
+
+
+def test_emitted_tests_read_as_op_calls_and_fail_with_numbers(store, tmp_path, capsys):
+    out = tmp_path / "carved"
+    assert main(["emit-tests", str(store.path), "-o", str(out), "--only", "aten.gelu*", "--all-calls"]) == 0
+    elsewhere = tmp_path / "fresh-repo"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    proc = pytest_run(out, "-q", cwd=elsewhere, env=dict(env, TAPML_PLATFORM=FAULTY))
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    assert proc.returncode == 1 and len(failed) == 1, proc.stdout[-3000:]
+    assert "aten_gelu_default[encoder.layer.3.intermediate.intermediate_act_fn#0]" in failed[0]
+    assert "Traceback" not in proc.stdout and "on faulty-gelu" in proc.stdout
+    for text in ("index |     expected |          got |", "allowed", "bound: ", "× the error a correct",
+                 "tolerance: atol 1e-05, rtol 1.3e-06 — from default for float32 (torch.testing)"):
+        assert text in proc.stdout, text
+    selected = pytest_run(out, "-q", "-k", "gelu and layer.3", cwd=elsewhere, env=dict(env, TAPML_PLATFORM=FAULTY))
+    assert "1 failed, 5 deselected" in selected.stdout
+    loose = dict(env, TAPML_PLATFORM=FAULTY, TAPML_RULE="tolerance", TAPML_TOLERANCE="aten.gelu*=atol:0.2,rtol:0")
+    assert pytest_run(out, "-q", cwd=elsewhere, env=loose).returncode == 0  # the knob
+    source = out / "test_carved_ops.py"
+    source.write_text(source.read_text().replace("torch.ops.aten.gelu.default(x)",
+                                                 "torch.ops.aten.gelu.default(x, approximate='tanh')", 1))
+    proc = pytest_run(out, "-q", cwd=elsewhere, env=env)
+    assert proc.returncode == 1 and "does not reproduce carved op 0 on the reference" in proc.stdout
 
 
 def test_emit_refuses_ops_that_do_not_reproduce(store, tmp_path, monkeypatch):

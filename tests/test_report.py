@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,8 +57,8 @@ def browser():
         b.close()
 
 
-def open_page(browser, path: Path):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+def open_page(browser, path: Path, width: int = 1280):
+    page = browser.new_page(viewport={"width": width, "height": 900})
     problems = []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
             else None)
@@ -84,6 +86,7 @@ def test_report_reads_without_javascript(runs):
     assert "aten.gelu.default in encoder.layer.3.intermediate.intermediate_act_fn" in text
     assert 'id="culprit-op">aten.gelu.default<' in text and "<svg" in text
     assert "tapml replay" in text and ".tapml-tmp-" not in text  # the repro names the real store, not a temp dir
+    assert f"--platform {ROOT}/examples/faulty_gelu.py:FaultyGelu --op 258" in text  # a spec that opens it
 
 
 def test_report_in_a_real_browser(runs, browser):
@@ -120,20 +123,163 @@ def test_fp16_report_shows_first_nonfinite(runs, browser):
     assert not problems, problems
 
 
-def test_diff_of_two_real_runs(runs, browser, tmp_path, capsys):
-    out = tmp_path / "diff.html"
-    code = main(["diff", str(runs["torch"] / "run.json"), str(runs["nosoftmax"] / "run.json"), "-o", str(out),
-                 "--json"])
-    counts = json.loads(capsys.readouterr().out)["counts"]
-    assert code == 0 and counts["newly unsupported"] == 6  # MiniLM's six softmaxes
-    code = main(["diff", str(runs["torch"] / "run.json"), str(runs["fp16"] / "run.json"), "-o", str(out)])
-    assert code == 0
+def test_diff_of_two_real_runs(runs, browser, capsys):
+    code = main(["diff", str(runs["torch"] / "run.json"), str(runs["nosoftmax"] / "run.json"), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["counts"]["newly unsupported"] == 6  # MiniLM's six softmaxes
+    softmax = [r for r in result["ops"] if r["change"] == "newly unsupported"]
+    assert {r["op"] for r in softmax} == {"aten._softmax.default"} and all(r["a_err"] == 0 for r in softmax)
+    assert Path(result["diff"]) == runs["torch"] / "diff-nosoftmax.html"  # beside run A without -o
+    code = main(["diff", str(runs["torch"] / "run.json"), str(runs["fp16"] / "run.json")])
+    out = runs["torch"] / "diff-fp16.html"
+    assert code == 0 and str(out) in capsys.readouterr().out
     page, problems = open_page(browser, out)
     assert "worse" in page.locator("#diff-summary").inner_text()
-    assert page.locator('table[data-change="worse"] tr').count() > 1
+    worse = page.locator('#diff tbody tr[data-change="worse"]')
+    assert worse.count() > 0
+    views = page.locator("#diff tbody tr.view")
+    assert views.count() > 0 and not views.first.is_visible()  # view ops hidden, one click away
+    page.check("#show-views")
+    assert views.first.is_visible()
+    page.select_option("#f-change", "worse")
+    assert page.locator("#diff tbody tr:visible").count() == worse.count()
+    first = page.locator("#diff tbody tr:visible").first.locator("td")
+    assert first.nth(6).inner_text() != "" and first.nth(7).inner_text() != ""  # both sides' errors
+    titles = page.locator("#plot-overlay svg title").all_text_contents()
+    assert any(t.startswith("A (torch-cpu): op ") for t in titles)
+    assert any(t.startswith("B (fp16): op ") for t in titles)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "diff-torch-vs-fp16.png"))
     assert not problems, problems
+
+
+def test_report_and_diff_write_beside_the_run_by_default(runs, tmp_path, capsys):
+    run_json = tmp_path / "copy" / "run.json"
+    run_json.parent.mkdir()
+    run_json.write_text((runs["fault"] / "run.json").read_text())
+    assert main(["report", str(run_json)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "copy" / "report.html")
+    html = (tmp_path / "copy" / "report.html").read_text()
+    assert 'id="repro-link" href="repro/repro.py"' in html
+    assert main(["report", str(runs["fault"] / "run.json"), "-o", str(tmp_path / "r.html"),
+                 "--model-explorer", str(tmp_path / "me.json")]) == 0
+    link = re.search(r'id="repro-link" href="([^"]+)"', (tmp_path / "r.html").read_text()).group(1)
+    assert (tmp_path / link).resolve() == (runs["fault"] / "repro" / "repro.py").resolve()
+    overlay = json.loads((tmp_path / "me.json").read_text())
+    gelu = overlay["results"]["encoder.layer.3.intermediate.intermediate_act_fn"]["value"]
+    assert gelu > 1 and overlay["results"]["encoder.layer.2"]["value"] <= 1  # the bound ratio: 1 is the bound
+    assert overlay == json.loads((runs["fault"] / "model-explorer.json").read_text())
+
+
+@pytest.mark.parametrize("width", [800, 1400])
+def test_report_at_any_width(runs, browser, width):
+    """Nothing overflows the page; tables scroll in their own box; at 1400 px the plot fills the column and its
+    legend sits above the plotted area, not on it."""
+    page, problems = open_page(browser, runs["fault"] / "report.html", width=width)
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    assert page.evaluate("""() => Array.from(document.querySelectorAll('body *')).filter(e => !e.closest('.scroll')
+        && e.getBoundingClientRect().right > window.innerWidth + 1).length""") == 0
+    column = page.evaluate("document.body.clientWidth - parseFloat(getComputedStyle(document.body).paddingLeft) * 2")
+    plot = page.locator("#plot-along svg").bounding_box()
+    assert plot["width"] >= 0.95 * column
+    legend, area = (page.locator(f"#plot-along svg #{gid}").bounding_box() for gid in ("legend", "plot-area"))
+    assert legend["y"] + legend["height"] <= area["y"] + 1
+    numbers = page.locator("td.num, .n").all_inner_texts()
+    assert all("\n" not in t for t in numbers)  # never split, not even at an exponent's hyphen
+    page.screenshot(path=str(ARTIFACTS / f"report-{width}.png"), full_page=True)
+    assert not problems, problems
+
+
+def test_every_point_names_its_op(runs, browser):
+    record = json.loads((runs["fault"] / "run.json").read_text())
+    page, problems = open_page(browser, runs["fault"] / "report.html")
+    titles = page.locator("#plot-along svg g.pt > title").all_text_contents()
+    measured = sum(1 for o in record["ops"] for k in ("local", "propagated") if k in o)
+    assert len(titles) == measured + 1  # every point, and the culprit's ring
+    culprit = [t for t in titles if t.startswith("culprit: ")]
+    assert culprit == [next(t for t in titles if t.startswith("culprit: "))]
+    assert "op 258 aten.gelu.default · encoder.layer.3.intermediate.intermediate_act_fn · local 0.137" in culprit[0]
+    ring = page.locator("#plot-along svg #pts-culprit g.pt")
+    box, line = ring.bounding_box(), page.locator("#plot-along svg g.pt").first.bounding_box()
+    assert box["width"] > line["width"]  # the ring is drawn larger than the points, above the culprit line
+    assert not problems, problems
+
+
+def test_sorting_views_and_measured_signatures(runs, browser):
+    page, problems = open_page(browser, runs["fault"] / "report.html")
+    record = json.loads((runs["fault"] / "run.json").read_text())
+    views = sum(1 for o in record["ops"] if o.get("view"))
+    rows = page.locator("#ops tbody tr")
+    assert page.locator("#ops tbody tr:visible").count() == rows.count() - views > 0
+    page.check("#show-views")
+    assert page.locator("#ops tbody tr:visible").count() == rows.count()
+    page.uncheck("#show-views")
+    header = page.locator("#ops th", has_text="local max abs")
+    for direction in ("ascending", "descending"):
+        header.click()
+        assert header.get_attribute("aria-sort") == direction
+        cells = [t.strip() for t in page.locator("#ops tbody tr:visible td:nth-child(5)").all_inner_texts()]
+        filled = [float(t) for t in cells if t]
+        assert filled == sorted(filled, reverse=direction == "descending")
+        assert cells[len(filled):] == [""] * (len(cells) - len(filled))  # blanks last both ways
+    inherited = page.locator("#ops tbody tr:visible .inherited")
+    assert inherited.count() > 0 and "measured on op" in inherited.first.get_attribute("title")
+    assert "KiB" in page.locator("#steps").inner_text() or "MiB" in page.locator("#steps").inner_text()
+    assert not problems, problems
+
+
+def test_module_tree(runs, browser):
+    page, problems = open_page(browser, runs["fault"] / "report.html")
+    layer3 = page.locator('#tree details[data-path="encoder.layer.3"]')
+    assert layer3.get_attribute("open") is not None and "divergent" in layer3.locator("> summary").inner_text()
+    act = page.locator('#tree [data-path="encoder.layer.3.intermediate.intermediate_act_fn"]')
+    assert act.is_visible() and "divergent" in act.inner_text() and "op 258" in act.inner_text()
+    layer0 = page.locator('#tree details[data-path="encoder.layer.0"]')
+    assert layer0.get_attribute("open") is None and "ok" in layer0.locator("> summary").inner_text()
+    query = page.locator('#tree [data-path="encoder.layer.0.attention.self.query"]')
+    assert not query.is_visible()
+    layer0.locator("> summary").click()
+    page.locator('#tree details[data-path="encoder.layer.0.attention"] > summary').click()
+    page.locator('#tree details[data-path="encoder.layer.0.attention.self"] > summary').click()
+    assert query.is_visible()
+    page.locator('#tree details[data-path="encoder"] > summary').click()  # collapses the whole encoder
+    assert not act.is_visible()
+    assert not problems, problems
+
+
+def test_repro_of_the_culprit_runs_anywhere(runs, tmp_path):
+    """The offload's repro directory, copied to a fresh directory, runs with plain python: it passes on torch-cpu
+    and fails on the faulty platform it came from."""
+    repro = tmp_path / "elsewhere" / "repro"
+    shutil.copytree(runs["fault"] / "repro", repro)
+    script = (repro / "repro.py").read_text()
+    assert "torch.ops.aten.gelu.default(x)" in script and "assert_close" in script
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    run = lambda *args: subprocess.run([sys.executable, str(repro / "repro.py"), *args], cwd=tmp_path / "elsewhere",  # noqa: E731
+                                       capture_output=True, text=True, env=env, timeout=300)
+    faulty = run()
+    assert faulty.returncode == 1 and "divergent" in faulty.stdout and "assert_close" in faulty.stdout, faulty.stderr
+    good = run("torch-cpu")
+    assert good.returncode == 0 and "tapml (bound rule) on torch-cpu: ok" in good.stdout, good.stdout + good.stderr
+    command = json.loads((runs["fault"] / "run.json").read_text())["culprit"]["repro"].split()
+    assert command[:2] == ["tapml", "replay"] and main(command[1:]) == 1  # the replay command works as written
+
+
+def test_repro_command_from_a_store_and_a_run(runs, tmp_path, capsys):
+    record = json.loads((runs["fp16"] / "run.json").read_text())
+    addmm = next(o["index"] for o in record["ops"] if o["op"] == "aten.addmm.default")
+    assert main(["repro", str(runs["fp16"] / "run.json"), "--op", str(addmm), "-o", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.strip() == f"python {tmp_path / 'r' / 'repro.py'}"
+    script = (tmp_path / "r" / "repro.py").read_text()
+    assert "PLATFORM = sys.argv[1] if len(sys.argv) > 1 else 'fp16'" in script
+    assert "torch.as_strided(" in script  # the transposed weight keeps its layout
+    store = record["store"]
+    assert main(["repro", store, "-o", str(tmp_path / "s")]) == 2
+    assert "give --op N" in capsys.readouterr().err
+    assert main(["repro", store, "--op", str(addmm), "-o", str(tmp_path / "s")]) == 0
+    proc = subprocess.run([sys.executable, str(tmp_path / "s" / "repro.py")], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("content, message", [
@@ -147,8 +293,9 @@ def test_report_bad_input(tmp_path, capsys, content, message):
     if content is not None:
         run.write_text(content)
     for args in (["report", str(run), "-o", str(tmp_path / "r.html")],
-                 ["diff", str(run), str(run), "-o", str(tmp_path / "d.html")]):
+                 ["diff", str(run), str(run), "-o", str(tmp_path / "d.html")], ["report", str(run)],
+                 ["diff", str(run), str(run)]):
         code = main(args)
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "r.html").exists() and not (tmp_path / "d.html").exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["run.json"] if content is not None else [])

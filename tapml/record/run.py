@@ -7,16 +7,19 @@ matrix and the diff read it. ``run.json`` is ``Run.to_json()``; its JSON Schema
 
 from __future__ import annotations
 
+import fnmatch
+import html
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tapml.core import Status, from_json, json_schema, to_json
 
 __all__ = ["RUN_SCHEMA", "Tolerance", "Worst", "Oracle", "Metrics", "OpRow", "Timing", "Tokens", "OpRef", "Step",
            "RandomDraw", "RandomCheck", "Culprit", "Plan", "Reference", "Run", "TargetEvent", "BoundCheck",
-           "DeadOutput", "Finding", "Candidate", "run_schema"]
+           "DeadOutput", "Finding", "Candidate", "OpList", "run_schema"]
 
 RUN_SCHEMA = 2  # 2: "reference" is an object (name, device, description), not a string
 
@@ -130,6 +133,7 @@ class OpRow:
     tolerance: Tolerance | None = None
     victim: bool = False
     reference_noise: float | None = None
+    view: bool | None = None  # a view op (no compute): it never moves to the target
 
 
 @dataclass
@@ -142,6 +146,7 @@ class Timing:
     transfer_and_overhead_s: float
     compare_s: float
     reference_s: float
+    compile_s: float | None = None  # preparing kernels (compiling), when measured; not in transfer_and_overhead_s
 
 
 @dataclass
@@ -232,6 +237,7 @@ class Culprit:
     candidates: list[Candidate] = field(default_factory=list)  # when several ops were out of bounds
     explains: str | None = None  # why this one and not the others
     nondeterministic: bool | None = None  # the target gave two answers for the same call
+    repro_dir: str | None = None  # a standalone repro (script + inputs), relative to run.json's directory
 
 
 @dataclass
@@ -272,9 +278,25 @@ class Reference:
     description: str = ""
 
 
+class OpList(list):
+    """The run's ops: a list, also indexed by a glob on the overload (``ops["aten.addmm*"]``) or on the
+    module path (``ops["module:encoder.layer.3.*"]``), as ``--tolerance`` patterns are written."""
+
+    def __getitem__(self, key):
+        if not isinstance(key, str):
+            return super().__getitem__(key)
+        if key.startswith("module:"):
+            pattern = key.removeprefix("module:")
+            return OpList(o for o in self if fnmatch.fnmatchcase(o.module, pattern))
+        return OpList(o for o in self if fnmatch.fnmatchcase(o.op, key))
+
+
 @dataclass
 class Run:
     """A migration's whole record: verdict, culprit, steps and every op."""
+
+    # how Jupyter shows a run (``_repr_html_``); ``tapml.reports`` installs the report's summary card
+    html_fragment: ClassVar[Callable[[Run], str] | None] = None
 
     schema: int
     created: str
@@ -306,6 +328,15 @@ class Run:
     reason: str | None = None  # why the verdict is incomplete (or which step made it divergent)
     notes: list[str] = field(default_factory=list)  # what was not compared and why (uninitialized outputs, ...)
     findings: list[Finding] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ops = OpList(self.ops)
+
+    def _repr_html_(self) -> str:
+        render = Run.html_fragment
+        if render is not None:
+            return render(self)
+        return f"<p><strong>{html.escape(str(self.verdict))}</strong>: {html.escape(self.summary)}</p>"
 
     def to_json(self) -> dict:
         return to_json(self)
