@@ -8,8 +8,9 @@ proxy in ``tapml.remote`` is another. Third parties add platforms through the
 knows about RPC or about carving.
 """
 
-from .base import ALL_DTYPES, Capabilities, Platform, PlatformError, Support, Unsupported
+from .base import ALL_DTYPES, Capabilities, KernelTrace, Platform, PlatformError, Support, Unsupported
 from .emulation import BFloat16, Float16, ReducedPrecision
+from .program import UnitProgram, cast_floats, run_program
 from .registry import (
     BUILTINS,
     ENTRY_POINT_GROUP,
@@ -30,6 +31,7 @@ __all__ = [
     "BFloat16",
     "Capabilities",
     "Float16",
+    "KernelTrace",
     "LocalTarget",
     "Platform",
     "PlatformError",
@@ -39,7 +41,10 @@ __all__ = [
     "TorchCUDA",
     "TorchPlatform",
     "Unsupported",
+    "UnitProgram",
     "WrappedPlatform",
+    "cast_floats",
+    "run_program",
     "describe_platforms",
     "get_platform",
     "list_platforms",

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from tapml.core import OpCall, TapmlError
+from tapml.core import OpCall, TapmlError, UnitCall
 
-__all__ = ["Platform", "Capabilities", "Support", "Unsupported", "PlatformError", "ALL_DTYPES"]
+__all__ = ["Platform", "Capabilities", "Support", "Unsupported", "PlatformError", "ALL_DTYPES", "KernelTrace"]
 
 
 class PlatformError(TapmlError):
@@ -48,6 +48,9 @@ class Support:
     def no(cls, reason: str) -> Support:
         return cls(False, reason)
 
+
+# what a compiled unit launched: each kernel's name and the tensors it wrote, in order
+KernelTrace = list[tuple[str, list[torch.Tensor]]]
 
 ALL_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 
@@ -114,6 +117,22 @@ class Platform:
     def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run a kernel on tensors laid out as ``op.inputs``; return ``op.output_specs``' tensors."""
         raise NotImplementedError
+
+    # graph level: a whole module call (``UnitCall``) compiled as one unit — optional
+
+    def compile_graph(self, unit: UnitCall) -> Any:
+        """Compile a unit (a module call's carved ops, wired by data flow) as one program; raise
+        ``Unsupported`` with the reason when it cannot (the engine then descends to the children)."""
+        raise Unsupported(f"{self.name} compiles single ops, not whole modules")
+
+    def run_graph(self, kernel: Any, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run a compiled unit on tensors laid out as ``unit.input_specs``; return its outputs."""
+        raise Unsupported(f"{self.name} compiles single ops, not whole modules")
+
+    def trace_graph(self, kernel: Any, unit: UnitCall, inputs: list[torch.Tensor]) -> KernelTrace:
+        """Each kernel the compiled unit launches, in order, with the tensors it wrote: ``[(name, outputs)]``.
+        Optional: what lets localization name the fused kernel inside a unit."""
+        raise Unsupported(f"{self.name} does not expose the kernels inside a compiled unit")
 
     def counters(self) -> Counter:
         """The platform's own counters, for the engine's statistics."""

@@ -11,13 +11,15 @@ precision loss in long reductions.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 
-from tapml.core import OpCall, bind_args, flatten_outputs, relayout
+from tapml.core import OpCall, UnitCall, bind_args, flatten_outputs, relayout
 
 from .base import Capabilities, Unsupported
+from .program import UnitProgram
 from .torch_eager import TorchPlatform
 
 __all__ = ["ReducedPrecision", "Float16", "BFloat16"]
@@ -66,6 +68,15 @@ class ReducedPrecision(TorchPlatform):
     def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         laid = [relayout(t, spec, copy=op.inplace) for t, spec in zip(inputs, op.inputs, strict=True)]
         return self._call(kernel, op, laid)
+
+    def compile_graph(self, unit: UnitCall) -> Any:
+        return partial(UnitProgram, compute=self.reduced)  # every intermediate stays in the reduced type
+
+    def run_graph(self, kernel: Any, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        laid = [relayout(t, spec, copy=False) for t, spec in zip(inputs, unit.input_specs, strict=True)]
+        with torch.no_grad():
+            outs = kernel(unit)(*laid)
+        return [o.to(spec.torch_dtype) for o, spec in zip(outs, unit.output_specs, strict=True)]
 
 
 class Float16(ReducedPrecision):

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from tapml.core import OpCall, OpFailed
+from tapml.core import OpCall, OpFailed, UnitCall
 
-from .base import Capabilities, Platform, Support, Unsupported
+from .base import Capabilities, KernelTrace, Platform, Support, Unsupported
 
 __all__ = ["Target", "LocalTarget"]
 
@@ -42,6 +42,17 @@ class Target:
 
     def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def prepare_unit(self, unit: UnitCall) -> Support:
+        """Compile a whole unit once per signature; ``Support.no(reason)`` when the target cannot."""
+        return Support.no(f"{self.name} does not compile whole modules")
+
+    def execute_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise Unsupported(f"{self.name} does not compile whole modules")
+
+    def trace_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> KernelTrace:
+        """The kernels a compiled unit launched, with their outputs (``Platform.trace_graph``)."""
+        raise Unsupported(f"{self.name} does not expose the kernels inside a compiled unit")
 
     @property
     def stats(self) -> Counter:
@@ -102,6 +113,49 @@ class LocalTarget(Target):
             raise OpFailed(f"the kernel raised {_one_line(e)}") from e
         self._stats["runs"] += 1
         return outputs
+
+    def prepare_unit(self, unit: UnitCall) -> Support:
+        key = "unit:" + unit.signature
+        known = self._support.get(key)
+        if known is not None:
+            self._stats["unit_cache_hits"] += 1
+            return known
+        support = Support.yes()
+        try:
+            self._kernels[key] = self.platform.compile_graph(unit)
+            self._stats["unit_compiles"] += 1
+        except Unsupported as e:
+            support = Support.no(e.reason)
+        except Exception as e:  # a compiler that crashes on a unit: the engine descends into its children
+            support = Support.no(f"compiling the unit raised {_one_line(e)}")
+        self._support[key] = support
+        return support
+
+    def _unit_kernel(self, unit: UnitCall) -> Any:
+        support = self.prepare_unit(unit)
+        if not support:
+            raise Unsupported(support.reason)
+        return self._kernels["unit:" + unit.signature]
+
+    def execute_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        kernel = self._unit_kernel(unit)
+        try:
+            outputs = self.platform.run_graph(kernel, unit, inputs)
+        except (Unsupported, OpFailed):
+            raise
+        except Exception as e:
+            raise OpFailed(f"the compiled unit raised {_one_line(e)}") from e
+        self._stats["unit_runs"] += 1
+        return outputs
+
+    def trace_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> KernelTrace:
+        kernel = self._unit_kernel(unit)
+        try:
+            return self.platform.trace_graph(kernel, unit, inputs)
+        except (Unsupported, OpFailed):
+            raise
+        except Exception as e:
+            raise OpFailed(f"tracing the compiled unit raised {_one_line(e)}") from e
 
     @property
     def stats(self) -> Counter:

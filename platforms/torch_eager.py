@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from tapml.core import OpCall, bind_args, flatten_outputs, relayout
+from tapml.core import OpCall, UnitCall, bind_args, flatten_outputs, relayout
 
 from .base import ALL_DTYPES, Capabilities, Platform, Support
+from .program import UnitProgram
 
 # PyTorch runs every dtype it has: complex and the unsigned integers too
 TORCH_DTYPES = ALL_DTYPES + ("complex64", "complex128", "complex32", "uint16", "uint32", "uint64")
@@ -38,6 +39,18 @@ class TorchPlatform(Platform):
         args, kwargs = bind_args(op, laid, device=self.device if self.device != "cpu" else None)
         with torch.no_grad():
             return [o.cpu() for o in flatten_outputs(kernel(*args, **kwargs))]
+
+    def compile_graph(self, unit: UnitCall) -> Any:
+        # eager: nothing to compile; the program is built per call, over that call's unit (the same
+        # signature may come from several module calls, each with its own node modules)
+        return UnitProgram
+
+    def run_graph(self, kernel: Any, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # a unit never writes its inputs (the engine refuses such units): no private copies
+        laid = [relayout(t.to(self.device), spec, copy=False) for t, spec in zip(inputs, unit.input_specs,
+                                                                                 strict=True)]
+        with torch.no_grad():
+            return [o.cpu() for o in kernel(unit)(*laid)]
 
 
 class TorchCUDA(TorchPlatform):

@@ -18,9 +18,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from tapml.core import OpCall, OpRefused, bind_args, flatten_outputs, resolve_op
+from tapml.core import OpCall, OpRefused, UnitCall, bind_args, flatten_outputs, resolve_op
 
-from .base import Capabilities, Platform, Support, Unsupported
+from .base import Capabilities, KernelTrace, Platform, Support, Unsupported
+from .program import UnitProgram
 
 __all__ = ["TVMPlatform", "TVMLLVM", "cache_dir"]
 
@@ -92,16 +93,20 @@ class TVMPlatform(Platform):
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
     def compile(self, op: OpCall) -> Any:
+        return self._cached(self.cache_key(op), lambda: self._build(op))
+
+    def _cached(self, key: str, build) -> Any:
+        """A VM for ``key`` from the disk cache, or built (and stored) now."""
         from tvm import relax
 
-        path = cache_dir() / "tvm" / f"{self.cache_key(op)}.so"
+        path = cache_dir() / "tvm" / f"{key}.so"
         if path.exists():
             try:
                 self.stats["disk_hits"] += 1
                 return relax.VirtualMachine(self._tvm.runtime.load_module(str(path)), self.dev)
             except Exception:
                 path.unlink(missing_ok=True)  # a stale or partial file: rebuild it
-        executable = self._build(op)
+        executable = build()
         self.stats["builds"] += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
@@ -138,6 +143,94 @@ class TVMPlatform(Platform):
                 return from_exported_program(exported)
             except Exception as e:
                 raise Unsupported(f"TVM frontend: {_one_line(e)}") from None
+
+    # graph level: the unit exported whole, fused by Relax, one VM per unit signature
+
+    def compile_graph(self, unit: UnitCall) -> Any:
+        parts = [self.name, self.target, self._tvm.__version__, torch.__version__, "unit", unit.signature]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+        return self._cached(key, lambda: self._build_unit(unit))
+
+    def _build_unit(self, unit: UnitCall):
+        mod = self.fuse(self.import_unit(unit))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return self._tvm.compile(mod, target=self.target)
+            except Exception as e:
+                raise Unsupported(f"TVM build of the fused unit: {_one_line(e)}") from None
+
+    @staticmethod
+    def import_unit(unit: UnitCall):
+        """The unit as a Relax IRModule: its program exported whole (``torch.export``), TVM's frontend."""
+        from tvm.relax.frontend.torch import from_exported_program
+
+        examples = tuple(torch.zeros(s.shape, dtype=s.torch_dtype) for s in unit.input_specs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                exported = torch.export.export(UnitProgram(unit), examples)
+            except Exception as e:
+                raise Unsupported(f"torch.export of the unit failed: {_one_line(e)}") from None
+            try:
+                return from_exported_program(exported)
+            except Exception as e:
+                raise Unsupported(f"TVM frontend: {_one_line(e)}") from None
+
+    def fuse(self, mod):
+        """Relax's fusion passes (``tvm.compile``'s default pipeline legalizes but does not fuse)."""
+        from tvm import relax
+
+        passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                  relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return self._tvm.transform.Sequential(passes)(mod)
+            except Exception as e:
+                raise Unsupported(f"TVM fusion: {_one_line(e)}") from None
+
+    def _args(self, inputs: list[torch.Tensor]) -> list:
+        return [self._tvm.runtime.empty(tuple(t.shape), str(t.dtype).removeprefix("torch."), self.dev)
+                if t.numel() == 0 else self._tvm.runtime.from_dlpack(_aligned(t)) for t in inputs]
+
+    def run_graph(self, kernel: Any, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        result = kernel["main"](*self._args(inputs))
+        results = list(result) if not hasattr(result, "shape") else [result]
+        return [torch.from_dlpack(r).clone() for r in results]
+
+    def trace_graph(self, kernel: Any, unit: UnitCall, inputs: list[torch.Tensor]) -> KernelTrace:
+        """Every fused kernel the unit's VM launches, with copies of the buffers it wrote (the last
+        arguments of a destination-passing ``call_tir``; counts from the fused module's ``main``)."""
+        writes = self.kernel_outputs(self.fuse(self.import_unit(unit)))
+        trace: KernelTrace = []
+
+        def instrument(func, symbol, before_run, ret, *args):
+            n = writes.get(symbol)
+            if not before_run and n:
+                trace.append((symbol, [torch.from_dlpack(a).clone() for a in args[-n:]]))
+            return 0
+
+        kernel.set_instrument(instrument)
+        try:
+            kernel["main"](*self._args(inputs))
+        finally:
+            kernel.set_instrument(lambda *a: 0)
+        return trace
+
+    def kernel_outputs(self, mod) -> dict[str, int]:
+        """How many output buffers each kernel that ``main`` calls (``call_tir``) writes."""
+        from tvm import relax
+
+        call_tir = self._tvm.ir.Op.get("relax.call_tir")
+        counts = {}
+        for block in mod["main"].body.blocks:
+            for binding in block.bindings:
+                value = binding.value
+                if isinstance(value, relax.Call) and value.op.same_as(call_tir):
+                    out = value.ty_args[0]
+                    counts[value.args[0].name_hint] = len(out.fields) if hasattr(out, "fields") else 1
+        return counts
 
     def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         # an empty tensor is allocated by TVM itself: its DLPack strides for zero-size dims do not match TVM's

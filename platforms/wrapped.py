@@ -1,7 +1,8 @@
 """``WrappedPlatform``: another platform, by name, with its results open to alteration.
 
-The fault-injection pattern: subclass, set ``inner``, override ``run`` and change
-what ``super().run`` returns (``examples/faulty_gelu.py``).
+The fault-injection pattern: subclass, set ``inner``, override ``run`` (one op) or
+``run_graph`` (a whole compiled unit) and change what ``super()`` returns
+(``examples/faulty_gelu.py``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from tapml.core import OpCall
+from tapml.core import OpCall, UnitCall
 
-from .base import Capabilities, Platform, Support
+from .base import Capabilities, KernelTrace, Platform, Support
 from .registry import get_platform, platform_class
 
 __all__ = ["WrappedPlatform"]
@@ -43,6 +44,15 @@ class WrappedPlatform(Platform):
 
     def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.wrapped.run(kernel, op, inputs)
+
+    def compile_graph(self, unit: UnitCall) -> Any:
+        return self.wrapped.compile_graph(unit)
+
+    def run_graph(self, kernel: Any, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.wrapped.run_graph(kernel, unit, inputs)
+
+    def trace_graph(self, kernel: Any, unit: UnitCall, inputs: list[torch.Tensor]) -> KernelTrace:
+        return self.wrapped.trace_graph(kernel, unit, inputs)
 
     def counters(self) -> Counter:
         return super().counters() + self.wrapped.counters()

@@ -104,8 +104,9 @@ def _settings(kw: dict) -> Settings:
 @cli.command()
 @click.argument("model")
 @_settings_options
-@click.option("--plan", type=click.Choice(["layers", "single", "ops", "all"]), default="layers", show_default=True,
-              help="How ops move to the target step by step.")
+@click.option("--plan", type=click.Choice(["layers", "top-down", "single", "ops", "all"]), default="layers",
+              show_default=True, help="How ops move to the target step by step (top-down: whole modules compiled "
+              "as units, descending where they fail).")
 @click.option("--layers", "layers_re", help="Regex (full match) of the module paths that form the steps.")
 @click.option("--store", "store_dir", type=click.Path(), help="Reuse this carve instead of carving into OUT.")
 @click.option("--generate", type=click.IntRange(1), default=None, help="Run a generation of N tokens.")

@@ -40,7 +40,8 @@ class ProgressEvents:
     def __init__(self, store: FixtureStore, plan: str, layers: str | None, all_calls: bool,
                  on_progress: Callable[[Progress], None] | None, on_event: Callable[[str, Any], None] | None):
         self.on_progress, self.on_event = on_progress, on_event
-        self.offloaded = [sum(1 for i in s["offload"] if not _stays(store, i)) for s in make_plan(store, plan, layers)]
+        self.offloaded = [sum(1 for i in s["offload"] if not _stays(store, i))
+                          for s in (make_plan(store, plan, layers) if plan != "top-down" else [])]
         self.isolated = len([i for i in select_ops(store, all_calls=all_calls) if not _stays(store, i)])
         self.current: Progress | None = None
 
@@ -108,6 +109,19 @@ class CompileClock(Target):
 
     def execute(self, op, inputs):
         return self.target.execute(op, inputs)
+
+    def prepare_unit(self, unit):
+        start = time.perf_counter()
+        try:
+            return self.target.prepare_unit(unit)
+        finally:
+            self.compile_s += time.perf_counter() - start
+
+    def execute_unit(self, unit, inputs):
+        return self.target.execute_unit(unit, inputs)
+
+    def trace_unit(self, unit, inputs):
+        return self.target.trace_unit(unit, inputs)
 
     def describe(self) -> dict:
         return self.target.describe()

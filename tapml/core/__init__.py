@@ -28,6 +28,7 @@ from .ops import (
 from .status import Status
 from .tensors import TensorSpec, broadcast_narrowed, dtype_from_name, dtype_name, relayout, storage_order
 from .typedjson import SchemaError, from_json, json_schema, jsonable, to_json, validate
+from .unit import UnitCall
 from .values import (
     MalformedValue,
     Opaque,
@@ -58,6 +59,7 @@ __all__ = [
     "Status",
     "TapmlError",
     "TensorSpec",
+    "UnitCall",
     "UNDECLARED_WRITES",
     "allow_namespace",
     "bump_undeclared",

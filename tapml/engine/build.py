@@ -15,6 +15,7 @@ from tapml.record import RUN_SCHEMA, Culprit, Metrics, OpRef, OpRow, Plan, Refer
 
 from .localize import Localization, skip_reason
 from .mixed import MixedResult
+from .topdown import TopDownResult
 
 __all__ = ["RunFacts", "build_run", "summary_line", "OP_STATUSES"]
 
@@ -37,6 +38,7 @@ class RunFacts:
     target_events: list[TargetEvent]
     target_lost: str | None = None
     notes: list[str] = field(default_factory=list)
+    units: TopDownResult | None = None  # a top-down plan's units, the ops inside them, the descent's end
 
 
 def _row(rec: dict, local, mixed: MixedResult | None, noise: float | None) -> OpRow:
@@ -71,11 +73,16 @@ def build_run(store: FixtureStore, facts: RunFacts, steps: list[Step], propagate
     victims = set(loc.victims)
     for row in ops:
         row.victim = row.index in victims
+    culprit = _unit_culprit(store, facts, loc)
+    for i, module in (facts.units.inside.items() if facts.units else ()):
+        row = ops[i]
+        row.offloaded = True
+        if row.reason is None or row.reason == "not selected by the plan":
+            row.reason = f"ran on the target inside the compiled unit {module}"
     compute = [o for o in ops if skip_reason(store.ops[o.index]) is None]  # views, random ops, ... never move
     offloaded = [o for o in compute if o.offloaded]
     counts = Counter(o.status for o in ops)
-    culprit = None
-    if loc.culprit is not None:
+    if culprit is None and loc.culprit is not None:
         i = loc.culprit.index
         rec = store.ops[i]
         culprit = Culprit(index=i, op=rec["op"], module=rec["module"], call=rec["call"], source=rec["source"],
@@ -85,6 +92,9 @@ def build_run(store: FixtureStore, facts: RunFacts, steps: list[Step], propagate
                           random_inputs=loc.random_inputs, candidates=loc.candidates, explains=loc.explains,
                           nondeterministic=loc.nondeterministic,
                           repro=f"tapml replay {facts.store_path} --platform {facts.target_name} --op {i}")
+        found = facts.units.culprit if facts.units else None
+        if found is not None and found.level == "op" and found.op == i:
+            culprit.unit, culprit.descent = store.layers[found.layer]["module"], found.descent
     final = steps[-1].end_to_end if steps else Metrics(ok=True)
     verdict, reason = _verdict(culprit, steps, ops, counts, facts, len(compute), len(offloaded))
     first_nonfinite = next((OpRef(o.index, o.op, o.module, "local") for o in ops
@@ -104,10 +114,30 @@ def build_run(store: FixtureStore, facts: RunFacts, steps: list[Step], propagate
         saturated_ops=[o.index for o in ops if o.local is not None and o.local.saturated],
         end_to_end=final, tokens=steps[-1].tokens if steps else None, steps=steps, ops=ops,
         target_stats=facts.target_stats, target_events=facts.target_events, reason=reason, notes=facts.notes,
-        findings=loc.findings,
+        findings=loc.findings, units=facts.units.rows if facts.units else [],
     )
     run.summary = summary_line(run)
     return run
+
+
+def _unit_culprit(store: FixtureStore, facts: RunFacts, loc: Localization) -> Culprit | None:
+    """A top-down descent's end when no op is to blame: the op it reached (a non-first call the
+    isolated pass had not measured), or the unit or fused kernel itself (graph-level)."""
+    found = facts.units.culprit if facts.units else None
+    if found is None or loc.culprit is not None:
+        return None
+    if found.level == "op":
+        loc.culprit = loc.results[found.op]
+        return None
+    rec = store.layers[found.layer]
+    unit = facts.units.units.built[found.layer][0]
+    a, b = rec["ops"]
+    model = (facts.model or {}).get("spec") or "MODEL"
+    return Culprit(index=b - 1, op=found.kernel or f"{rec['class']} (compiled unit)", module=rec["module"],
+                   call=rec["call"], signature=unit.signature, local=found.local, victims_downstream=0,
+                   repro=f"tapml offload {model} --platform {facts.target_name} --plan top-down "
+                         f"--layers '{rec['module']}'", level=found.level, unit=rec["module"],
+                   kernel=found.kernel, covers=found.covers, descent=found.descent)
 
 
 def _verdict(culprit, steps: list[Step], ops: list[OpRow], counts: Counter, facts: RunFacts, compute: int,
@@ -160,6 +190,12 @@ def summary_line(r: Run) -> str:
             how = f"max abs {m.max_abs:.3g} against a tolerance of atol {tol.atol:.3g} + rtol {tol.rtol:.3g}"
         inherit = f"{c.victims_downstream} ops downstream inherit it" if c.victims_downstream else \
             "no op downstream is out of tolerance because of it"
+        if c.level == "kernel":
+            return (f"fused kernel {c.kernel} (computing {', '.join(c.covers[:4])}) inside {c.module} compiled as "
+                    f"one unit diverges: {how}; every child module and op is within bounds alone{token_note}")
+        if c.level == "unit":
+            return (f"{c.module or '(model)'} compiled as one unit diverges: {how}; every child module and op is "
+                    f"within bounds alone — a graph-level (fusion or layout) defect of the compiler{token_note}")
         return f"{c.op} in {c.module or '(model)'} (call {c.call}, {where}) diverges: {how}; {inherit}{token_note}"
     if r.verdict == Status.DIVERGENT:
         bad = next((s for s in r.steps if not s.end_to_end.ok), None)

@@ -26,6 +26,7 @@ from .probe import probe, rng_replay
 from .quarantine import Quarantine
 from .reference import Reference, torch_reference
 from .steps import end_to_end, run_steps
+from .topdown import localize_top_down, plan_top_down, top_down_steps
 
 __all__ = ["migrate", "check_store"]
 
@@ -59,14 +60,15 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judg
     check_store(store)
     emit = on_event or (lambda *_: None)
     reference = reference or torch_reference()
-    steps_plan = make_plan(store, plan, layers)
     target = Quarantine(target)  # what crashed or hung is not sent again
+    stats_before, events_before = Counter(target.stats), len(target.events)
+    top = plan_top_down(store, target, layers, lambda m: emit("compile", m)) if plan == "top-down" else None
+    steps_plan = top_down_steps(store, top) if top is not None else make_plan(store, plan, layers)
     exact = exact_outputs(store) if judge.rule != "tolerance" else None  # the model in float64: the truth
     with rng_replay(store, restore) as rng:
         run = rng(run)  # random ops repeat what the carve drew, in every live run
         # the reference run, live: the yardstick for end-to-end error and a check that the run repeats the carve
         ref = probe(run, store)
-        stats_before, events_before = Counter(target.stats), len(target.events)
         outcome = run_steps(run, store, target, steps_plan, judge, ref.output, emit, ref.excluded, exact)
 
         def impact(indices: list[int]) -> float:
@@ -81,12 +83,15 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judg
         loc = localize(store, target, judge, propagated, reference=reference, all_calls=all_calls,
                        check_reference=check_reference, on_result=lambda _: emit("op", None),
                        offloaded_with=outcome.offloaded_with, impact=impact, suspects=outcome.suspects)
+        units = localize_top_down(store, top, target, judge, outcome, loc, reference) if top is not None else None
     facts = RunFacts(
         store_path=store_path or str(store.path), model=model_info or store.manifest.get("model", {}),
         reference=reference.record, target=target.describe(), target_name=target.name,
-        plan=Plan(kind=plan, layers=layers, steps=[s["name"] for s in steps_plan]), rule=judge.rule,
+        plan=Plan(kind=plan, layers=layers, steps=[s["name"] for s in steps_plan],
+                  dag=[s["groups"] for s in steps_plan] if top is not None else [],
+                  edges=top.edge_names(store) if top is not None else []), rule=judge.rule,
         compute_dtype=judge.compute_dtype,
         target_stats={k: int(v) for k, v in (Counter(target.stats) - stats_before).items()},
         target_events=[TargetEvent(**e) for e in target.events[events_before:]], target_lost=target.lost,
-        notes=list(ref.excluded.values()) + _quarantine_note(target))
+        notes=list(ref.excluded.values()) + _quarantine_note(target), units=units)
     return build_run(store, facts, outcome.steps, outcome.propagated, loc)

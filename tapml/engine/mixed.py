@@ -24,6 +24,7 @@ from tapml.platforms import Target, Unsupported
 from tapml.record import Metrics, OpRef
 
 from .localize import skip_reason
+from .unitrun import UnitRunner
 
 __all__ = ["MixedRun", "MixedResult", "run_step"]
 
@@ -49,9 +50,10 @@ class MixedRun(TorchDispatchMode):
     """Sends the selected carved ops to ``target`` during a live run."""
 
     def __init__(self, store: FixtureStore, target: Target, selected: set[int], judge: Judge,
-                 on_op: Callable[[], None] | None = None):
+                 on_op: Callable[[], None] | None = None, units: UnitRunner | None = None):
         super().__init__()
         self.store, self.target, self.judge, self.on_op = store, target, judge, on_op
+        self.units = units  # compiled units: their ops run here, the unit on the target at its last op
         self.selected = set(selected)
         self.by_seq = {rec["seq"]: rec for rec in store.ops}
         self.seq = 0
@@ -66,6 +68,11 @@ class MixedRun(TorchDispatchMode):
         kwargs = kwargs or {}
         rec = self.by_seq.get(self.seq)
         self.seq += 1
+        if rec is not None and self.units is not None and self.units.owns(rec["index"]):
+            if rec["op"] != str(func):
+                self._diverge(f"op {rec['index']}: the live run called {func} where the carve had {rec['op']}")
+                return _reference(func, args, kwargs)
+            return self.units.on_op(rec["index"], args, kwargs, lambda: _reference(func, args, kwargs))
         if rec is None or rec["index"] not in self.selected:
             return _reference(func, args, kwargs)
         index = rec["index"]
@@ -151,6 +158,8 @@ class MixedRun(TorchDispatchMode):
         if self.diverged is None:
             self.diverged = why
         self.selected = set()
+        if self.units is not None:
+            self.units.stopped = True
 
 
 def offloadable(store: FixtureStore, indices) -> set[int]:
@@ -158,10 +167,12 @@ def offloadable(store: FixtureStore, indices) -> set[int]:
 
 
 def run_step(run: Callable[[], Any], store: FixtureStore, target: Target, selected: set[int], judge: Judge,
-             on_op: Callable[[], None] | None = None) -> tuple[Any, MixedRun, float]:
-    """One live run with ``selected`` ops on the target; returns (output, mixed run, wall seconds)."""
+             on_op: Callable[[], None] | None = None, units: list | None = None) -> tuple[Any, MixedRun, float]:
+    """One live run with ``selected`` ops (and ``units``: ``(UnitCall, UnitSpan)`` pairs) on the target;
+    returns (output, mixed run, wall seconds)."""
     chosen = offloadable(store, selected)
-    mixed = MixedRun(store, target, chosen, judge, on_op)
+    runner = UnitRunner(store, target, judge, units) if units else None
+    mixed = MixedRun(store, target, chosen, judge, on_op, runner)
     start = time.perf_counter()
     try:
         with torch.no_grad(), mixed:

@@ -4,7 +4,7 @@
 ``model.layers.N``: numbered children of one container) and migrates them
 cumulatively, with the parts before and after them as their own steps;
 ``single`` moves one group at a time; ``ops`` one op type at a time; ``all``
-everything at once.
+everything at once; ``top-down`` (``topdown.py``) moves whole module calls compiled as units.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tapml.core import TapmlError
 
 __all__ = ["PLANS", "find_blocks", "groups_for", "make_plan"]
 
-PLANS = ("layers", "single", "ops", "all")
+PLANS = ("layers", "top-down", "single", "ops", "all")  # top-down: ``topdown.py`` (it needs the target)
 _NUMBERED = re.compile(r"^(.*?)\.?(\d+)$")
 
 
@@ -72,7 +72,7 @@ def groups_for(store: FixtureStore, plan: str, layers: str | None = None) -> lis
 
 def make_plan(store: FixtureStore, plan: str, layers: str | None = None) -> list[dict]:
     """Migration steps: ``{"name", "groups", "offload": [op indices]}``."""
-    if plan not in PLANS:
+    if plan not in PLANS or plan == "top-down":
         raise TapmlError(f"unknown plan {plan!r} (choose from {', '.join(PLANS)})")
     groups = groups_for(store, plan, layers)
     if plan == "all":

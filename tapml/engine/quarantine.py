@@ -11,8 +11,8 @@ from collections import Counter
 
 import torch
 
-from tapml.core import OpCall, OpFailed, Status
-from tapml.platforms import Capabilities, Support, Target
+from tapml.core import OpCall, OpFailed, Status, UnitCall
+from tapml.platforms import Capabilities, KernelTrace, Support, Target
 
 __all__ = ["Quarantine"]
 
@@ -66,6 +66,16 @@ class Quarantine(Target):
         except OpFailed as e:
             self._remember(op, e)
             raise
+
+    # units are compiled and run as the target decides; a crash takes the unit, not the run
+    def prepare_unit(self, unit: UnitCall) -> Support:
+        return self.target.prepare_unit(unit)
+
+    def execute_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.target.execute_unit(unit, inputs)
+
+    def trace_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> KernelTrace:
+        return self.target.trace_unit(unit, inputs)
 
     def _remember(self, op: OpCall, e: OpFailed) -> None:
         if not e.fatal and e.status.failed:

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from tapml.carving import FixtureStore
-from tapml.core import Status, dtype_name
-from tapml.judging import Judge, compare, output_label, rmse, unit_roundoff
+from tapml.core import Status
+from tapml.judging import Judge
 from tapml.platforms import Target
-from tapml.record import BoundCheck, Metrics, Oracle, Step, Timing, Tokens
+from tapml.record import Step, Timing, Tokens
 
 from .mixed import MixedResult, run_step
+from .outputs import E2E_FACTOR, end_to_end
 
-__all__ = ["StepsOutcome", "run_steps", "end_to_end", "tokens_of"]
+__all__ = ["StepsOutcome", "run_steps", "end_to_end", "tokens_of", "E2E_FACTOR"]
 
 
 @dataclass
@@ -28,56 +27,8 @@ class StepsOutcome:
     propagated: dict[int, MixedResult] = field(default_factory=dict)  # the latest step that offloaded an op wins
     offloaded_with: dict[int, set[int]] = field(default_factory=dict)  # op -> what ran on the target beside it then
     suspects: set[int] | None = None  # what ran on the target in the first step whose output went out of bounds
-
-# the end-to-end rule: the target's distance from the float64 run within this many times the reference's own
-E2E_FACTOR = 4.0
-
-
-def _leaves(output) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
-
-
-def end_to_end(got, want, judge: Judge, excluded: dict[int, str] | None = None,
-               exact: list[torch.Tensor | None] | None = None) -> Metrics:
-    """The model's outputs in a mixed run against the reference run's (the worst output); ``excluded``
-    outputs (uninitialized memory) are not compared. Under the bound and oracle rules, a float output
-    passes when its distance from the float64 run (``exact``) is within ``E2E_FACTOR`` times the
-    reference's own — what any correct implementation that rounds differently achieves."""
-    got, want = _leaves(got), _leaves(want)
-    if len(got) != len(want):
-        return Metrics(ok=False, problem_kind="count", problem=f"{len(got)} model outputs ≠ expected {len(want)}",
-                       max_abs=None)
-    worst = None
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        if excluded and i in excluded:
-            continue
-        dtype = judge.compute_dtype if (w.is_floating_point() and judge.compute_dtype) else dtype_name(w.dtype)
-        m = compare(g, w, judge.table.resolve("(model output)", "", dtype), full=False,
-                    label=output_label(i, "", len(want)))
-        e = exact[i] if exact is not None and i < len(exact) else None
-        if judge.rule != "tolerance" and e is not None and w.is_floating_point() and m.problem_kind is None \
-                and e.shape == g.shape:
-            _against_float64(m, g, w, e)
-        m.output = i
-        if worst is None or (not m.ok, _size(m)) > (not worst.ok, _size(worst)):
-            worst = m
-    return worst or Metrics(ok=True, max_abs=0.0)
-
-
-def _size(m: Metrics) -> float:
-    return m.bound.ratio if m.bound is not None else (m.max_abs if m.max_abs is not None else math.inf)
-
-
-def _against_float64(m: Metrics, g: torch.Tensor, w: torch.Tensor, e: torch.Tensor) -> None:
-    r_t, r_r = rmse(g, e), rmse(w, e)
-    floor = 4 * unit_roundoff(dtype_name(w.dtype)) * math.sqrt(float((e.double() ** 2).mean())) if e.numel() else 0.0
-    allowed = E2E_FACTOR * r_r + floor
-    m.oracle = Oracle(r_t, r_r, (r_t / r_r) if r_r else (0.0 if r_t == 0 else math.inf), r_t <= allowed)
-    m.bound = BoundCheck(f"RMSE to the float64 run ≤ {E2E_FACTOR:g}× the reference's + 4u·rms",
-                         r_t / allowed if allowed else (0.0 if r_t == 0 else math.inf),
-                         r_r / allowed if allowed else 0.0)
-    m.ok = m.oracle.ok and m.problem is None
-
+    units: dict[int, Any] = field(default_factory=dict)  # layer -> UnitResult (the latest step wins)
+    unit_step: dict[int, str] = field(default_factory=dict)  # layer -> the step that first ran it
 
 def tokens_of(got, want, store: FixtureStore) -> Tokens | None:
     """For a generation (an integer token tensor out): where the target's greedy choice first differs."""
@@ -104,14 +55,19 @@ def run_steps(run: Callable[[], Any], store: FixtureStore, target: Target, plan:
         emit("step", (k, len(plan), step["name"]))
         before = Counter(target.stats)
         output, mixed, wall = run_step(run, store, target, set(step["offload"]), judge,
-                                       on_op=lambda: emit("op", None))
+                                       on_op=lambda: emit("op", None), units=step.get("units"))
         outcome.propagated.update(mixed.results)
+        if mixed.units is not None:
+            outcome.units.update(mixed.units.results)
+            for layer in mixed.units.results:
+                outcome.unit_step.setdefault(layer, step["name"])
         on_target = {i for i, r in mixed.results.items() if r.status == Status.OFFLOADED}
         outcome.offloaded_with.update({i: on_target for i in mixed.results})
         delta = Counter(target.stats)
         delta.subtract(before)
         counts = Counter(r.status for r in mixed.results.values())
-        kernel_s = delta.get("kernel_us", 0) / 1e6 if "kernel_us" in target.stats else mixed.target_s
+        target_s = mixed.target_s + (mixed.units.target_s if mixed.units is not None else 0.0)
+        kernel_s = delta.get("kernel_us", 0) / 1e6 if "kernel_us" in target.stats else target_s
         e2e = end_to_end(output, reference_out, judge, excluded, exact)
         if not e2e.ok and outcome.suspects is None:
             outcome.suspects = on_target
@@ -122,8 +78,8 @@ def run_steps(run: Callable[[], Any], store: FixtureStore, target: Target, plan:
             end_to_end=e2e,
             tokens=tokens_of(output, reference_out, store),
             diverged=mixed.diverged, first_nonfinite=mixed.first_nonfinite,
-            timing=Timing(wall_s=wall, target_s=mixed.target_s, kernel_s=kernel_s,
-                          transfer_and_overhead_s=max(0.0, mixed.target_s - kernel_s), compare_s=mixed.compare_s,
-                          reference_s=max(0.0, wall - mixed.target_s - mixed.compare_s)),
+            timing=Timing(wall_s=wall, target_s=target_s, kernel_s=kernel_s,
+                          transfer_and_overhead_s=max(0.0, target_s - kernel_s), compare_s=mixed.compare_s,
+                          reference_s=max(0.0, wall - target_s - mixed.compare_s)),
             bytes_sent=delta.get("bytes_sent", 0), bytes_received=delta.get("bytes_received", 0)))
     return outcome

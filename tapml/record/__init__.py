@@ -22,6 +22,7 @@ from .run import (
     Timing,
     Tokens,
     Tolerance,
+    UnitRow,
     Worst,
     run_schema,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "OpRow",
     "Oracle",
     "Plan",
+    "UnitRow",
     "RandomCheck",
     "RandomDraw",
     "Reference",

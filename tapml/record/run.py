@@ -19,7 +19,7 @@ from tapml.core import Status, from_json, json_schema, to_json
 
 __all__ = ["RUN_SCHEMA", "Tolerance", "Worst", "Oracle", "Metrics", "OpRow", "Timing", "Tokens", "OpRef", "Step",
            "RandomDraw", "RandomCheck", "Culprit", "Plan", "Reference", "Run", "TargetEvent", "BoundCheck",
-           "DeadOutput", "Finding", "Candidate", "OpList", "run_schema"]
+           "DeadOutput", "Finding", "Candidate", "OpList", "UnitRow", "run_schema"]
 
 RUN_SCHEMA = 2  # 2: "reference" is an object (name, device, description), not a string
 
@@ -238,6 +238,11 @@ class Culprit:
     explains: str | None = None  # why this one and not the others
     nondeterministic: bool | None = None  # the target gave two answers for the same call
     repro_dir: str | None = None  # a standalone repro (script + inputs), relative to run.json's directory
+    level: str = "op"  # op | unit (graph-level: every part is fine alone) | kernel (a fused kernel inside a unit)
+    unit: str | None = None  # the module path of the unit the culprit was found in
+    kernel: str | None = None  # the fused kernel's name (level kernel)
+    covers: list[str] = field(default_factory=list)  # the aten ops a culprit kernel computes
+    descent: list[str] = field(default_factory=list)  # model → module → ... → culprit, with each level's error
 
 
 @dataclass
@@ -267,6 +272,30 @@ class Plan:
     kind: str
     steps: list[str]
     layers: str | None = None
+    dag: list[list[str]] = field(default_factory=list)  # top-down: the units of each step (siblings share a step)
+    edges: list[list[str]] = field(default_factory=list)  # top-down: [producer unit, consumer unit]
+
+
+@dataclass
+class UnitRow:
+    """A module call considered as a unit: compiled whole, or why not, and its errors."""
+
+    layer: int
+    module: str
+    cls: str
+    call: int
+    ops: list[int]  # [first, end) of the carved ops inside it
+    status: str  # compiled | fell back (to its children) | not a unit | checked (by localization only)
+    parent: int | None = None
+    reason: str | None = None  # why it fell back or is not a unit
+    signature: str | None = None
+    nodes: int = 0  # carved ops in its program
+    step: str | None = None  # the plan step that first ran it on the target
+    local: Metrics | None = None  # on its carved inputs, against the float64 run of the same program
+    propagated: Metrics | None = None  # in the live mixed run, against the carved outputs
+    compile_s: float | None = None
+    run_ms: float | None = None
+    round_trips: int = 0  # per forward
 
 
 @dataclass
@@ -328,6 +357,7 @@ class Run:
     reason: str | None = None  # why the verdict is incomplete (or which step made it divergent)
     notes: list[str] = field(default_factory=list)  # what was not compared and why (uninitialized outputs, ...)
     findings: list[Finding] = field(default_factory=list)
+    units: list[UnitRow] = field(default_factory=list)  # top-down plans: every module call considered
 
     def __post_init__(self) -> None:
         self.ops = OpList(self.ops)

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from tapml.platforms import Support, TorchPlatform
+from tapml.platforms import Support, TorchPlatform, WrappedPlatform
 
 
 def _target(op) -> bool:
@@ -85,3 +85,53 @@ class SecondDecodeLogits(TorchPlatform):
             outputs = [o.clone() for o in outputs]
             outputs[0][..., 5] += 100.0
         return outputs
+
+
+class FusionBug(WrappedPlatform):
+    """torch-cpu, except that encoder layer 2 compiled whole (a unit) comes out 2% too large: every
+    child module and op of it is right alone — a graph-level defect."""
+
+    name = "fusion-bug"
+    inner = "torch-cpu"
+
+    def run_graph(self, kernel, unit, inputs):
+        outputs = super().run_graph(kernel, unit, inputs)
+        if unit.module == "encoder.layer.2":
+            outputs = [t * 1.02 if t.is_floating_point() else t for t in outputs]
+        return outputs
+
+
+def _misfused():
+    from tapml.platforms.tvm import TVMLLVM
+
+    class MisfusedGelu(TVMLLVM):
+        """tvm-llvm whose compiled units scale every GELU by 1.01 before fusion: the fused kernel that
+        computes it (``fused_..._gelu_multiply...``) is wrong; per-op kernels are right."""
+
+        name = "tvm-misfused-gelu"
+
+        def fuse(self, mod):
+            import tvm
+            from tvm import relax
+
+            @relax.expr_functor.mutator
+            class Perturb(relax.PyExprMutator):
+                def visit_call_(self, call):
+                    call = super().visit_call_(call)
+                    if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.gelu":
+                        return relax.op.multiply(call, relax.const(1.01, "float32"))
+                    return call
+
+            for gv, func in list(mod.functions.items()):
+                if isinstance(func, relax.Function):
+                    mod[gv] = Perturb().visit_expr(func)
+            return super().fuse(mod)
+        # its compile cache keys include its own name: nothing is shared with tvm-llvm
+
+    return MisfusedGelu
+
+
+try:
+    MisfusedGelu = _misfused()
+except ImportError:  # no TVM: the test that uses it skips
+    MisfusedGelu = None

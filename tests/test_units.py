@@ -1,0 +1,143 @@
+"""Compiled modules as migration units (``--plan top-down``): building units from a store, running them
+in the live mixed run, and localizing top-down — unit → child module → op → fused kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tapml import api
+from tapml.carving import FixtureStore, carve
+from tapml.engine.units import Units, carved_outputs, unit_inputs
+from tapml.platforms import LocalTarget, get_platform, run_program
+from tapml.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+HELPERS = ROOT / "tests" / "helpers" / "failing_platforms.py"
+
+
+def _offload(platform: str, **kw):
+    return api.offload("zoo:minilm", settings=Settings(platform=platform, in_process=True), plan="top-down", **kw)
+
+
+def test_every_module_call_of_minilm_is_a_unit_that_replays_bit_exactly(minilm_store):
+    units = Units(minilm_store)
+    built = 0
+    for layer in minilm_store.layers:
+        made = units.get(layer["index"])
+        if isinstance(made, str):
+            continue
+        unit, span = made
+        got = run_program(unit, unit_inputs(minilm_store, unit))
+        for g, w in zip(got, carved_outputs(minilm_store, span), strict=True):
+            assert torch.equal(g, w), layer["module"]
+        built += 1
+    assert built == 99  # of 113 calls: the root (an .item() inside) and 13 dropouts (no ops) are not
+    # the root call reads a mask value with .item(): not one program; dropout (eval) holds no ops
+    assert "Python value" in units.get(0)
+    assert units.refused[6] == "no ops inside"
+    # the six encoder layers are one signature: one compile serves them all
+    sigs = {units.get(layer["index"])[0].signature for layer in minilm_store.layers if layer["class"] == "BertLayer"}
+    assert len(sigs) == 1
+
+
+class Cache(torch.nn.Module):
+    def forward(self, cache, x):
+        cache.add_(x)  # writes the module's input in place
+        return cache * 2
+
+
+class Noisy(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.dropout(x, 0.5, training=True) + 1
+
+
+class Both(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cache, self.noisy, self.a, self.b = Cache(), Noisy(), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        c = self.cache(torch.zeros(2, 4), x)
+        return self.a(x) + self.b(x) + self.noisy(x) + c
+
+
+def test_what_cannot_be_a_unit_says_why(tmp_path):
+    model, x = Both(), torch.randn(2, 4)
+    carve(model, lambda: model(x), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    units = Units(store)
+    by_module = {layer["module"]: units.get(layer["index"]) for layer in store.layers}
+    assert "writes the module's input in place" in by_module["cache"]
+    assert "draws random numbers" in by_module["noisy"]
+    assert not isinstance(by_module["a"], str) and not isinstance(by_module["b"], str)
+
+
+def test_parallel_branches_migrate_as_siblings_in_one_step(tmp_path):
+    model, x = Both(), torch.randn(2, 4)
+    from tapml.engine.topdown import plan_top_down, top_down_steps
+
+    carve(model, lambda: model(x), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    td = plan_top_down(store, LocalTarget(get_platform("torch-cpu")))
+    steps = top_down_steps(store, td)
+    # the root is refused (a random op and an in-place cache inside); a and b read only x: one level
+    assert [s["groups"] for s in steps] == [["a", "b"]]
+    assert {r.module: r.status for r in td.rows.values()}["cache"] == "not a unit"
+
+
+def test_top_down_on_the_identity_target_runs_every_layer_as_a_unit():
+    run = _offload("torch-cpu")
+    assert run.verdict == "ok", run.summary
+    compiled = [u for u in run.units if u.status == "compiled"]
+    assert [u.module for u in compiled] == ["embeddings"] + [f"encoder.layer.{i}" for i in range(6)] + ["pooler"]
+    assert all(u.propagated.max_abs == 0 for u in compiled)
+    assert run.plan.kind == "top-down" and len(run.plan.dag) == 8
+    assert ["encoder.layer.0", "encoder.layer.1"] in run.plan.edges
+    inside = [o for o in run.ops if o.reason and "inside the compiled unit" in o.reason]
+    assert len(inside) > 150 and all(o.offloaded for o in inside)
+    assert run.offloaded_ops == run.compute_ops
+
+
+def test_a_graph_level_fault_is_localized_to_the_unit():
+    run = _offload(f"{HELPERS}:FusionBug")
+    assert run.verdict == "divergent"
+    c = run.culprit
+    assert (c.level, c.module, c.unit) == ("unit", "encoder.layer.2", "encoder.layer.2"), run.summary
+    assert "graph-level" in run.summary and "graph-level" in c.descent[-1]
+    assert c.descent[0].startswith("encoder.layer.2 (BertLayer)")
+
+
+def test_an_op_fault_inside_a_unit_is_localized_down_to_the_op():
+    run = _offload(f"{ROOT}/examples/faulty_gelu_units.py:FaultyGeluUnits")
+    assert run.verdict == "divergent"
+    c = run.culprit
+    assert (c.level, c.op, c.module) == ("op", "aten.gelu.default", "encoder.layer.3.intermediate.intermediate_act_fn")
+    # the descent went layer → its intermediate block → the activation module → the op
+    assert c.unit == "encoder.layer.3.intermediate.intermediate_act_fn"
+    assert [d.split(" ")[0] for d in c.descent] == ["encoder.layer.3", "encoder.layer.3.intermediate",
+                                                    "encoder.layer.3.intermediate.intermediate_act_fn",
+                                                    "aten.gelu.default"]
+
+
+@pytest.mark.slow
+def test_a_misfused_tvm_kernel_is_named():
+    pytest.importorskip("tvm")
+    run = _offload(f"{HELPERS}:MisfusedGelu")
+    assert run.verdict == "divergent"
+    c = run.culprit
+    assert c.level == "kernel" and "gelu" in c.kernel and "aten.gelu.default" in c.covers, run.summary
+    assert c.module == "encoder.layer.0.intermediate.intermediate_act_fn"
+    assert "fused kernel" in run.summary
+
+
+@pytest.mark.slow
+def test_minilm_runs_top_down_as_compiled_tvm_units():
+    pytest.importorskip("tvm")
+    run = _offload("tvm-llvm")
+    assert run.verdict == "ok", run.summary
+    compiled = {u.module for u in run.units if u.status == "compiled"}
+    assert {f"encoder.layer.{i}" for i in range(6)} <= compiled
+    assert run.target_stats["unit_compiles"] == 3  # embeddings, one BertLayer signature, pooler
