@@ -22,7 +22,7 @@ import rpyc
 import torch
 from rpyc.core.async_ import AsyncResultTimeout
 
-from tapml.core import HashMemo, OpCall, OpFailed, Status
+from tapml.core import HashMemo, OpCall, OpFailed, Status, UnitCall
 from tapml.platforms import Capabilities, PlatformError, Support, Target, Unsupported
 
 from .spawn import SpawnedWorker, spawn_worker
@@ -227,17 +227,50 @@ class RemoteTarget(Target):
                 self._known.difference_update(reply.get("keys", ()))
                 self._sent_ops.discard(op.signature)
                 outputs, reply = self._run(op, inputs)
-            if not reply["ok"]:
-                if reply["error"] == "unsupported":
-                    raise Unsupported(reply["message"])
-                if reply["error"] == "refused":
-                    raise PayloadTooLarge(reply["message"])
-                if reply["error"] == "malformed":
-                    raise OpFailed(f"the worker refused the op as malformed: {reply.get('message')}")
-                raise OpFailed(f"the kernel failed on the worker: {reply.get('message', reply['error'])}")
-            self._stats["runs"] += 1
-            self._stats["kernel_us"] += int(reply["kernel_s"] * 1e6)
-            return outputs
+            return self._answer(outputs, reply, "runs")
+
+    def _answer(self, outputs: list[torch.Tensor], reply: dict, counter: str) -> list[torch.Tensor]:
+        """The outputs of a run frame's answer, or the error it stands for."""
+        if not reply["ok"]:
+            if reply["error"] == "unsupported":
+                raise Unsupported(reply["message"])
+            if reply["error"] == "refused":
+                raise PayloadTooLarge(reply["message"])
+            if reply["error"] == "malformed":
+                raise OpFailed(f"the worker refused the op as malformed: {reply.get('message')}")
+            raise OpFailed(f"the kernel failed on the worker: {reply.get('message', reply['error'])}")
+        self._stats[counter] += 1
+        self._stats["kernel_us"] += int(reply["kernel_s"] * 1e6)
+        return outputs
+
+    # -- compiled units: prepared over rpyc like an op, run by a run_unit frame ------------
+    def prepare_unit(self, unit: UnitCall) -> Support:
+        key = "unit:" + unit.signature
+        known = self._support.get(key)
+        if known is not None:
+            self._stats["unit_cache_hits"] += 1
+            return known
+        with self._lock:
+            reply = self._call("prepare_unit", unit.dumps(), timeout=self.compile_timeout)
+        support = self._support[key] = Support(reply["ok"], reply.get("reason", ""))
+        return support
+
+    def execute_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        with self._lock:
+            for attempt in range(2):
+                support = self.prepare_unit(unit)
+                if not support:
+                    raise Unsupported(support.reason)
+                self._check_alive()
+                header = {"kind": "run_unit", "sig": unit.signature, "index": unit.index, "module": unit.module,
+                          "call": unit.call, "keys": self._upload(inputs, None)}
+                outputs, reply = self._exchange(header, None)
+                if attempt == 0 and reply.get("error") in ("missing", "unknown-unit"):  # evicted or restarted
+                    self._known.difference_update(reply.get("keys", ()))
+                    self._support.pop("unit:" + unit.signature, None)
+                    continue
+                break
+            return self._answer(outputs, reply, "unit_runs")
 
     def _run(self, op: OpCall, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
         """One run frame and its answer, on the data socket, under the op timeout."""
@@ -247,11 +280,16 @@ class RemoteTarget(Target):
                   "keys": keys}
         if op.signature not in self._sent_ops:
             header["op"] = op.to_json()
+        return self._exchange(header, op)
+
+    def _exchange(self, header: dict, op: OpCall | None) -> tuple[list[torch.Tensor], dict]:
+        """Send a run frame; receive the output tensor frames and the reply."""
         start = time.monotonic()
         try:
             self._data.settimeout(self.timeout)
             send_frame(self._data, header)
-            self._sent_ops.add(op.signature)
+            if op is not None:
+                self._sent_ops.add(op.signature)
             outputs = []
             while True:
                 frame, t = recv_frame(self._data)
@@ -265,7 +303,7 @@ class RemoteTarget(Target):
         except (OSError, WireError, ValueError) as e:  # TimeoutError is an OSError
             raise self._failed(op, e, time.monotonic() - start) from None
 
-    def _upload(self, inputs: list[torch.Tensor], op: OpCall) -> list:
+    def _upload(self, inputs: list[torch.Tensor], op: OpCall | None) -> list:
         """Input references for a run frame, sending what the worker lacks.
 
         A strided view whose memory is (mostly) one storage travels as that storage
@@ -290,7 +328,7 @@ class RemoteTarget(Target):
                 refs.append(self._send(t, t.contiguous().reshape(-1), op))
         return refs
 
-    def _send(self, t: torch.Tensor, flat: torch.Tensor, op: OpCall) -> str:
+    def _send(self, t: torch.Tensor, flat: torch.Tensor, op: OpCall | None) -> str:
         """Send ``flat`` (``t``'s memory) unless the worker holds it; returns its key."""
         key = self._memo.key(t, flat)
         nbytes = flat.numel() * flat.element_size()

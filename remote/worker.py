@@ -33,7 +33,16 @@ import torch
 from rpyc.utils.authenticators import AuthenticationError
 from rpyc.utils.server import ThreadedServer
 
-from tapml.core import OpCall, OpRefused, TapmlError, bind_args, content_key, flatten_outputs, remote_refusal
+from tapml.core import (
+    OpCall,
+    OpRefused,
+    TapmlError,
+    UnitCall,
+    bind_args,
+    content_key,
+    flatten_outputs,
+    remote_refusal,
+)
 from tapml.platforms import PlatformError, Support, Unsupported, open_local
 
 from .wire import FrameError, WireError, check_run, read_preamble, recv_frame, send_frame, send_tensor
@@ -218,6 +227,21 @@ class _Worker:
                 self.beat("E")
 
 
+    def prepare_unit(self, unit: UnitCall) -> Support:
+        """A whole unit: every node passes the op checks (allow-list, no RNG, no uninitialized memory,
+        bounded outputs), then the platform compiles it."""
+        for call in unit.calls:
+            admitted = self.admit(call)
+            if not admitted:
+                return Support.no(f"node {call.index} ({call.op}): {admitted.reason}")
+        with self.lock:
+            self.beat("B")
+            try:
+                return self.platform.prepare_unit(unit)
+            finally:
+                self.beat("E")
+
+
 def _admit(op: OpCall, max_payload: int) -> Support:
     why = remote_refusal(op.op)
     if why:
@@ -246,6 +270,7 @@ class _Session:
         self.cache = TensorCache(worker.config.cache_bytes)
         self.refused: dict[str, str] = {}
         self.ops: dict[str, OpCall] = {}
+        self.units: dict[str, UnitCall] = {}  # prepared (admitted and compiled) by this client
         self.sock: socket.socket | None = None
         self._claimed = threading.Lock()
 
@@ -268,6 +293,8 @@ class _Session:
                         self.cache.put(header["key"], t)
                 elif kind == "run":
                     self._reply(self._run(header))
+                elif kind == "run_unit":
+                    self._reply(self._run_unit(header))
                 else:
                     self._reply({"ok": False, "error": "malformed", "message": "unknown frame kind"})
         except (OSError, WireError):
@@ -279,11 +306,11 @@ class _Session:
         if reply is not None:
             send_frame(self.sock, {"kind": "reply", **reply})
 
-    def _inputs(self, header: dict, op: OpCall) -> tuple[list[torch.Tensor], dict | None]:
+    def _inputs(self, header: dict, specs: list) -> tuple[list[torch.Tensor], dict | None]:
         inputs, missing = [], []
-        if len(header["keys"]) != len(op.inputs):
-            return [], {"ok": False, "error": "malformed", "message": f"{len(op.inputs)} input keys expected"}
-        for ref, spec in zip(header["keys"], op.inputs, strict=True):
+        if len(header["keys"]) != len(specs):
+            return [], {"ok": False, "error": "malformed", "message": f"{len(specs)} input keys expected"}
+        for ref, spec in zip(header["keys"], specs, strict=True):
             key = ref["base"] if isinstance(ref, dict) else ref
             if key in self.refused:
                 return [], {"ok": False, "error": "refused", "message": self.refused[key]}
@@ -319,18 +346,36 @@ class _Session:
         if op is None:
             return {"ok": False, "error": "unknown-op"}
         op = replace(op, index=header["index"], module=header["module"], call=header["call"])
-        inputs, problem = self._inputs(header, op)
+        inputs, problem = self._inputs(header, op.inputs)
         if problem is not None:
             return problem
         admitted = self.worker.admit(op)
         if not admitted:
             return {"ok": False, "error": "unsupported", "message": admitted.reason}
+        return self._compute(lambda: self.worker.platform.execute(op, inputs))
+
+    def _run_unit(self, header: dict) -> dict | None:
+        """Answer one run_unit frame: a unit this client prepared, on tensors it uploaded."""
+        try:
+            check_run(header)
+        except FrameError as e:
+            return {"ok": False, "error": "malformed", "message": str(e)[:500]}
+        unit = self.units.get(header["sig"])
+        if unit is None:
+            return {"ok": False, "error": "unknown-unit"}
+        inputs, problem = self._inputs(header, unit.input_specs)
+        if problem is not None:
+            return problem
+        return self._compute(lambda: self.worker.platform.execute_unit(unit, inputs))
+
+    def _compute(self, call) -> dict:
+        """Run a kernel (or a unit) under the worker's lock; send its outputs, keep them by key."""
         try:
             with self.worker.lock:
                 self.worker.beat("B")
                 start = time.perf_counter()
                 try:
-                    outputs = self.worker.platform.execute(op, inputs)
+                    outputs = call()
                 finally:
                     self.worker.beat("E")
                 kernel_s = time.perf_counter() - start
@@ -389,6 +434,20 @@ def make_service(worker: _Worker):
                 return _reply(ok=False, reason=f"refused: {e}")
             except Exception as e:
                 return _reply(ok=False, reason=f"worker failed to prepare the op: {type(e).__name__}: {e}")
+
+        def exposed_prepare_unit(self, unit_json) -> str:
+            try:
+                if not isinstance(unit_json, str):
+                    raise OpRefused("prepare_unit takes a unit as a JSON string")
+                unit = UnitCall.loads(unit_json)
+                support = worker.prepare_unit(unit)
+                if support:
+                    self._session.units[unit.signature] = unit
+                return _reply(ok=support.ok, reason=support.reason, signature=unit.signature)
+            except TapmlError as e:
+                return _reply(ok=False, reason=f"refused: {e}")
+            except Exception as e:
+                return _reply(ok=False, reason=f"worker failed to prepare the unit: {type(e).__name__}: {e}")
 
         def exposed_stats(self) -> str:
             return _reply(**{k: int(v) for k, v in worker.platform.stats.items()},

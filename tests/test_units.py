@@ -141,3 +141,31 @@ def test_minilm_runs_top_down_as_compiled_tvm_units():
     compiled = {u.module for u in run.units if u.status == "compiled"}
     assert {f"encoder.layer.{i}" for i in range(6)} <= compiled
     assert run.target_stats["unit_compiles"] == 3  # embeddings, one BertLayer signature, pooler
+
+
+def test_units_run_through_a_spawned_worker_and_the_worker_checks_every_node(minilm_store, tmp_path):
+    from tapml.remote import RemoteTarget
+
+    units = Units(minilm_store)
+    layer = next(x["index"] for x in minilm_store.layers if x["module"] == "encoder.layer.1")
+    unit, span = units.get(layer)
+    with RemoteTarget(spawn="torch-cpu") as target:
+        assert target.prepare_unit(unit)
+        got = target.execute_unit(unit, unit_inputs(minilm_store, unit))
+        assert all(torch.equal(g, w) for g, w in zip(got, carved_outputs(minilm_store, span), strict=True))
+        again = target.execute_unit(unit, unit_inputs(minilm_store, unit))  # weights by key: nothing resent
+        assert all(torch.equal(a, g) for a, g in zip(again, got, strict=True))
+        assert target.stats["unit_runs"] == 2 and target.stats["bytes_reused"] > 0
+        # a unit holding a node the worker must not run is refused, with the node named
+        model, x = Both(), torch.randn(2, 4)
+        carve(model, lambda: model(x), tmp_path / "s")
+        small = FixtureStore(tmp_path / "s")
+        noisy = next(r["index"] for r in small.layers if r["module"] == "noisy")
+        a, b = small.layers[noisy]["ops"]
+        nodes = [dict(small.ops[i], args=[], kwargs={"dict": {}}) for i in range(a, b)]
+        bad = type(unit).from_json({"module": "noisy", "cls": "Noisy", "call": 0, "inputs": [],
+                                    "nodes": [{k: n[k] for k in ("op", "args", "kwargs", "outputs")}
+                                              for n in nodes if "bernoulli" in n["op"] or "rand" in n["op"]][:1],
+                                    "outputs": [[0, 0]]})
+        support = target.prepare_unit(bad)
+        assert not support and "node 0" in support.reason and "random" in support.reason
