@@ -138,7 +138,7 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
             target.close()
         _annotate(run, opened, settings, compile_marks)
         if outdir is not None:
-            if run.culprit is not None:
+            if run.culprit is not None and run.culprit.level == "op":  # a unit's repro is its offload command
                 _write_culprit_repro(run, opened, outdir.tmp / "repro")
             run.write(outdir.tmp / "run.json")
             (outdir.tmp / "report.html").write_text(reports.render_report(run))
@@ -169,8 +169,10 @@ def _annotate(run: Run, store: FixtureStore, settings: Settings, compile_marks: 
     each step's compile time (taken out of its transfer + RPC share)."""
     if settings.remote is None and settings.platform:
         run.target["spec"] = spec = platform_spec(settings.platform)
-        if run.culprit is not None:
+        if run.culprit is not None and run.culprit.level == "op":
             run.culprit.repro = f"tapml replay {run.store} --platform {spec} --op {run.culprit.index}"
+        elif run.culprit is not None:  # a unit or kernel: the top-down offload that finds it again
+            run.culprit.repro = run.culprit.repro.replace(f"--platform {run.target['name']} ", f"--platform {spec} ")
     for row in run.ops:
         row.view = bool(store.ops[row.index]["view"])
     for step, (before, after) in zip(run.steps, itertools.pairwise(compile_marks), strict=False):

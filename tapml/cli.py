@@ -83,6 +83,7 @@ def _settings_options(f):
         click.option("--remote", help="HOST:PORT of a running `tapml worker` (default: spawn one here)."),
         click.option("--token-file", type=click.Path(), help="Token for --remote."),
         click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per op."),
+        click.option("--in-process", is_flag=True, help="Run the platform in this process instead of a worker."),
         click.option("--tolerance", "tolerances", multiple=True,
                      help="atol:X,rtol:Y globally, or PATTERN=atol:X,rtol:Y per op glob / module:GLOB."),
         click.option("--config", type=click.Path(), help="TOML file with a [tolerance] section."),
@@ -97,7 +98,7 @@ def _settings_options(f):
 
 
 def _settings(kw: dict) -> Settings:
-    names = ("platform", "remote", "token_file", "timeout", "tolerances", "config", "rule", "all_calls")
+    names = ("platform", "remote", "token_file", "timeout", "tolerances", "config", "rule", "all_calls", "in_process")
     return Settings(**{k: kw.pop(k) for k in names})
 
 
