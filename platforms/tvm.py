@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,6 +47,14 @@ def _functional(op: OpCall):
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def _export(module: torch.nn.Module, examples: tuple):
+    """``torch.export`` on a thread of its own: an in-process platform compiles lazily inside the
+    live run's dispatch-mode handler, whose thread-local dispatch keys make export's fake tensors
+    leak into the program as constants ("We found a fake tensor in the exported program")."""
+    with ThreadPoolExecutor(1, thread_name_prefix="tapml-export") as pool:
+        return pool.submit(torch.export.export, module, examples).result()
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -136,7 +145,7 @@ class TVMPlatform(Platform):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                exported = torch.export.export(_OneOp(fn, op), examples)
+                exported = _export(_OneOp(fn, op), examples)
             except Exception as e:
                 raise Unsupported(f"torch.export failed: {_one_line(e)}") from None
             try:
@@ -169,7 +178,7 @@ class TVMPlatform(Platform):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                exported = torch.export.export(UnitProgram(unit), examples)
+                exported = _export(UnitProgram(unit), examples)
             except Exception as e:
                 raise Unsupported(f"torch.export of the unit failed: {_one_line(e)}") from None
             try:
