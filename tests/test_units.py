@@ -171,3 +171,12 @@ def test_units_run_through_a_spawned_worker_and_the_worker_checks_every_node(min
                                     "outputs": [[0, 0]]})
         support = target.prepare_unit(bad)
         assert not support and "node 0" in support.reason and "random" in support.reason
+
+
+def test_ape_attentions_parallel_chunks_migrate_as_siblings():
+    run = api.offload("zoo:ape-attention", settings=Settings(platform="torch-cpu", in_process=True),
+                      plan="top-down")
+    assert run.verdict == "ok", run.summary
+    assert run.plan.dag[0] == ["embed", "pos", "embed (call 1)", "pos (call 1)"]  # both chunks in one step
+    assert ["norms.0", "norms.0 (call 1)"] in run.plan.dag
+    assert len(run.plan.dag) < len([u for u in run.units if u.status == "compiled"])

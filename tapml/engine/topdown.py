@@ -27,7 +27,7 @@ from .reference import Reference
 from .steps import StepsOutcome
 from .units import Units, children_of
 
-__all__ = ["TopDown", "TopDownResult", "plan_top_down", "top_down_steps", "localize_top_down"]
+__all__ = ["TopDown", "TopDownResult", "plan_top_down", "top_down_steps", "localize_top_down", "unit_name"]
 
 
 @dataclass
@@ -44,8 +44,13 @@ class TopDown:
 
     def edge_names(self, store: FixtureStore) -> list[list[str]]:
         """The DAG's edges by module path, for the run record."""
-        return sorted([store.layers[a]["module"] or "(model)", store.layers[b]["module"] or "(model)"]
-                      for a, b in self.edges)
+        return sorted([unit_name(store, a), unit_name(store, b)] for a, b in self.edges)
+
+
+def unit_name(store: FixtureStore, layer: int) -> str:
+    """A module call by path, with its call number when the module runs more than once."""
+    rec = store.layers[layer]
+    return (rec["module"] or "(model)") + (f" (call {rec['call']})" if rec["call"] else "")
 
 
 def _row(store: FixtureStore, layer: int, status: str, reason: str | None = None) -> UnitRow:
@@ -141,7 +146,7 @@ def top_down_steps(store: FixtureStore, td: TopDown) -> list[dict]:
         loose = [i for i in td.loose if (td.loose_level[i] < lev if later else True)
                  and (k == 0 or td.loose_level[i] >= levels[k - 1])]
         units, ops = units + these, ops + loose
-        names = [store.layers[layer]["module"] or "(model)" for layer in these]
+        names = [unit_name(store, layer) for layer in these]
         name = "+ " + (", ".join(names) if len(names) <= 3 else f"{len(names)} units: {names[0]} … {names[-1]}")
         steps.append({"name": name, "groups": names, "offload": list(ops),
                       "units": [td.units.built[layer] for layer in units]})
