@@ -180,3 +180,13 @@ def test_ape_attentions_parallel_chunks_migrate_as_siblings():
     assert run.plan.dag[0] == ["embed", "pos", "embed (call 1)", "pos (call 1)"]  # both chunks in one step
     assert ["norms.0", "norms.0 (call 1)"] in run.plan.dag
     assert len(run.plan.dag) < len([u for u in run.units if u.status == "compiled"])
+
+
+def test_a_unit_that_fails_on_the_target_makes_the_run_incomplete_never_ok():
+    run = _offload(f"{HELPERS}:UnitRaises")
+    assert run.verdict == "incomplete", run.summary
+    row = next(u for u in run.units if u.module == "encoder.layer.1")
+    assert row.status == "failed" and "illegal memory access" in row.reason
+    assert "encoder.layer.1" in run.reason
+    # its ops stayed on the reference: not counted as offloaded
+    assert run.offloaded_ops < run.compute_ops

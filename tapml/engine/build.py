@@ -158,6 +158,11 @@ def _verdict(culprit, steps: list[Step], ops: list[OpRow], counts: Counter, fact
     if failed:
         return Status.INCOMPLETE, (f"{counts[Status.CRASHED]} ops crashed and {counts[Status.TIMEOUT]} timed "
                                    "out on the target")
+    broken = sorted((u for u in (facts.units.rows if facts.units else []) if u.status == "failed"),
+                    key=lambda u: "quarantined" in (u.reason or ""))  # the unit that failed first, then the rest
+    if broken:
+        return Status.INCOMPLETE, (f"{len(broken)} compiled units failed on the target and were not checked "
+                                   f"(first: {broken[0].module or '(model)'}: {broken[0].reason})")
     if off_path is not None:
         return Status.INCOMPLETE, (f"step {off_path.name!r} left the carved path ({off_path.diverged}); "
                                    "the ops after it were not offloaded")

@@ -67,12 +67,22 @@ class Quarantine(Target):
             self._remember(op, e)
             raise
 
-    # units are compiled and run as the target decides; a crash takes the unit, not the run
+    # units: a signature that crashed or hung is not sent again either (keyed apart from op signatures)
     def prepare_unit(self, unit: UnitCall) -> Support:
         return self.target.prepare_unit(unit)
 
     def execute_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.target.execute_unit(unit, inputs)
+        hit = self.failed.get("unit:" + unit.signature)
+        if hit is not None:
+            self.spared += 1
+            raise OpFailed(f"quarantined: this unit signature {hit[0].status} on the target earlier in this run "
+                           f"({hit[0]}); not sent again", Status.SKIPPED)
+        try:
+            return self.target.execute_unit(unit, inputs)
+        except OpFailed as e:
+            if not e.fatal and e.status.failed:
+                self.failed.setdefault("unit:" + unit.signature, (e, unit.index))
+            raise
 
     def trace_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> KernelTrace:
         return self.target.trace_unit(unit, inputs)

@@ -58,7 +58,9 @@ def run_steps(run: Callable[[], Any], store: FixtureStore, target: Target, plan:
                                        on_op=lambda: emit("op", None), units=step.get("units"))
         outcome.propagated.update(mixed.results)
         if mixed.units is not None:
-            outcome.units.update(mixed.units.results)
+            for layer, r in mixed.units.results.items():  # a unit's own crash is kept over later quarantines
+                if layer not in outcome.units or not outcome.units[layer].status.failed:
+                    outcome.units[layer] = r
             for layer in mixed.units.results:
                 outcome.unit_step.setdefault(layer, step["name"])
         on_target = {i for i, r in mixed.results.items() if r.status == Status.OFFLOADED}

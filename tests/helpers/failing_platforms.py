@@ -135,3 +135,15 @@ try:
     MisfusedGelu = _misfused()
 except ImportError:  # no TVM: the test that uses it skips
     MisfusedGelu = None
+
+
+class UnitRaises(WrappedPlatform):
+    """torch-cpu whose compiled encoder.layer.1 raises when run (a kernel fault of the compiled unit)."""
+
+    name = "unit-raises"
+    inner = "torch-cpu"
+
+    def run_graph(self, kernel, unit, inputs):
+        if unit.module == "encoder.layer.1":
+            raise RuntimeError("illegal memory access in the fused kernel")
+        return super().run_graph(kernel, unit, inputs)
