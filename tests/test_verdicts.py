@@ -4,7 +4,6 @@ metrics, a verdict over every step, quarantine."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -153,14 +152,14 @@ def test_a_hang_is_tried_once_not_in_every_step_and_the_isolated_pass(tmp_path):
     index = next(o.index for o in run0.ops if o.op == "aten.silu.default")
     os.environ["TAPML_TEST_OP_INDEX"] = str(index)
     try:
-        start = time.monotonic()
         run = api.offload("zoo:tiny-llama", settings=Settings(platform=f"{helpers}:Hang", timeout=2))
-        took = time.monotonic() - start
     finally:
         os.environ.pop("TAPML_TEST_OP_INDEX")
     assert run.ops[index].status == "timeout" and run.verdict == "incomplete"
     assert any("quarantined" in n for n in run.notes)
-    assert took < 2 * 2 + 30  # one timeout (plus a respawn), not one per step and one more alone
+    # the hanging op timed out once (and cost one respawn), not once per step and once more alone:
+    # counted, not timed (a loaded machine may time out a slow first op after the respawn as well)
+    assert [e.what for e in run.target_events if e.op == index] == ["timed out"]
 
 
 def test_bind_args_is_public_for_platform_authors():
