@@ -330,6 +330,11 @@ class FixtureStore:
         return self.manifest["steps"]
 
     @property
+    def reference(self) -> dict[str, str]:
+        """Where the carve ran (stores written before this was recorded ran on the CPU)."""
+        return self.manifest.get("reference") or {"name": "torch-cpu (eager)", "device": "cpu"}
+
+    @property
     def tensors(self) -> dict[str, dict]:
         return self.manifest["tensors"]
 

@@ -34,7 +34,8 @@ E2E_FACTOR = 4.0
 
 
 def _leaves(output) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+    """The output's tensors on the CPU (a CUDA reference's, a saved reference's and the float64 run's meet there)."""
+    return [t.cpu() for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
 
 
 def end_to_end(got, want, judge: Judge, excluded: dict[int, str] | None = None,
@@ -87,6 +88,7 @@ def tokens_of(got, want, store: FixtureStore) -> Tokens | None:
     if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or want.is_floating_point() \
             or want.is_complex() or want.dim() != 2 or got.shape != want.shape or not want.numel():
         return None
+    got, want = got.cpu(), want.cpu()
     differs = (got != want).any(dim=0).nonzero()
     first = int(differs[0]) if differs.numel() else None
     generated = [s["name"] for s in store.steps if s["name"] not in ("outside the model",)]
