@@ -63,6 +63,13 @@ def test_a_bfloat16_accumulation_is_not_mistaken_for_tf32():
     assert addmm.local.bound is None or addmm.local.bound.precision != "tf32"
 
 
+def test_a_dropped_term_is_not_called_tf32_though_it_fits_tf32s_bound():
+    run = tapml.replay(tapml.carve(*_mlp()), settings=Settings(platform=TF32.replace("EmulatedTF32", "DroppedTerm"),
+                                                              in_process=True))
+    addmm = [r for r in run.results if r.op == "aten.addmm.default"]
+    assert addmm and all(r.status == "divergent" and r.local.bound.precision != "tf32" for r in addmm)
+
+
 def test_torch_cuda_has_a_tf32_switch():
     off, on = platform_class("torch-cuda"), platform_class("torch-cuda-tf32")
     assert off.tf32 is False and on.tf32 is True and issubclass(on, off)
