@@ -38,6 +38,9 @@ def test_the_cpu_reference_is_named_in_the_store_and_the_run(tmp_path, capsys):
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["reference"] == {"name": "torch-cpu (eager)", "device": "cpu",
                                      "description": "PyTorch eager on this CPU"}
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "s"), "--json", "--no-verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["reference"]["device"] == "cpu"
     run = tapml.offload("zoo:tiny-llama", settings=_settings(), reference_device="cpu")
     assert run.reference.device == "cpu" and run.reference.saved is None
 
