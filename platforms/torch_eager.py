@@ -42,7 +42,8 @@ class TorchPlatform(Platform):
 
 class TorchCUDA(TorchPlatform):
     name = "torch-cuda"
-    description = "PyTorch eager on the first CUDA GPU, float32 matmuls and convolutions in float32 (TF32 off)"
+    description = ("PyTorch eager on the first CUDA GPU, float32 matmuls and convolutions in float32 (TF32 off, "
+                   "no reduced-precision reductions)")
     device = "cuda"
     tf32: ClassVar[bool] = False  # TF32 tensor cores for float32 matmuls and convolutions
 
@@ -57,14 +58,22 @@ class TorchCUDA(TorchPlatform):
         return Capabilities(device=f"cuda:0 ({name})", dtypes=TORCH_DTYPES, limits=(("tf32", int(self.tf32)),))
 
     def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """With this platform's TF32 setting (PyTorch's switches are process-wide: set per call, then put back)."""
+        """With this platform's precision (PyTorch's switches are process-wide: set per call, then put back):
+        TF32 off also turns off float16/bfloat16 matmuls' reduced-precision reductions (PyTorch allows them by
+        default), so every matmul accumulates in at least float32; TF32 on leaves those at PyTorch's default."""
         matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-        saved = matmul.allow_tf32, cudnn.allow_tf32
+        names = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+        saved = matmul.allow_tf32, cudnn.allow_tf32, [getattr(matmul, n) for n in names]
         matmul.allow_tf32 = cudnn.allow_tf32 = self.tf32
+        if not self.tf32:
+            for n in names:
+                setattr(matmul, n, False)
         try:
             return super().run(kernel, op, inputs)
         finally:
-            matmul.allow_tf32, cudnn.allow_tf32 = saved
+            matmul.allow_tf32, cudnn.allow_tf32 = saved[:2]
+            for n, v in zip(names, saved[2], strict=True):
+                setattr(matmul, n, v)
 
 
 class TorchCUDATF32(TorchCUDA):

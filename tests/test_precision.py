@@ -75,3 +75,21 @@ def test_torch_cuda_has_a_tf32_switch():
     assert off.tf32 is False and on.tf32 is True and issubclass(on, off)
     names = {r["name"] for r in list_platforms()}
     assert {"torch-cuda", "torch-cuda-tf32"} <= names
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_torch_cuda_sets_its_precision_for_each_op_and_puts_it_back(tf32):
+    from tapml.core import OpCall
+
+    m = torch.backends.cuda.matmul
+    flags = lambda: (m.allow_tf32, torch.backends.cudnn.allow_tf32, m.allow_fp16_reduced_precision_reduction)  # noqa: E731
+    before, seen = flags(), []
+
+    class OnCPU(platform_class("torch-cuda-tf32" if tf32 else "torch-cuda")):
+        device = "cpu"  # the same switches, run here
+
+    spec = {"tensor": {"dtype": "float32", "shape": [2, 2], "stride": [2, 1]}}
+    op = OpCall.from_json({"op": "aten.mm.default", "args": [spec, spec], "kwargs": {"dict": {}}, "outputs": spec})
+    (out,) = OnCPU().run(lambda *a: seen.append(flags()) or torch.mm(*a), op, [torch.eye(2), torch.eye(2)])
+    assert seen == [(tf32, tf32, before[2] if tf32 else False)] and flags() == before
+    assert torch.equal(out, torch.eye(2))
