@@ -46,16 +46,19 @@ def carve(
     model_info: dict | None = None,
     on_op: Callable[[int], None] | None = None,
     shard_bytes: int = 64 << 20,
+    reference: dict | None = None,
 ) -> CarveResult:
     """Carve ``run()`` (which calls ``model``) into a fixture store at ``out``.
 
-    The store appears at ``out`` only if the run finished; otherwise nothing is left.
+    The store appears at ``out`` only if the run finished; otherwise nothing is left. ``reference``
+    names the platform and device the run happened on (default: PyTorch on the CPU).
     """
     options = options or CarveOptions()
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a carve allocates many small records: cyclic GC passes over them (while they live) only cost time
     try:
-        path, tracer, writer, output = _carve(model, run, out, force, options, model_info, on_op, shard_bytes)
+        path, tracer, writer, output = _carve(model, run, out, force, options, model_info, on_op, shard_bytes,
+                                              reference)
         result = CarveResult(path, len(tracer.ops), len(tracer.layers), len(tracer.steps),
                              writer.bytes_stored, tracer.truncated, output)
         del tracer, writer  # freed by reference counting before the collector is back
@@ -65,7 +68,8 @@ def carve(
             gc.enable()
 
 
-def _carve(model, run, out, force, options, model_info, on_op, shard_bytes):
+def _carve(model, run, out, force, options, model_info, on_op, shard_bytes,
+                                              reference):
     with StoreWriter(out, force=force, shard_bytes=shard_bytes) as writer:
         tracer = Tracer(writer, model, options, on_op=on_op)
         rng_state = torch.random.get_rng_state()  # live runs start from here: random ops repeat exactly
@@ -80,6 +84,7 @@ def _carve(model, run, out, force, options, model_info, on_op, shard_bytes):
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "versions": {"tapml": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "model": model_info or {"class": type(model).__name__},
+            "reference": reference or {"name": "torch-cpu (eager)", "device": "cpu"},
             "options": options.to_json(),
             "truncated": tracer.truncated,
             "rng_state": tracer.objects.add_use(writer.add(rng_state)),

@@ -83,6 +83,7 @@ class Manifest:
     outputs: list[list[int] | None] | None = None  # per model output tensor: [op, slot] that produced it
     flow: list[int] | None = None  # like edges, following tensor objects (views included): for replays
     returns: list[list[int] | None] | None = None  # per model output tensor: [op, slot] that returned it
+    reference: dict[str, str] | None = None  # where the carve ran: name, device (cpu, cuda:0), description
 
 
 def store_schema() -> dict:

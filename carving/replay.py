@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tapml.core import Opaque, OpRefused, resolve_op
+from tapml.core import Opaque, OpRefused, place_device, resolve_op
 from tapml.core import decode_value as decode
 
 from .layout import tensor_key
@@ -26,7 +26,7 @@ def run_op(store: FixtureStore, rec: dict) -> Any:
     """Run one carved op on the reference with its recorded inputs."""
     func = resolve_op(rec["op"], rec.get("library") or "")
     args = decode(rec["args"], store.load)
-    kwargs = decode(rec["kwargs"], store.load)
+    kwargs = place_device(decode(rec["kwargs"], store.load), "cpu")  # the store loads to the CPU
     return func(*args, **kwargs)
 
 

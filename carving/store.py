@@ -199,10 +199,10 @@ class StoreWriter:
 
     def add_storage(self, t: torch.Tensor) -> dict:
         """Record a tensor with its whole storage: for ops (``as_strided``) that read beyond the view."""
-        if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested or not t.is_cpu:
+        if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested:
             return self.add(t)
         n = t.untyped_storage().nbytes() // t.element_size()
-        whole = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
+        whole = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), 0, (n,), (1,))  # CUDA: copied
         ref = dict(self.add(whole), shape=tuple(t.shape), stride=t.stride(), storage=True)
         if t.storage_offset():
             ref["offset"] = t.storage_offset()
@@ -328,6 +328,11 @@ class FixtureStore:
     @property
     def steps(self) -> list[dict]:
         return self.manifest["steps"]
+
+    @property
+    def reference(self) -> dict[str, str]:
+        """Where the carve ran (stores written before this was recorded ran on the CPU)."""
+        return self.manifest.get("reference") or {"name": "torch-cpu (eager)", "device": "cpu"}
 
     @property
     def tensors(self) -> dict[str, dict]:

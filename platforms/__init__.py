@@ -21,7 +21,7 @@ from .registry import (
     platform_class,
 )
 from .target import LocalTarget, Target
-from .torch_eager import TorchCUDA, TorchPlatform
+from .torch_eager import TorchCUDA, TorchCUDATF32, TorchPlatform
 from .wrapped import WrappedPlatform
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "Support",
     "Target",
     "TorchCUDA",
+    "TorchCUDATF32",
     "TorchPlatform",
     "Unsupported",
     "UnitProgram",

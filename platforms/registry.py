@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "tapml.platforms"
 BUILTINS = {
     "torch-cpu": "tapml.platforms.torch_eager:TorchPlatform",
     "torch-cuda": "tapml.platforms.torch_eager:TorchCUDA",
+    "torch-cuda-tf32": "tapml.platforms.torch_eager:TorchCUDATF32",
     "fp16": "tapml.platforms.emulation:Float16",
     "bf16": "tapml.platforms.emulation:BFloat16",
     "tvm-llvm": "tapml.platforms.tvm:TVMLLVM",

@@ -6,7 +6,7 @@ exactly zero, which checks the whole pipeline (store, wire, relayout) end to end
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,7 +18,7 @@ from .program import UnitProgram
 # PyTorch runs every dtype it has: complex and the unsigned integers too
 TORCH_DTYPES = ALL_DTYPES + ("complex64", "complex128", "complex32", "uint16", "uint32", "uint64")
 
-__all__ = ["TorchPlatform", "TorchCUDA"]
+__all__ = ["TorchPlatform", "TorchCUDA", "TorchCUDATF32"]
 
 
 class TorchPlatform(Platform):
@@ -36,7 +36,7 @@ class TorchPlatform(Platform):
         # each input in its recorded layout: some kernels take other paths for other strides;
         # a private copy only for in-place ops, which would write into the caller's tensor
         laid = [relayout(t.to(self.device), spec, copy=op.inplace) for t, spec in zip(inputs, op.inputs, strict=True)]
-        args, kwargs = bind_args(op, laid, device=self.device if self.device != "cpu" else None)
+        args, kwargs = bind_args(op, laid, device=self.device)
         with torch.no_grad():
             return [o.cpu() for o in flatten_outputs(kernel(*args, **kwargs))]
 
@@ -55,8 +55,10 @@ class TorchPlatform(Platform):
 
 class TorchCUDA(TorchPlatform):
     name = "torch-cuda"
-    description = "PyTorch eager on the first CUDA GPU"
+    description = ("PyTorch eager on the first CUDA GPU, float32 matmuls and convolutions in float32 (TF32 off, "
+                   "no reduced-precision reductions)")
     device = "cuda"
+    tf32: ClassVar[bool] = False  # TF32 tensor cores for float32 matmuls and convolutions
 
     @classmethod
     def availability(cls) -> Support:
@@ -66,4 +68,28 @@ class TorchCUDA(TorchPlatform):
 
     def capabilities(self) -> Capabilities:
         name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
-        return Capabilities(device=f"cuda:0 ({name})", dtypes=TORCH_DTYPES)
+        return Capabilities(device=f"cuda:0 ({name})", dtypes=TORCH_DTYPES, limits=(("tf32", int(self.tf32)),))
+
+    def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """With this platform's precision (PyTorch's switches are process-wide: set per call, then put back):
+        TF32 off also turns off float16/bfloat16 matmuls' reduced-precision reductions (PyTorch allows them by
+        default), so every matmul accumulates in at least float32; TF32 on leaves those at PyTorch's default."""
+        matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+        names = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+        saved = matmul.allow_tf32, cudnn.allow_tf32, [getattr(matmul, n) for n in names]
+        matmul.allow_tf32 = cudnn.allow_tf32 = self.tf32
+        if not self.tf32:
+            for n in names:
+                setattr(matmul, n, False)
+        try:
+            return super().run(kernel, op, inputs)
+        finally:
+            matmul.allow_tf32, cudnn.allow_tf32 = saved[:2]
+            for n, v in zip(names, saved[2], strict=True):
+                setattr(matmul, n, v)
+
+
+class TorchCUDATF32(TorchCUDA):
+    name = "torch-cuda-tf32"
+    description = "PyTorch eager on the first CUDA GPU, float32 matmuls and convolutions in TF32 (10-bit mantissa)"
+    tf32 = True

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import html
+import importlib.util
 import io
 import math
 import re
+from collections.abc import Callable
 
 from .run import number
 
@@ -13,6 +16,20 @@ __all__ = ["error_along_model", "errors_overlaid", "end_to_end_by_step", "error_
 
 HISTOGRAM_LABELS = ["0", "<1e-10"] + [f"1e{k}" for k in range(-10, 4)] + ["≥1e4", "inf/NaN"]
 FLOOR = 1e-12
+NO_PLOTS = '<p class="note">(no plot: matplotlib is not installed here; the tables below hold every number)</p>'
+
+
+def _optional(draw: Callable[..., str]) -> Callable[..., str]:
+    """Why: a report must still render where only torch is installed (a GPU box with no package
+    index); without matplotlib each plot becomes one line saying so."""
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs) -> str:
+        if importlib.util.find_spec("matplotlib") is None:
+            return NO_PLOTS
+        return draw(*args, **kwargs)
+
+    return wrapper
 
 
 def _svg(fig) -> str:
@@ -124,6 +141,7 @@ def _finish(ax, fig, top: float, titles: dict) -> str:
     return _titled(_svg(fig), titles)
 
 
+@_optional
 def error_along_model(ops: list, boundaries: list[tuple[int, str]], atol: float | None,
                       culprit: int | None, first_nonfinite: int | None) -> str:
     """Local and propagated max abs error per op, in execution order, log scale; every point names its op."""
@@ -152,6 +170,7 @@ def error_along_model(ops: list, boundaries: list[tuple[int, str]], atol: float 
     return _finish(ax, fig, top, titles)
 
 
+@_optional
 def errors_overlaid(runs: list[tuple[str, list]], atol: float | None) -> str:
     """Two (or more) runs' local errors along the same model on one axes: where one target is worse."""
     fig, ax = _figure(10, 3.4)
@@ -167,6 +186,7 @@ def errors_overlaid(runs: list[tuple[str, list]], atol: float | None) -> str:
     return _finish(ax, fig, top, titles)
 
 
+@_optional
 def end_to_end_by_step(steps: list) -> str:
     fig, ax = _figure(10, 2.6)
     names = [s.name for s in steps]
@@ -181,6 +201,7 @@ def end_to_end_by_step(steps: list) -> str:
     return _svg(fig)
 
 
+@_optional
 def error_histogram(counts: list[int]) -> str:
     fig, ax = _figure(6, 2.2)
     ax.bar(range(len(counts)), counts, color="#1f77b4")

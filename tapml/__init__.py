@@ -13,6 +13,24 @@ import os
 # set before torch loads, so it lives here; a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _source_tree() -> None:
+    """Run from a source checkout without installing (``PYTHONPATH=. python -m tapml``, a GPU box with no
+    package index): ``pyproject.toml`` maps the top-level folders ``carving``, ``platforms``, ``remote``
+    and ``reports`` into ``tapml``; without an install nothing does, so the checkout's root joins this
+    package's search path. An installed tapml (no ``pyproject.toml`` beside it) is left alone."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file() or not (root / "carving" / "__init__.py").is_file():
+        return
+    if importlib.util.find_spec(f"{__name__}.carving") is None:
+        __path__.append(str(root))
+
+
+_source_tree()
+
 from .core import CheckFailed, TapmlError, __version__  # noqa: E402
 
 _LAZY = {

@@ -28,7 +28,8 @@ from .carving import AtomicDir, CarveOptions, FixtureStore, ModelRaised, ReplayR
 from .carving import carve as carve_model
 from .carving import replay as replay_store
 from .core import TapmlError
-from .engine import LocalResult, ModelState, local_pass, migrate, select_ops
+from .devices import check_device, device_runner, move_to
+from .engine import LocalResult, ModelState, local_pass, migrate, reference_info, select_ops, torch_reference
 from .progress import CompileClock, Progress, ProgressEvents
 from .record import Run
 from .repro_script import platform_spec, write_repro
@@ -68,11 +69,20 @@ def _info(workload: Workload, spec: Any, generate: int | None) -> dict:
             "description": workload.description, "class": type(workload.model).__name__, "generate": generate}
 
 
+def _on_reference(workload: Workload, device: str) -> Callable[[int | None], Any]:
+    """``run(generate)`` on the reference device, the model and inputs moved there (``tapml.devices``)."""
+    if device != "cpu":
+        workload.inputs = move_to(workload.inputs, device)
+    return device_runner(workload.model, workload.run, device)
+
+
 def carve(model: Any, inputs: Any = None, out: str | os.PathLike | None = None, *, generate: int | None = None,
           force: bool = False, options: CarveOptions | None = None,
-          on_op: Callable[[int], None] | None = None, model_info: dict | None = None) -> FixtureStore:
-    """Run the model once on the reference and record every op into a fixture store at ``out``
-    (a temporary directory when ``out`` is None). Returns the opened store."""
+          on_op: Callable[[int], None] | None = None, model_info: dict | None = None,
+          reference_device: str = "cpu") -> FixtureStore:
+    """Run the model once on the reference (PyTorch on ``reference_device``: ``cpu`` or ``cuda[:N]``) and
+    record every op into a fixture store at ``out`` (a temporary directory when ``out`` is None)."""
+    device = check_device(reference_device)
     workload = as_workload(model, inputs)
     if options is not None and options.modules:
         try:
@@ -82,10 +92,11 @@ def carve(model: Any, inputs: Any = None, out: str | os.PathLike | None = None, 
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="tapml-store-")) / "store"
     try:
-        result = carve_model(workload.model, lambda: workload.run(generate), out, force=force,
+        run = _on_reference(workload, device)
+        result = carve_model(workload.model, lambda: run(generate), out, force=force,
                              options=options or CarveOptions(),
                              model_info=model_info or _info(workload, model, generate),
-                             on_op=on_op)
+                             on_op=on_op, reference=reference_info(device))
     except ModelRaised as e:
         if isinstance(e.__cause__, TapmlError):
             raise e.__cause__ from None
@@ -97,23 +108,28 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
             store: str | os.PathLike | FixtureStore | None = None, out: str | os.PathLike | None = None,
             force: bool = False, plan: str = "layers", layers: str | None = None, generate: int | None = None,
             check_reference: bool = False, on_event: Callable[[str, Any], None] | None = None,
-            on_progress: Callable[[Progress], None] | None = None) -> Run:
+            on_progress: Callable[[Progress], None] | None = None, reference_device: str = "cpu") -> Run:
     """Carve (or reuse ``store``), migrate step by step to the target, localize; returns the ``Run``.
 
-    With ``out``, ``run.json``, ``report.html``, ``model-explorer.json``, the culprit's standalone
+    The live reference runs on ``reference_device``. A reused ``store`` is the reference: its outputs
+    stand for the model's wherever the live run repeats the carve (a store carved on CUDA judges a run
+    here). With ``out``, ``run.json``, ``report.html``, ``model-explorer.json``, the culprit's standalone
     ``repro/`` and (when carved here) ``store/`` are written there atomically. ``on_event`` gets the
     engine's events, ``on_progress`` the same as ``Progress`` with totals."""
     settings = settings or Settings(platform=platform or "torch-cpu")
     if platform is not None and settings.platform != platform:
         settings = Settings(**{**settings.__dict__, "platform": platform})
+    device = check_device(reference_device)
     workload = as_workload(model, inputs)
     info = _info(workload, model, generate)
+    live = _on_reference(workload, device)
     state = ModelState(workload.model, workload.inputs)  # before the carve: each live run starts as it did
     outdir = AtomicDir(out, force=force) if out is not None else None
     scratch = Path(outdir.tmp if outdir else tempfile.mkdtemp(prefix="tapml-run-"))
     try:
         if store is None:
-            opened = carve(workload, out=scratch / "store", generate=generate, model_info=info)
+            opened = carve(workload, out=scratch / "store", generate=generate, model_info=info,
+                           reference_device=device)
             store_path = str(Path(out) / "store") if out is not None else str(scratch / "store")
         else:
             opened = open_store(store)
@@ -129,9 +145,10 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
             events(kind, payload)
 
         try:
-            run = migrate(lambda: workload.run(generate), opened, target, judge=settings.judge(target), plan=plan,
+            run = migrate(lambda: live(generate), opened, target, judge=settings.judge(target), plan=plan,
                           layers=layers, all_calls=settings.all_calls, check_reference=check_reference,
-                          model_info=info, store_path=store_path, restore=state.restore, on_event=on_engine_event)
+                          model_info=info, store_path=store_path, restore=state.restore, on_event=on_engine_event,
+                          reference=torch_reference(device), saved_reference=store is not None)
         except ModelRaised as e:
             raise TapmlError(f"{workload.name} raised during a mixed run: {e}") from e
         finally:

@@ -37,8 +37,13 @@ def cli(debug: bool) -> None:
     """tapml: carve a PyTorch model, migrate it op by op, localize divergence."""
 
 
+_REFERENCE_DEVICE = click.option("--reference-device", default="cpu", show_default=True,
+                                 help="Where the reference runs: cpu, cuda or cuda:N (model and inputs moved there).")
+
+
 @cli.command()
 @click.argument("model")
+@_REFERENCE_DEVICE
 @click.option("-o", "--out", "out", required=True, type=click.Path(), help="Fixture store directory to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--generate", type=click.IntRange(1), default=None, help="Carve a generation of N tokens.")
@@ -48,14 +53,15 @@ def cli(debug: bool) -> None:
 @click.option("--max-bytes", type=click.IntRange(1), default=None, help="Stop recording past this many bytes.")
 @click.option("--verify-replay", is_flag=True, help="Replay every op from the store; exit 1 unless bit-exact.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def carve(model, out, force, generate, modules, op_globs, unique, max_bytes, verify_replay, as_json):
+def carve(model, reference_device, out, force, generate, modules, op_globs, unique, max_bytes, verify_replay, as_json):
     """Run MODEL once on the reference and record every operator call into OUT.
 
     MODEL is zoo:NAME, path/to/file.py:factory or pkg.module:factory.
     """
     options = api.CarveOptions(modules=modules, ops=op_globs, unique=unique, max_bytes=max_bytes)
     with console.progress("carving") as bar:
-        store = api.carve(model, out=out, force=force, generate=generate, options=options, on_op=bar.count)
+        store = api.carve(model, out=out, force=force, generate=generate, options=options, on_op=bar.count,
+                          reference_device=reference_device)
     _show_store(store, verify=False, replay=verify_replay, as_json=as_json)
 
 
@@ -109,13 +115,15 @@ def _settings(kw: dict) -> Settings:
               show_default=True, help="How ops move to the target step by step (top-down: whole modules compiled "
               "as units, descending where they fail).")
 @click.option("--layers", "layers_re", help="Regex (full match) of the module paths that form the steps.")
-@click.option("--store", "store_dir", type=click.Path(), help="Reuse this carve instead of carving into OUT.")
+@click.option("--store", "store_dir", type=click.Path(),
+              help="Reuse this carve instead of carving into OUT; its outputs are the reference.")
+@_REFERENCE_DEVICE
 @click.option("--generate", type=click.IntRange(1), default=None, help="Run a generation of N tokens.")
 @click.option("--check-reference", is_flag=True, help="Also replay ops twice on the reference to measure its noise.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(), help="Directory for run.json (and the carve).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def offload(model, plan, layers_re, store_dir, generate, check_reference, out, force, as_json, **kw):
+def offload(model, plan, layers_re, store_dir, reference_device, generate, check_reference, out, force, as_json, **kw):
     """Carve MODEL (or reuse --store), migrate it to the target step by step, localize divergence.
 
     Writes OUT/run.json, OUT/report.html, OUT/model-explorer.json and, for a culprit, OUT/repro/.
@@ -123,7 +131,8 @@ def offload(model, plan, layers_re, store_dir, generate, check_reference, out, f
     settings = _settings(kw)
     with console.progress("offloading") as bar:
         run = api.offload(model, settings=settings, store=store_dir, out=out, force=force, plan=plan,
-                          layers=layers_re, generate=generate, check_reference=check_reference, on_progress=bar.show)
+                          layers=layers_re, generate=generate, check_reference=check_reference, on_progress=bar.show,
+                          reference_device=reference_device)
     console.show_run(run, Path(out), as_json)
     if run.verdict != "ok":
         raise CheckFailed(f"verdict {run.verdict}: {run.summary}")

@@ -138,6 +138,7 @@ def show_store(s: dict, as_json: bool) -> None:
     o.print(f"[bold]{escape(s['path'])}[/]  {escape(s['model'].get('name') or s['model'].get('class', ''))}"
             f"  (torch {s['versions']['torch']}, tapml {s['versions']['tapml']})")
     rows = [
+        ("reference", f"{s['reference']['name']} on {s['reference']['device']}"),
         ("ops", f"{s['ops']} ({s['compute_ops']} compute, {s['view_ops']} views, "
                 f"{s['nondeterministic_ops']} nondeterministic)"),
         ("unique signatures", str(s["unique_signatures"])),

@@ -18,6 +18,7 @@ def summarize(store: FixtureStore, *, verified: bool, replay: ReplayReport | Non
         "path": str(store.path),
         "schema": m["schema"],
         "model": m["model"],
+        "reference": store.reference,
         "versions": m["versions"],
         "ops": len(ops),
         "compute_ops": sum(1 for op in ops if not op["view"]),

@@ -37,6 +37,8 @@ def load_workload(spec: str) -> Workload:
         made = factory()
     except TapmlError:
         raise
+    except ModuleNotFoundError as e:  # an optional dependency (transformers, the MiniLM wheel) is absent here
+        raise TapmlError(f"model {spec} needs the Python package {e.name!r}, which is not installed here") from e
     except (Exception, SystemExit) as e:  # a factory that calls sys.exit() must not end tapml silently
         raise TapmlError(f"model factory {spec} raised {type(e).__name__}: {e}") from e
     if isinstance(made, Workload):

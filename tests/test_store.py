@@ -135,7 +135,7 @@ def test_schema_1_stores_still_load(tmp_path):
     from tapml.carving.store import _seal
 
     store = small_store(tmp_path / "s")
-    v1 = {k: v for k, v in store.manifest.items() if k != "digest"}
+    v1 = {k: v for k, v in store.manifest.items() if k not in ("digest", "reference")}  # schema 1 had no reference
     v1["schema"] = 1  # schema 2 is read into schema 1's shape: written back as is, it is a schema 1 manifest
     (store.path / "manifest.json").write_text(_seal(v1))
     old = FixtureStore(store.path)

@@ -9,7 +9,7 @@ and the error and status roots. It imports nothing else of tapml.
 from .errors import CheckFailed, OpFailed, OpRefused, TapmlError
 from .imports import import_object
 from .keys import HashMemo, byte_view, content_key
-from .opcall import OpCall, bind_args, flatten_outputs
+from .opcall import OpCall, bind_args, flatten_outputs, place_device
 from .ops import (
     ALLOWED_NAMESPACES,
     DENIED_OPS,
@@ -76,6 +76,7 @@ __all__ = [
     "dtype_name",
     "encode",
     "flatten_outputs",
+    "place_device",
     "from_json",
     "import_object",
     "iter_specs",

@@ -24,7 +24,7 @@ from .ops import OpInfo, op_info, resolve_op
 from .tensors import TensorSpec
 from .values import MalformedValue, check_value, decode_value, iter_specs, only_tensors
 
-__all__ = ["OpCall", "bind_args", "flatten_outputs"]
+__all__ = ["OpCall", "bind_args", "flatten_outputs", "place_device"]
 
 _SPEC_ONLY = ("key", "offset", "exact")  # per-call facts that do not change the kernel
 
@@ -136,14 +136,21 @@ def _strip(value):
 def bind_args(op: OpCall, tensors: list[torch.Tensor], *, device: str | None = None) -> tuple[list, dict]:
     """The call's ``(args, kwargs)`` with ``tensors`` substituted in order.
 
-    ``device`` rewrites recorded device arguments (creation ops) for another device.
+    A recorded device argument (creation ops, ``_to_copy``) is rewritten for ``device`` (default: the
+    first tensor's, else the CPU), so a store carved on CUDA replays on the CPU and the reverse.
     """
     it = iter(tensors)
     args = decode_value(op.args, lambda _: next(it))
     kwargs = decode_value(op.kwargs, lambda _: next(it))
-    if device is not None and "device" in kwargs:
+    return args, place_device(kwargs, device if device is not None else (tensors[0].device if tensors else "cpu"))
+
+
+def place_device(kwargs: dict, device: str | torch.device) -> dict:
+    """``kwargs`` with a recorded ``cpu``/``cuda`` device argument replaced by ``device`` (others kept)."""
+    recorded = kwargs.get("device")
+    if isinstance(recorded, torch.device) and recorded.type in ("cpu", "cuda"):
         kwargs["device"] = torch.device(device)
-    return args, kwargs
+    return kwargs
 
 
 def flatten_outputs(value) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from tapml.carving import FixtureStore
-from tapml.core import decode_value, iter_specs, resolve_op, tensors_in
+from tapml.core import decode_value, iter_specs, place_device, resolve_op, tensors_in
 
 __all__ = ["exact_outputs"]
 
@@ -84,7 +84,7 @@ def _run(store: FixtureStore, rec: dict, inputs: list[torch.Tensor]) -> list[tor
         try:
             it = iter(inputs)
             args = decode_value(rec["args"], lambda _: next(it))
-            kwargs = decode_value(rec["kwargs"], lambda _: next(it))
+            kwargs = place_device(decode_value(rec["kwargs"], lambda _: next(it)), "cpu")
             out = resolve_op(rec["op"], rec.get("library") or "")(*_widen(args), **_widen(kwargs))
             return tensors_in(out)
         except Exception:  # an op with no float64 kernel, or a refused one: its carved outputs stand in

@@ -260,7 +260,27 @@ def _findings(store: FixtureStore, results: dict[int, LocalResult]) -> list[Find
         if r.status == Status.DIVERGENT and not store.graph.reaches_output(r.index):
             out.append(Finding("unreached", "warning", "out of bounds, but nothing it produces reaches the model's "
                                "outputs", r.index, r.op, r.module))
-    return out
+    return out + _precision_findings(results)
+
+
+_PRECISION_NOTES = {
+    "tf32": "the target computes float32 matmuls in TF32 (torch.backends.cuda.matmul.allow_tf32, "
+            "torch.backends.cudnn.allow_tf32); run with TF32 off (torch-cuda, not torch-cuda-tf32) to check float32",
+    "bfloat16": "the target rounds float32 operands to bfloat16 (reduced-precision matmul or reduction)",
+    "float16": "the target rounds float32 operands to float16 (reduced-precision matmul or reduction)",
+}
+
+
+def _precision_findings(results: dict[int, LocalResult]) -> list[Finding]:
+    """One finding per reduced precision that out-of-bounds contractions are consistent with (a mode, not a bug)."""
+    by: dict[str, list[LocalResult]] = {}
+    for r in sorted(results.values(), key=lambda r: r.index):
+        b = r.local.bound if r.local is not None else None
+        if b is not None and b.precision in _PRECISION_NOTES:
+            by.setdefault(b.precision, []).append(r)
+    return [Finding("precision", "warning", f"{len(rs)} out-of-bounds contractions are consistent with "
+                    f"{name.upper() if name == 'tf32' else name}: {_PRECISION_NOTES[name]}", rs[0].index, rs[0].op,
+                    rs[0].module) for name, rs in by.items()]
 
 
 def _rank(store: FixtureStore, results: dict[int, LocalResult], judge: Judge,

@@ -16,6 +16,7 @@ from tapml.core import TapmlError
 from tapml.judging import Judge
 from tapml.platforms import Target
 from tapml.record import Plan, Run, TargetEvent
+from tapml.record import Reference as ReferenceRecord
 
 from .build import RunFacts, build_run
 from .exact import exact_outputs
@@ -25,6 +26,8 @@ from .plans import make_plan
 from .probe import probe, rng_replay
 from .quarantine import Quarantine
 from .reference import Reference, torch_reference
+from .saved import SavedReference
+from .saved import saved_reference as saved_reference_of
 from .steps import end_to_end, run_steps
 from .topdown import localize_top_down, plan_top_down, top_down_steps
 
@@ -52,11 +55,12 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judg
             layers: str | None = None, all_calls: bool = False, check_reference: bool = False,
             model_info: dict | None = None, on_event: Callable[[str, Any], None] | None = None,
             store_path: str | None = None, reference: Reference | None = None,
-            restore: Callable[[], None] | None = None) -> Run:
+            restore: Callable[[], None] | None = None, saved_reference: bool = False) -> Run:
     """Migrate step by step, localize, and return the run record.
 
     ``restore`` puts the model's state back as it was when carved (``ModelState(model).restore``,
-    taken before the carve); it runs before every live run."""
+    taken before the carve); it runs before every live run. ``saved_reference``: the store's model
+    outputs, not the live reference run's, judge the run end to end (``saved.py``)."""
     check_store(store)
     emit = on_event or (lambda *_: None)
     reference = reference or torch_reference()
@@ -69,6 +73,9 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judg
         run = rng(run)  # random ops repeat what the carve drew, in every live run
         # the reference run, live: the yardstick for end-to-end error and a check that the run repeats the carve
         ref = probe(run, store)
+        saved = saved_reference_of(store, ref.output, reference.name) if saved_reference else None
+        if saved is not None:
+            ref.output = saved.output
         outcome = run_steps(run, store, target, steps_plan, judge, ref.output, emit, ref.excluded, exact)
 
         def impact(indices: list[int]) -> float:
@@ -86,12 +93,23 @@ def migrate(run: Callable[[], Any], store: FixtureStore, target: Target, *, judg
         units = localize_top_down(store, top, target, judge, outcome, loc, reference) if top is not None else None
     facts = RunFacts(
         store_path=store_path or str(store.path), model=model_info or store.manifest.get("model", {}),
-        reference=reference.record, target=target.describe(), target_name=target.name,
+        reference=_reference_record(reference, store, saved), target=target.describe(), target_name=target.name,
         plan=Plan(kind=plan, layers=layers, steps=[s["name"] for s in steps_plan],
                   dag=[s["groups"] for s in steps_plan] if top is not None else [],
                   edges=top.edge_names(store) if top is not None else []), rule=judge.rule,
         compute_dtype=judge.compute_dtype,
         target_stats={k: int(v) for k, v in (Counter(target.stats) - stats_before).items()},
         target_events=[TargetEvent(**e) for e in target.events[events_before:]], target_lost=target.lost,
-        notes=list(ref.excluded.values()) + _quarantine_note(target), units=units)
+        notes=list(ref.excluded.values()) + _quarantine_note(target) + (saved.notes if saved else []), units=units)
+    if saved is not None:
+        loc.findings.extend(saved.findings)
     return build_run(store, facts, outcome.steps, outcome.propagated, loc)
+
+
+def _reference_record(reference: Reference, store: FixtureStore, saved: SavedReference | None) -> ReferenceRecord:
+    """The live reference, or the store's when its outputs judged the run (the live one named beside it)."""
+    if saved is None or not saved.used:
+        return reference.record
+    carved = store.reference
+    return ReferenceRecord(name=carved["name"], device=carved["device"], description=carved.get("description", ""),
+                           saved=str(store.path), live=f"{reference.name} on {reference.record.device}")

@@ -80,6 +80,8 @@ class MixedRun(TorchDispatchMode):
             self._diverge(f"op {index}: the live run called {func} where the carve had {rec['op']}")
             return _reference(func, args, kwargs)
         live = tensors_in([args, kwargs])
+        device = live[0].device if live else torch.get_default_device()  # the live run's (the reference device)
+        live = [t.cpu() for t in live]  # the target and the judge see the store's device, the CPU
         op = self.store.op_call(index)
         if [tuple(t.shape) for t in live] != [s.shape for s in op.inputs]:
             self._diverge(f"op {index} ({rec['op']}): input shapes differ from the carve")
@@ -106,7 +108,7 @@ class MixedRun(TorchDispatchMode):
         # stands in, so the op's live outputs still come from the target
         outputs = [o if f or o.shape == w.shape else w for o, w, f in zip(outputs, want, flows, strict=True)]
         try:
-            return self._hand_back(func, rec, op, outputs, want, args, kwargs)
+            return self._hand_back(func, rec, op, [o.to(device) for o in outputs], want, args, kwargs)
         except Exception as e:  # tapml's own failure: the op falls back, the model is not blamed
             result.status = Status.FELL_BACK
             result.reason = f"tapml could not hand the target's outputs back: {type(e).__name__}: {e}"

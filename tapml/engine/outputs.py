@@ -19,7 +19,8 @@ E2E_FACTOR = 4.0
 
 
 def _leaves(output) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+    """The output's tensors on the CPU (a CUDA reference's, a saved reference's and the float64 run's meet there)."""
+    return [t.cpu() for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
 
 
 def end_to_end(got, want, judge: Judge, excluded: dict[int, str] | None = None,

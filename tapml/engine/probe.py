@@ -100,7 +100,7 @@ class _Probe(TorchDispatchMode):
             shape = list(t.shape)
             if ref.get("storage"):  # recorded as its whole storage (as_strided reads beyond the view)
                 n = t.untyped_storage().nbytes() // t.element_size()
-                t = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
+                t = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), 0, (n,), (1,))
             key = tensor_key(t, self.memo)  # a weight read by many ops is hashed once
             if key != ref["key"] or shape != ref["shape"]:
                 self.departure = (f"op {rec['index']} ({rec['op']} in {rec['module'] or '(model)'}) reads a "

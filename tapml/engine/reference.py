@@ -7,10 +7,12 @@ and the record take whatever is passed in.
 
 from __future__ import annotations
 
+import torch
+
 from tapml.platforms import LocalTarget, Target, TorchCUDA, TorchPlatform
 from tapml.record import Reference as ReferenceRecord
 
-__all__ = ["Reference", "torch_reference"]
+__all__ = ["Reference", "torch_reference", "reference_info"]
 
 
 class Reference:
@@ -26,7 +28,18 @@ class Reference:
 
 
 def torch_reference(device: str = "cpu") -> Reference:
-    """PyTorch eager on ``device`` (``cpu`` or ``cuda``)."""
+    """PyTorch eager on ``device`` (``cpu`` or ``cuda[:N]``)."""
     platform = TorchCUDA() if device.startswith("cuda") else TorchPlatform()
-    return Reference(LocalTarget(platform), name=f"torch-{device.split(':')[0]} (eager)", device=device,
-                     description="PyTorch eager: the model as it runs today")
+    info = reference_info(device)
+    return Reference(LocalTarget(platform), name=info["name"], device=device, description=info["description"])
+
+
+def reference_info(device: str) -> dict[str, str]:
+    """What a store's manifest and a run record say about the reference."""
+    kind = device.split(":")[0]
+    info = {"name": f"torch-{kind} (eager)", "device": device}
+    if kind == "cuda":
+        info["description"] = f"PyTorch eager on {torch.cuda.get_device_name(torch.device(device))}"
+    else:
+        info["description"] = "PyTorch eager on this CPU"
+    return info

@@ -38,6 +38,7 @@ def tokens_of(got, want, store: FixtureStore) -> Tokens | None:
     if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or want.is_floating_point() \
             or want.is_complex() or want.dim() != 2 or got.shape != want.shape or not want.numel():
         return None
+    got, want = got.cpu(), want.cpu()
     differs = (got != want).any(dim=0).nonzero()
     first = int(differs[0]) if differs.numel() else None
     generated = [s["name"] for s in store.steps if s["name"] not in ("outside the model",)]

@@ -68,12 +68,27 @@ def fp64_outputs(op: OpCall, inputs: list[torch.Tensor], rounded: torch.dtype | 
         return None
 
 
-def _tf32(t: torch.Tensor) -> torch.Tensor:
-    """float32 values rounded to TF32 (10 mantissa bits, float32's range), as tensor cores take them."""
+def _tf32(t: torch.Tensor, truncate: bool = False) -> torch.Tensor:
+    """float32 values rounded to TF32 (10 mantissa bits, float32's range), as tensor cores take them
+    (to nearest; ``truncate``: toward zero, as some conversions do)."""
     bits = t.float().contiguous().view(torch.int32)
-    rounded = (bits + 0x1000) & ~0x1FFF  # round to nearest on the 13 dropped bits
+    rounded = (bits if truncate else bits + 0x1000) & ~0x1FFF  # the 13 dropped bits
     return rounded.view(torch.float32)
 
+
+def _like_tf32(op: OpCall, inputs: list[torch.Tensor], got: torch.Tensor, exact: torch.Tensor, output: int) -> bool:
+    """Whether the op's exact result on TF32-rounded float32 operands (to nearest or truncated) explains
+    the target's: a dropped term or a wrong scale can fit TF32's looser bound, but not this."""
+    d_exact = rmse(got, exact)
+    for truncate in (False, True):
+        emulated = fp64_outputs(op, [_tf32(t, truncate).double() if t.dtype == torch.float32 else t for t in inputs])
+        if emulated is not None and output < len(emulated) and emulated[output].shape == got.shape \
+                and rmse(got, emulated[output]) < 0.25 * d_exact:
+            return True
+    return False
+
+
+TF32_U = 2.0**-11  # TF32 keeps float32's exponent and 10 mantissa bits
 
 _PRECISIONS = (("bfloat16", lambda t: t.to(torch.bfloat16)), ("float16", lambda t: t.to(torch.float16)),
                ("TF32", _tf32))
@@ -188,7 +203,25 @@ class Judge:
             elif self.rule == "oracle":
                 per[i].ok = per[i].oracle.ok and not per[i].problem
             if not passed and b is not None and op_class(op.op) in ("contraction", "attention"):
-                per[i].bound.consistent_with = consistent_with(op, inputs, g, e, i)
+                self._precision(op, inputs, g, w, e, exact_t, dtypes, i, per[i].bound)
+
+    def _precision(self, op: OpCall, inputs, g, w, e, exact_t, dtypes, i: int, check: BoundCheck) -> None:
+        """Name the arithmetic an out-of-bounds float32 contraction's error is consistent with: within the
+        same bound for TF32's unit roundoff (10 mantissa bits, u = 2^-11), and explained by TF32-rounded
+        operands, is a TF32 matmul (``torch.backends.cuda.matmul.allow_tf32``), not a bug; else operands
+        rounded to bfloat16/float16."""
+        if (self.compute_dtype or "float32") == "float32" and w.dtype == torch.float32:
+            loose = op_bounds(op, inputs, exact_t, TF32_U, dtypes)
+            b = loose[i] if i < len(loose) else None
+            ratio = _ratio(g, w, exact_t[i], b.tensor) if b is not None else math.inf
+            if ratio <= 1.0 and _like_tf32(op, inputs, g, e, i):
+                check.precision = "tf32"
+                check.consistent_with = (f"TF32 matmul: beyond the float32 bound (u = 2^-24) but within the TF32 "
+                                         f"one (u = 2^-11: {ratio:.2g}× it)")
+                return
+        check.consistent_with = consistent_with(op, inputs, g, e, i)
+        if check.consistent_with:
+            check.precision = check.consistent_with.split(" ")[0].lower()
 
     def _why(self, op: OpCall, m: Metrics, want: list[torch.Tensor], inputs) -> str:
         """A one-line reading of the failure class, from the numbers and the op."""

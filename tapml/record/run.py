@@ -65,6 +65,7 @@ class BoundCheck:
     reference_ratio: float  # the same for the reference: a healthy target sits near it
     output: int = 0
     consistent_with: str | None = None  # the arithmetic the target's errors match, when out of bounds
+    precision: str | None = None  # that arithmetic's short name: tf32, bfloat16, float16
 
 
 @dataclass
@@ -305,6 +306,8 @@ class Reference:
     name: str
     device: str
     description: str = ""
+    saved: str | None = None  # the store whose outputs were the reference (offload --store), when they were
+    live: str | None = None  # with ``saved``: the live reference run that checked the model repeats the carve
 
 
 class OpList(list):

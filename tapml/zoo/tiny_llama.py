@@ -55,6 +55,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.dim, bias=False)
 
+    sdpa = False  # attention as matmul/softmax/matmul ops (what localization needs), or as one SDPA call
+
     def forward(self, x, cos, sin, mask, cache: list | None):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.cfg.heads, self.head_dim).transpose(1, 2)
@@ -70,6 +72,9 @@ class Attention(nn.Module):
         groups = self.cfg.heads // self.cfg.kv_heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
+        if self.sdpa:  # one fused attention op (scripts/gpu-check runs it on each SDPA backend)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         if mask is not None:
             scores = scores + mask
@@ -163,3 +168,12 @@ def build() -> Workload:
     return Workload(model=model, inputs=(prompt,), name="zoo:tiny-llama",
                     description="tiny Llama decoder, 8-token prompt",
                     generate=lambda n: greedy_generate(model, prompt, n))
+
+
+def build_sdpa() -> Workload:
+    """The same model and prompt with attention as ``scaled_dot_product_attention`` (one op per call)."""
+    workload = build()
+    for layer in workload.model.layers:
+        layer.self_attn.sdpa = True
+    workload.name, workload.description = "tiny-llama (SDPA)", "tiny Llama decoder, SDPA attention"
+    return workload
