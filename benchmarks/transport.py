@@ -78,12 +78,22 @@ def _server(code: str) -> tuple[subprocess.Popen, socket.socket]:
 
 
 @contextmanager
-def raw_echo(nbytes: int):
-    proc, sock = _server(ECHO)
+def raw_program(code: str, round_trip):
+    """A raw-socket server running ``code``; yields its timed round trip ``round_trip(sock)``."""
+    proc, sock = _server(code)
+    try:
+        yield lambda: round_trip(sock)
+    finally:
+        sock.close()
+        proc.kill()
+        proc.wait()
+
+
+def echo_round_trip(nbytes: int):
     payload = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     back = np.empty(nbytes, dtype=np.uint8)
 
-    def once() -> float:
+    def once(sock: socket.socket) -> float:
         start = time.perf_counter()
         sock.sendall(nbytes.to_bytes(8, "little"))
         view, got, sent = memoryview(back), 0, 0
@@ -97,19 +107,11 @@ def raw_echo(nbytes: int):
                 got += sock.recv_into(view[got:sent], sent - got)
         return time.perf_counter() - start
 
-    try:
-        yield once
-    finally:
-        sock.close()
-        proc.kill()
-        proc.wait()
+    return once
 
 
-@contextmanager
-def raw_fair(nbytes: int):
-    proc, sock = _server(FAIR)
-
-    def once() -> float:
+def fair_round_trip(nbytes: int):
+    def once(sock: socket.socket) -> float:
         x = torch.randn(nbytes // 4)
         start = time.perf_counter()
         sock.sendall(nbytes.to_bytes(8, "little"))
@@ -120,12 +122,7 @@ def raw_fair(nbytes: int):
             got += sock.recv_into(view[got:], nbytes - got)
         return time.perf_counter() - start
 
-    try:
-        yield once
-    finally:
-        sock.close()
-        proc.kill()
-        proc.wait()
+    return once
 
 
 @contextmanager
@@ -218,7 +215,8 @@ def main() -> None:
     big, tiny = args.mb << 20, 16
     with ExitStack() as stack:
         tapml, kernel = stack.enter_context(tapml_session())
-        large = {"fair": stack.enter_context(raw_fair(big)), "echo": stack.enter_context(raw_echo(big)),
+        large = {"fair": stack.enter_context(raw_program(FAIR, fair_round_trip(big))),
+                 "echo": stack.enter_context(raw_program(ECHO, echo_round_trip(big))),
                  "tapml": tapml(big)}
         small = {"tapml": tapml(tiny)}
         if not args.skip_tvm:
