@@ -1294,6 +1294,7 @@ def run_case(case: Case, run: Callable[[list[str], str, float], dict]) -> None:
 
 
 def fuzz_stores(args: argparse.Namespace, root: Path, base: Path) -> tuple[dict, list[Case]]:
+    from tapml.carving import FixtureStore  # the records in one shape, whatever the manifest's schema
     from tapml.core import iter_specs
 
     rng = random.Random(args.seed + 1)
@@ -1339,7 +1340,7 @@ def fuzz_stores(args: argparse.Namespace, root: Path, base: Path) -> tuple[dict,
             res = exec_run(argv, str(c.dir / f"exec-{cmd}"), 120.0)
             same &= res["rc"] == c.results[cmd]["rc"]
         agree += same
-    replayed = {ref["key"] for rec in base_body["ops"] if not rec["nondeterministic"] and not rec["view"]
+    replayed = {ref["key"] for rec in FixtureStore(base).ops if not rec["nondeterministic"] and not rec["view"]
                 for part in ("args", "kwargs", "outputs") for ref in iter_specs(rec[part])}
     return summarize_stores(done, len(cases), agree, len(sample), replayed), done
 
