@@ -186,6 +186,8 @@ class FrameReader:
         try:
             return self._rest(head if head is not None else self._exact(_LEN.size), max_payload)
         except TimeoutError:
+            if frame_s is None:
+                raise  # the caller's own timeout: it decides what a stall means
             raise WireError(f"a frame stalled for {frame_s:.0f}s") from None
         finally:
             if frame_s is not None:
