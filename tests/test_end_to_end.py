@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from tapml.carving import FixtureStore, carve
-from tapml.engine import exact
-from tapml.engine.steps import end_to_end
+from tapml.engine import end_to_end, exact
 from tapml.judging import Judge
 
 
