@@ -962,13 +962,72 @@ def _weird(rng: random.Random, case: Case) -> Any:
     return rng.choice(WEIRD + [str(case.dir / "canary.txt"), "../canary.txt", "/etc/passwd", "../../canary.txt"])
 
 
+# schema 2 (compact manifest): each op is a row of these columns; op, module, source, library are string indices
+OP_COLUMNS = ("seq", "op", "module", "call", "layer", "step", "source", "signature", "args", "kwargs", "outputs",
+              "flags", "library", "carved_index")
+_STRING_COLUMNS = ("op", "module", "source", "library")
+
+
+def _is_op(o: Any) -> bool:
+    return isinstance(o, dict) or (isinstance(o, list) and len(o) >= 12)
+
+
+def _op_label(body: dict, op: Any) -> Any:
+    return op.get("index") if isinstance(op, dict) else (body["ops"].index(op) if op in body["ops"] else "?")
+
+
+def _op_set(body: dict, op: Any, name: str, value: Any, rng: random.Random | None = None) -> None:
+    """Set one field of an op record: a schema-1 dict, or a schema-2 row (a string goes into the string table,
+    or — sometimes, with ``rng`` — stays raw or becomes an out-of-range index, as a hostile store would)."""
+    if isinstance(op, dict):
+        op[name] = value
+        return
+    if name in ("view", "nondeterministic", "inplace"):
+        bit = {"view": 1, "inplace": 2, "nondeterministic": 4}[name]
+        flags = op[11] if isinstance(op[11], int) and not isinstance(op[11], bool) else 0
+        op[11] = (flags | bit) if value else (flags & ~bit)
+        return
+    col = OP_COLUMNS.index(name)
+    while len(op) <= col:
+        op.append(None)
+    if name in _STRING_COLUMNS and isinstance(value, str):
+        strings = body.get("strings")
+        roll = rng.random() if rng is not None else 1.0
+        if roll < 0.1 or not isinstance(strings, list):
+            op[col] = value  # a raw string where an index belongs
+            return
+        if roll < 0.2:
+            op[col] = rng.choice([len(strings), -1, 2**63, 1.0, True])  # an index off the table
+            return
+        if value not in strings:
+            strings.append(value)
+        op[col] = strings.index(value)
+        return
+    op[col] = value
+
+
+def _op_refs(body: dict, op: Any) -> list[dict]:
+    """The tensor uses an op reads and writes: inline refs (schema 1) or entries of ``uses`` (schema 2)."""
+    if isinstance(op, dict):
+        return _refs({"x": op})
+    uses = body.get("uses") if isinstance(body.get("uses"), list) else []
+    out = []
+    for path in _paths(op[8:11]):
+        node = _get(op[8:11], path)
+        if isinstance(node, dict) and isinstance(node.get("tensor"), int) and 0 <= node["tensor"] < len(uses):
+            use = uses[node["tensor"]]
+            if isinstance(use, dict):
+                out.append(use)
+    return out
+
+
 def mutate_manifest(rng: random.Random, body: dict, case: Case) -> str:
     """One JSON-aware mutation of ``body`` in place; returns what it did."""
     what = rng.choice(["leaf", "leaf", "delete", "insert", "op_name", "from_file", "tensor_ref", "tensor_ref",
                        "tensor_meta", "shard_name", "schema", "ops_type", "numbers", "ranges", "dtype", "kwargs",
                        "duplicate_op", "edges"])
     ops = body.get("ops") if isinstance(body.get("ops"), list) else []
-    op = rng.choice(ops) if ops and all(isinstance(o, dict) for o in ops) else None
+    op = rng.choice(ops) if ops and all(_is_op(o) for o in ops) else None  # schema 1 dicts or schema 2 rows
     if what == "leaf":
         path = rng.choice(list(_paths(body))[1:])
         v = _weird(rng, case)
@@ -988,13 +1047,17 @@ def mutate_manifest(rng: random.Random, body: dict, case: Case) -> str:
         _get(body, path)[key] = v
         return f"insert {'.'.join(map(str, path + (key,)))} = {_short(v, 60)}"
     if what == "op_name" and op is not None:
-        op["op"] = rng.choice(DANGEROUS_OPS + ["aten.empty.memory_format", "aten.addmm.default", "aten.gelu.default"])
-        return f"ops[{op.get('index')}].op = {op['op']!r}"
+        name = rng.choice(DANGEROUS_OPS + ["aten.empty.memory_format", "aten.addmm.default", "aten.gelu.default"])
+        _op_set(body, op, "op", name, rng)
+        return f"ops[{_op_label(body, op)}].op = {name!r}"
     if what == "from_file" and op is not None:
         name = rng.choice(["aten.from_file.default", "aten._print.default", "load_library.__call__.__call__"])
-        op.update(op=name, args=[str(case.dir / "canary.txt"), False, 16] if "_print" not in name else
-                  ["TAPMLCANARY"], kwargs={"dict": {"dtype": {"dtype": "uint8"}}}, nondeterministic=False, view=False)
-        return f"ops[{op.get('index')}] = {name}({case.dir / 'canary.txt'})"
+        fields = {"op": name, "args": [str(case.dir / "canary.txt"), False, 16] if "_print" not in name else
+                  ["TAPMLCANARY"], "kwargs": {"dict": {"dtype": {"dtype": "uint8"}}}, "nondeterministic": False,
+                  "view": False}
+        for k, v in fields.items():
+            _op_set(body, op, k, v)
+        return f"ops[{_op_label(body, op)}] = {name}({case.dir / 'canary.txt'})"
     if what == "tensor_ref" and _refs(body):
         ref = rng.choice(_refs(body))
         fld = rng.choice(["key", "shape", "stride", "offset", "exact", "dtype"])
@@ -1043,17 +1106,17 @@ def mutate_manifest(rng: random.Random, body: dict, case: Case) -> str:
             if isinstance(item, dict):
                 item["ops"] = v
         elif op is not None:
-            op[target if target != "parent" else "layer"] = v
+            _op_set(body, op, target if target != "parent" else "layer", v)
         return f"{target} range/index = {v!r}"
     if what == "dtype" and op is not None:
-        refs = _refs({"x": op})
+        refs = _op_refs(body, op)
         if refs:
             ref = rng.choice(refs)
             ref["dtype"] = rng.choice(["_dynamo", "float", "Tensor", "__class__", "qint8", "complex32", "bool",
                                        "int32", "float8_e5m2", "uint32", "qint32"])
-            return f"ops[{op.get('index')}] ref dtype = {ref['dtype']}"
+            return f"ops[{_op_label(body, op)}] ref dtype = {ref['dtype']}"
     if what == "kwargs" and op is not None:
-        op["kwargs"] = rng.choice([{"dict": {"device": {"device": "cuda:99"}}},
+        kwargs = rng.choice([{"dict": {"device": {"device": "cuda:99"}}},
                                    {"dict": {"dtype": {"dtype": "_dynamo"}}},
                                    {"dict": {"memory_format": {"memory_format": "x"}}},
                                    {"dict": {"approximate": "tanh"}},
@@ -1062,7 +1125,8 @@ def mutate_manifest(rng: random.Random, body: dict, case: Case) -> str:
                                    {"dict": {"approximate": 5}}, {"dict": {"m": {"memory_format": ["a"]}}},
                                    {"dict": {"m": {"layout": {}}}}, {"dict": {"m": {"device": ["cpu"]}}},
                                    {"dict": {"m": {"dtype": ["float32"]}}}, {"dict": {"m": {"complex": [1, "x"]}}}])
-        return f"ops[{op.get('index')}].kwargs = {_short(op['kwargs'], 60)}"
+        _op_set(body, op, "kwargs", kwargs)
+        return f"ops[{_op_label(body, op)}].kwargs = {_short(kwargs, 60)}"
     if what == "duplicate_op" and ops:
         ops.append(copy.deepcopy(rng.choice(ops)))
         return "an op duplicated at the end"
@@ -1230,6 +1294,7 @@ def run_case(case: Case, run: Callable[[list[str], str, float], dict]) -> None:
 
 
 def fuzz_stores(args: argparse.Namespace, root: Path, base: Path) -> tuple[dict, list[Case]]:
+    from tapml.carving import FixtureStore  # the records in one shape, whatever the manifest's schema
     from tapml.core import iter_specs
 
     rng = random.Random(args.seed + 1)
@@ -1275,7 +1340,7 @@ def fuzz_stores(args: argparse.Namespace, root: Path, base: Path) -> tuple[dict,
             res = exec_run(argv, str(c.dir / f"exec-{cmd}"), 120.0)
             same &= res["rc"] == c.results[cmd]["rc"]
         agree += same
-    replayed = {ref["key"] for rec in base_body["ops"] if not rec["nondeterministic"] and not rec["view"]
+    replayed = {ref["key"] for rec in FixtureStore(base).ops if not rec["nondeterministic"] and not rec["view"]
                 for part in ("args", "kwargs", "outputs") for ref in iter_specs(rec[part])}
     return summarize_stores(done, len(cases), agree, len(sample), replayed), done
 

@@ -189,8 +189,8 @@ def main() -> None:
     parser.add_argument("--offload", action="store_true", help="also offload (plan all) to a spawned worker")
     parser.add_argument("--platforms", default="torch-cpu,bf16")
     parser.add_argument("--rule", default="tolerance",
-                        help="the offload's judge: 'bound' replays the whole carve in float64 on the client (four "
-                             "times a bfloat16 model's bytes), too much for a 1.1B model here")
+                        help="the offload's judge: 'bound' also replays the whole carve in float64 on the client "
+                             "(widened weights cached up to 1 GiB; slow at 1.1B on two cores, not yet measured there)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     import torch

@@ -89,16 +89,17 @@ def _unit_stride(flat: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-def materialize(flat: torch.Tensor, ref: TensorRef) -> torch.Tensor:
-    """Rebuild the tensor a ref describes, with its exact strides and offset."""
+def materialize(flat: torch.Tensor, ref: TensorRef, *, copy: bool = True) -> torch.Tensor:
+    """Rebuild the tensor a ref describes, with its exact strides and offset (``copy=False``: a view of
+    ``flat`` where its layout already is that, for a caller that only reads)."""
     if ref.storage:  # a view over a copy of the whole storage, as the op saw it
-        return flat.clone().as_strided(ref.shape, ref.stride, ref.offset)
+        return (flat.clone() if copy else flat).as_strided(ref.shape, ref.stride, ref.offset)
     if not ref.exact:
-        return flat.reshape(ref.shape).clone()
+        return flat.reshape(ref.shape).clone() if copy else flat.reshape(ref.shape)
     narrow = broadcast_narrowed(ref.shape, ref.stride)
     order = storage_order(narrow, ref.stride)
     logical = flat.reshape([narrow[d] for d in order]).permute(_inverse(order))
-    return relayout(logical.expand(ref.shape), ref.spec)
+    return relayout(logical.expand(ref.shape), ref.spec, copy=copy)
 
 
 def _inverse(perm: list[int]) -> list[int]:

@@ -380,11 +380,12 @@ class FixtureStore:
             self._verified.add(key)
         return flat
 
-    def load(self, ref: dict | TensorRef) -> torch.Tensor:
-        """Rebuild one recorded tensor use with its exact layout."""
+    def load(self, ref: dict | TensorRef, *, read_only: bool = False) -> torch.Tensor:
+        """Rebuild one recorded tensor use with its exact layout (``read_only``: the store's own memory
+        where no copy is needed to lay it out — for comparisons, never to be written)."""
         if isinstance(ref, dict):
             ref = TensorRef.from_json(ref)
-        return materialize(self.flat(ref.key), ref)
+        return materialize(self.flat(ref.key), ref, copy=not read_only)
 
     def op_call(self, index: int) -> OpCall:
         """Carved op ``index`` as a platform sees it."""
@@ -414,8 +415,9 @@ class FixtureStore:
         rec = self.ops[index]
         return [self.load(ref) for ref in iter_specs([rec["args"], rec["kwargs"]])]
 
-    def outputs(self, index: int) -> list[torch.Tensor]:
-        return [self.load(ref) for ref in iter_specs(self.ops[index]["outputs"])]
+    def outputs(self, index: int, *, read_only: bool = False) -> list[torch.Tensor]:
+        """The recorded outputs of op ``index`` (``read_only``: see ``load``; what a comparison reads)."""
+        return [self.load(ref, read_only=read_only) for ref in iter_specs(self.ops[index]["outputs"])]
 
     def iter_problems(self) -> Iterator[str]:
         """Re-hash every stored tensor; yield one line per mismatch."""

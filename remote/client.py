@@ -26,7 +26,7 @@ from tapml.core import HashMemo, OpCall, OpFailed, Status, UnitCall
 from tapml.platforms import Capabilities, PlatformError, Support, Target, Unsupported
 
 from .spawn import SpawnedWorker, spawn_worker
-from .wire import WireError, recv_frame, send_frame, send_tensor
+from .wire import FrameReader, WireError, frame_buffers, send_buffers, tensor_buffers
 
 __all__ = ["RemoteTarget", "TargetLost", "WorkerCrashed", "WorkerTimeout", "PayloadTooLarge", "parse_address"]
 
@@ -119,6 +119,7 @@ class RemoteTarget(Target):
         data.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         data.sendall(f"TAPMLDATA {info['nonce']}\n".encode())
         self._conn, self._data, self.info = conn, data, info
+        self._reader = FrameReader(data)
         self._known: set[str] = set()  # tensor keys the worker holds for this session
         self._sent_ops: set[str] = set()  # signatures the worker has the OpCall for
         self.name = info["platform"]
@@ -262,9 +263,11 @@ class RemoteTarget(Target):
                 if not support:
                     raise Unsupported(support.reason)
                 self._check_alive()
+                buffers: list = []
+                sending: dict[str, int] = {}
                 header = {"kind": "run_unit", "sig": unit.signature, "index": unit.index, "module": unit.module,
-                          "call": unit.call, "keys": self._upload(inputs, None)}
-                outputs, reply = self._exchange(header, None)
+                          "call": unit.call, "keys": self._upload(inputs, buffers, sending)}
+                outputs, reply = self._exchange(header, None, buffers, sending)
                 if attempt == 0 and reply.get("error") in ("missing", "unknown-unit"):  # evicted or restarted
                     self._known.difference_update(reply.get("keys", ()))
                     self._support.pop("unit:" + unit.signature, None)
@@ -275,24 +278,29 @@ class RemoteTarget(Target):
     def _run(self, op: OpCall, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
         """One run frame and its answer, on the data socket, under the op timeout."""
         self._check_alive()
-        keys = self._upload(inputs, op)
+        buffers: list = []
+        sending: dict[str, int] = {}
+        keys = self._upload(inputs, buffers, sending)
         header = {"kind": "run", "sig": op.signature, "index": op.index, "module": op.module, "call": op.call,
                   "keys": keys}
         if op.signature not in self._sent_ops:
             header["op"] = op.to_json()
-        return self._exchange(header, op)
+        return self._exchange(header, op, buffers, sending)
 
-    def _exchange(self, header: dict, op: OpCall | None) -> tuple[list[torch.Tensor], dict]:
+    def _exchange(self, header: dict, op: OpCall | None, buffers: list, sending: dict[str, int]
+                  ) -> tuple[list[torch.Tensor], dict]:
         """Send a run frame; receive the output tensor frames and the reply."""
         start = time.monotonic()
         try:
             self._data.settimeout(self.timeout)
-            send_frame(self._data, header)
+            send_buffers(self._data, buffers + frame_buffers(header))  # inputs and run frame in one write
+            self._known.update(sending)
+            self._stats["bytes_sent"] += sum(sending.values())
             if op is not None:
                 self._sent_ops.add(op.signature)
             outputs = []
             while True:
-                frame, t = recv_frame(self._data)
+                frame, t = self._reader.read()
                 if frame.get("kind") == "reply":
                     break
                 outputs.append(t)
@@ -303,8 +311,9 @@ class RemoteTarget(Target):
         except (OSError, WireError, ValueError) as e:  # TimeoutError is an OSError
             raise self._failed(op, e, time.monotonic() - start) from None
 
-    def _upload(self, inputs: list[torch.Tensor], op: OpCall | None) -> list:
-        """Input references for a run frame, sending what the worker lacks.
+    def _upload(self, inputs: list[torch.Tensor], buffers: list, sending: dict[str, int]) -> list:
+        """Input references for a run frame; the tensor frames of what the worker lacks go into ``buffers``
+        (their keys and sizes into ``sending``), to travel with the run frame.
 
         A strided view whose memory is (mostly) one storage travels as that storage
         plus shape/stride/offset, so a transposed weight or a view of a target output
@@ -321,30 +330,27 @@ class RemoteTarget(Target):
                 if storage_numel > 2 * t.numel() and self._memo.peek(t, base) not in self._known:
                     base = None  # a small window into a big unknown buffer: send just the window
             if base is not None:
-                key = self._send(t, base, op)
+                key = self._send(t, base, buffers, sending)
                 refs.append({"base": key, "shape": list(t.shape), "stride": list(t.stride()),
                              "offset": t.storage_offset()})
             else:
-                refs.append(self._send(t, t.contiguous().reshape(-1), op))
+                refs.append(self._send(t, t.contiguous().reshape(-1), buffers, sending))
         return refs
 
-    def _send(self, t: torch.Tensor, flat: torch.Tensor, op: OpCall | None) -> str:
-        """Send ``flat`` (``t``'s memory) unless the worker holds it; returns its key."""
+    def _send(self, t: torch.Tensor, flat: torch.Tensor, buffers: list, sending: dict[str, int]) -> str:
+        """Queue ``flat`` (``t``'s memory) unless the worker holds it or it is already queued; its key."""
         key = self._memo.key(t, flat)
         nbytes = flat.numel() * flat.element_size()
-        if key in self._known:
+        if key in self._known or key in sending:
             self._stats["bytes_reused"] += nbytes
             return key
         cap = self.info["max_payload"]
         if nbytes > cap:
             raise PayloadTooLarge(f"a {nbytes}-byte tensor exceeds the worker's payload cap of {cap} "
                                   "bytes (tapml worker --max-payload)")
-        try:
-            self._data.settimeout(self.timeout)
-            self._stats["bytes_sent"] += send_tensor(self._data, key, flat)
-        except OSError as e:
-            raise self._failed(op, e) from None
-        self._known.add(key)
+        frame, _ = tensor_buffers(key, flat)
+        buffers += frame
+        sending[key] = nbytes
         return key
 
     def worker_stats(self) -> dict[str, Any]:

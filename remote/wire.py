@@ -24,13 +24,14 @@ import torch
 
 from tapml.core import MalformedValue, byte_view, check_spec, dtype_from_name, dtype_name
 
-__all__ = ["CHUNK", "send_frame", "send_tensor", "recv_frame", "read_preamble", "check_run", "WireError",
-           "FrameError"]
+__all__ = ["CHUNK", "FrameReader", "frame_buffers", "tensor_buffers", "send_buffers", "send_frame", "send_tensor",
+           "recv_frame", "read_preamble", "check_run", "WireError", "FrameError"]
 
 CHUNK = 4 << 20
 _LEN = struct.Struct("<I")
 _MAX_HEADER = 16 << 20
 _MAX_KEY = 256
+_IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
 
 
 class WireError(ConnectionError):
@@ -39,15 +40,6 @@ class WireError(ConnectionError):
 
 class FrameError(ValueError):
     """One frame's header is malformed but the channel is still in step: answer with an error."""
-
-
-def _recv_exact_into(sock: socket.socket, view: memoryview) -> None:
-    got, n = 0, len(view)
-    while got < n:
-        k = sock.recv_into(view[got:], min(CHUNK, n - got))
-        if k == 0:
-            raise WireError("data channel closed")
-        got += k
 
 
 def read_preamble(sock: socket.socket, limit: int = 512, deadline_s: float = 5.0) -> str:
@@ -79,34 +71,157 @@ def read_preamble(sock: socket.socket, limit: int = 512, deadline_s: float = 5.0
     raise WireError("preamble too long")
 
 
-def send_frame(sock: socket.socket, header: dict, payload=None) -> None:
+def frame_buffers(header: dict, payload=None) -> list:
+    """One frame as buffers for ``send_buffers``: the length-prefixed header, then the payload as is."""
     data = json.dumps(header, separators=(",", ":")).encode()
-    if payload is None or len(payload) <= 65536:  # small: one write, one packet
-        sock.sendall(_LEN.pack(len(data)) + data + (bytes(payload) if payload is not None else b""))
-        return
-    sock.sendall(_LEN.pack(len(data)) + data)
-    view = memoryview(payload)
-    for start in range(0, len(view), CHUNK):
-        sock.sendall(view[start:start + CHUNK])
+    head = _LEN.pack(len(data)) + data
+    return [head] if payload is None or not len(payload) else [head, payload]
+
+
+def tensor_buffers(key: str, t: torch.Tensor, payload: memoryview | None = None) -> tuple[list, int]:
+    """One tensor (its elements in logical order) as frame buffers, and its payload bytes; no copy of
+    a contiguous tensor's memory (``payload``: its ``byte_view``, when the caller has it)."""
+    if payload is None and t.numel():
+        payload = byte_view(t)
+    nbytes = 0 if payload is None else payload.nbytes
+    return frame_buffers({"kind": "tensor", "key": key, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
+                          "nbytes": nbytes}, payload), nbytes
+
+
+def send_buffers(sock: socket.socket, buffers: list) -> None:
+    """Write ``buffers`` in order with as few ``sendmsg`` calls as the kernel allows: small frames
+    travel together in one packet, large payloads straight from tensor memory."""
+    views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+    first = 0
+    while first < len(views):
+        sent = sock.sendmsg(views[first:first + _IOV_MAX])
+        while first < len(views) and sent >= len(views[first]):
+            sent -= len(views[first])
+            first += 1
+        if sent:
+            views[first] = views[first][sent:]
+
+
+def send_frame(sock: socket.socket, header: dict, payload=None) -> None:
+    send_buffers(sock, frame_buffers(header, payload))
 
 
 def send_tensor(sock: socket.socket, key: str, t: torch.Tensor) -> int:
-    """Send one tensor (its elements in logical order) as a frame; returns payload bytes."""
-    payload = byte_view(t) if t.numel() else None
-    nbytes = 0 if payload is None else payload.nbytes
-    send_frame(sock, {"kind": "tensor", "key": key, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                      "nbytes": nbytes}, payload)
+    """Send one tensor as a frame; returns payload bytes."""
+    buffers, nbytes = tensor_buffers(key, t)
+    send_buffers(sock, buffers)
     return nbytes
 
 
-def _discard(sock: socket.socket, nbytes: int) -> None:
-    scratch = memoryview(bytearray(min(CHUNK, nbytes)))
-    left = nbytes
-    while left:
-        k = sock.recv_into(scratch, min(left, len(scratch)))
-        if k == 0:
-            raise WireError("data channel closed")
-        left -= k
+class FrameReader:
+    """Frames from one socket. Buffered: a burst of small frames costs one ``recv``; a large payload is
+    received straight into the destination tensor's memory. Unbuffered (``buffered=False``) it never
+    reads past the frame, so a caller can go on reading the socket directly."""
+
+    def __init__(self, sock: socket.socket, buffered: bool = True, size: int = 256 << 10):
+        self.sock, self.buffered = sock, buffered
+        self._buf = bytearray(size if buffered else 0)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+
+    def _fill(self, need: int) -> None:
+        """At least ``need`` (≤ the buffer's size) bytes buffered."""
+        if self._end - self._start >= need:
+            return
+        if self._start:
+            held = self._end - self._start
+            self._view[:held] = self._view[self._start:self._end]
+            self._start, self._end = 0, held
+        while self._end < need:
+            k = self.sock.recv_into(self._view[self._end:])
+            if k == 0:
+                raise WireError("data channel closed")
+            self._end += k
+
+    def read_into(self, dst: memoryview) -> None:
+        """Fill ``dst`` exactly: what is buffered first, then straight from the socket."""
+        n, got = len(dst), min(len(dst), self._end - self._start)
+        if got:
+            dst[:got] = self._view[self._start:self._start + got]
+            self._start += got
+        while got < n:
+            k = self.sock.recv_into(dst[got:], min(CHUNK, n - got))
+            if k == 0:
+                raise WireError("data channel closed")
+            got += k
+
+    def _exact(self, n: int) -> memoryview:
+        if self.buffered and n <= len(self._buf):
+            self._fill(n)
+            out = self._view[self._start:self._start + n]
+            self._start += n
+            return out
+        out = memoryview(bytearray(n))
+        self.read_into(out)
+        return out
+
+    def pending(self) -> bool:
+        return self._end > self._start
+
+    def _discard(self, nbytes: int) -> None:
+        scratch = memoryview(bytearray(min(CHUNK, nbytes)))
+        while nbytes:
+            k = min(nbytes, len(scratch))
+            self.read_into(scratch[:k])
+            nbytes -= k
+
+    def read(self, max_payload: int | None = None, frame_s: float | None = None) -> tuple[dict, torch.Tensor | None]:
+        """One frame: ``(header, tensor or None)``.
+
+        A tensor frame that is refused — over ``max_payload`` or malformed but with a readable
+        size — has its payload read and discarded (the channel stays in step) and says why in
+        ``header["refused"]``. A header that is not a JSON object is a ``WireError``."""
+        head = None
+        if self.buffered:  # a peer may stay idle between frames as long as it likes,
+            self._fill(1)
+        else:
+            head = self._exact(_LEN.size)
+        if frame_s is not None:  # but a frame it has begun must keep arriving
+            self.sock.settimeout(frame_s)
+        try:
+            return self._rest(head if head is not None else self._exact(_LEN.size), max_payload)
+        except TimeoutError:
+            if frame_s is None:
+                raise  # the caller's own timeout: it decides what a stall means
+            raise WireError(f"a frame stalled for {frame_s:.0f}s") from None
+        finally:
+            if frame_s is not None:
+                self.sock.settimeout(None)
+
+    def _rest(self, head, max_payload: int | None) -> tuple[dict, torch.Tensor | None]:
+        (n,) = _LEN.unpack(head)
+        if n > _MAX_HEADER:
+            raise WireError(f"frame header of {n} bytes is malformed")
+        raw = self._exact(n)
+        try:
+            header = json.loads(bytes(raw))
+        except (ValueError, RecursionError):
+            raise WireError("a frame header is not JSON") from None
+        if not isinstance(header, dict):
+            raise WireError("a frame header is not a JSON object")
+        if header.get("kind") != "tensor":
+            return header, None
+        nbytes = header.get("nbytes")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise WireError("a tensor frame without a valid byte count")
+        problem = _tensor_problem(header)
+        if problem is None and max_payload is not None and nbytes > max_payload:
+            problem = f"a {nbytes}-byte tensor exceeds the worker's payload cap of {max_payload} bytes"
+        if problem is not None:
+            self._discard(nbytes)
+            header["refused"] = problem
+            return header, None
+        dtype = dtype_from_name(header["dtype"])
+        if not nbytes:
+            return header, torch.empty(header["shape"], dtype=dtype)
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # kept by the receiver: the payload lands in it directly
+        self.read_into(memoryview(buf.numpy()))
+        return header, buf.view(dtype).reshape(header["shape"])
 
 
 def _tensor_problem(header: dict) -> str | None:
@@ -128,54 +243,8 @@ def _tensor_problem(header: dict) -> str | None:
 
 def recv_frame(sock: socket.socket, max_payload: int | None = None,
                frame_s: float | None = None) -> tuple[dict, torch.Tensor | None]:
-    """Read one frame: ``(header, tensor or None)``.
-
-    A tensor frame that is refused — over ``max_payload`` or malformed but with a readable
-    size — has its payload read and discarded (the channel stays in step) and says why in
-    ``header["refused"]``. A header that is not a JSON object is a ``WireError``."""
-    head = bytearray(_LEN.size)
-    _recv_exact_into(sock, memoryview(head))  # a peer may stay idle between frames as long as it likes,
-    if frame_s is not None:  # but a frame it has begun must keep arriving
-        sock.settimeout(frame_s)
-    try:
-        return _recv_rest(sock, head, max_payload)
-    except TimeoutError:
-        raise WireError(f"a frame stalled for {frame_s:.0f}s") from None
-    finally:
-        if frame_s is not None:
-            sock.settimeout(None)
-
-
-def _recv_rest(sock: socket.socket, head: bytearray, max_payload: int | None) -> tuple[dict, torch.Tensor | None]:
-    (n,) = _LEN.unpack(head)
-    if n > _MAX_HEADER:
-        raise WireError(f"frame header of {n} bytes is malformed")
-    raw = bytearray(n)
-    _recv_exact_into(sock, memoryview(raw))
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise WireError("a frame header is not JSON") from None
-    if not isinstance(header, dict):
-        raise WireError("a frame header is not a JSON object")
-    if header.get("kind") != "tensor":
-        return header, None
-    nbytes = header.get("nbytes")
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-        raise WireError("a tensor frame without a valid byte count")
-    problem = _tensor_problem(header)
-    if problem is None and max_payload is not None and nbytes > max_payload:
-        problem = f"a {nbytes}-byte tensor exceeds the worker's payload cap of {max_payload} bytes"
-    if problem is not None:
-        _discard(sock, nbytes)
-        header["refused"] = problem
-        return header, None
-    dtype = dtype_from_name(header["dtype"])
-    if not nbytes:
-        return header, torch.empty(header["shape"], dtype=dtype)
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    _recv_exact_into(sock, memoryview(buf.numpy()))
-    return header, buf.view(dtype).reshape(header["shape"])
+    """Read one frame from ``sock`` without reading past it (see ``FrameReader.read``)."""
+    return FrameReader(sock, buffered=False).read(max_payload, frame_s)
 
 
 def _int(x, low: int = 0) -> bool:

@@ -16,6 +16,7 @@ error reply and the worker stays up.
 
 from __future__ import annotations
 
+import copy
 import errno
 import hmac
 import json
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import rpyc
 import torch
@@ -39,13 +40,23 @@ from tapml.core import (
     TapmlError,
     UnitCall,
     bind_args,
+    byte_view,
     content_key,
     flatten_outputs,
     remote_refusal,
 )
 from tapml.platforms import PlatformError, Support, Unsupported, open_local
 
-from .wire import FrameError, WireError, check_run, read_preamble, recv_frame, send_frame, send_tensor
+from .wire import (
+    FrameError,
+    FrameReader,
+    WireError,
+    check_run,
+    frame_buffers,
+    read_preamble,
+    send_buffers,
+    tensor_buffers,
+)
 
 __all__ = ["WorkerConfig", "serve", "SERVER_CONFIG", "READY"]
 
@@ -261,6 +272,16 @@ def _admit(op: OpCall, max_payload: int) -> Support:
     return Support.yes()
 
 
+def _placed(op: OpCall, index: int, module: str, call: int) -> OpCall:
+    """``op`` at another place in the model (fields checked by ``check_run``): a shallow copy keeps the
+    checked fields and cached properties (resolved overload, specs) that ``dataclasses.replace`` would
+    validate and compute again on every run."""
+    placed = copy.copy(op)
+    for name, value in (("index", index), ("module", module), ("call", call)):
+        object.__setattr__(placed, name, value)
+    return placed
+
+
 class _Session:
     """One client: its data socket, its uploaded tensors and the ops it has sent."""
 
@@ -272,6 +293,7 @@ class _Session:
         self.ops: dict[str, OpCall] = {}
         self.units: dict[str, UnitCall] = {}  # prepared (admitted and compiled) by this client
         self.sock: socket.socket | None = None
+        self._outgoing: list = []  # output frames of the run being answered, sent with its reply
         self._claimed = threading.Lock()
 
     def claim(self, sock: socket.socket) -> bool:
@@ -281,9 +303,10 @@ class _Session:
         """The data loop: store tensor frames, answer run frames, until the client goes."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
+        reader = FrameReader(sock)
         try:
             while True:
-                header, t = recv_frame(sock, self.worker.config.max_payload, frame_s=self.worker.config.frame_s)
+                header, t = reader.read(self.worker.config.max_payload, frame_s=self.worker.config.frame_s)
                 kind = header.get("kind")
                 if kind == "tensor":
                     if t is None:
@@ -303,8 +326,10 @@ class _Session:
             self.close()
 
     def _reply(self, reply: dict | None) -> None:
+        """The run's output frames and its reply in one write (one wakeup of the client)."""
+        outgoing, self._outgoing = self._outgoing, []
         if reply is not None:
-            send_frame(self.sock, {"kind": "reply", **reply})
+            send_buffers(self.sock, outgoing + frame_buffers({"kind": "reply", **reply}))
 
     def _inputs(self, header: dict, specs: list) -> tuple[list[torch.Tensor], dict | None]:
         inputs, missing = [], []
@@ -322,7 +347,7 @@ class _Session:
                 if isinstance(ref, dict):  # a view into a tensor the worker holds (as_strided checks the bounds)
                     inputs.append(t.reshape(-1).as_strided(ref["shape"], ref["stride"], ref["offset"]))
                 else:
-                    inputs.append(t.reshape(spec.shape))
+                    inputs.append(t if t.shape == spec.shape else t.reshape(spec.shape))
             except (RuntimeError, ValueError, TypeError, OverflowError) as e:
                 return [], {"ok": False, "error": "malformed", "message": f"input {key[:40]}: {str(e)[:200]}"}
             if tuple(inputs[-1].shape) != spec.shape or inputs[-1].dtype != spec.torch_dtype:
@@ -345,7 +370,7 @@ class _Session:
         op = self.ops.get(header["sig"])
         if op is None:
             return {"ok": False, "error": "unknown-op"}
-        op = replace(op, index=header["index"], module=header["module"], call=header["call"])
+        op = _placed(op, header["index"], header["module"], header["call"])
         inputs, problem = self._inputs(header, op.inputs)
         if problem is not None:
             return problem
@@ -384,10 +409,12 @@ class _Session:
         except Exception as e:  # the kernel failed (OpFailed or a platform bug): the op is lost, not the worker
             return {"ok": False, "error": "failed", "message": f"{type(e).__name__}: {str(e)[:500]}"}
         for t in outputs:  # kept under their key: an output the next op consumes is not sent back
-            t = t.detach().resolve_conj().resolve_neg().contiguous()
-            key = content_key(t)
+            if t.requires_grad or t.is_conj() or t.is_neg() or not t.is_contiguous():
+                t = t.detach().resolve_conj().resolve_neg().contiguous()
+            view = byte_view(t) if t.numel() else None  # hashed and sent from the same bytes
+            key = content_key(t, view)
             self.cache.put(key, t)
-            send_tensor(self.sock, key, t)
+            self._outgoing += tensor_buffers(key, t, view)[0]
         return {"ok": True, "kernel_s": kernel_s}
 
     def close(self) -> None:

@@ -106,7 +106,23 @@ def resolve_op(name: str, library: str | None = None) -> torch._ops.OpOverload:
     """``"aten.addmm.default"`` → ``torch.ops.aten.addmm.default``, or ``OpRefused`` saying why not.
 
     ``library``: the module a store or client says registers the op's namespace (imported only
-    when trusted, see ``load_library``)."""
+    when trusted, see ``load_library``). Built-in resolutions are remembered (the engine asks per op per
+    step); refusals are not."""
+    key = (name, library) if isinstance(name, str) and (library is None or isinstance(library, str)) else None
+    hit = _resolved.get(key) if key is not None else None
+    if hit is not None:
+        return hit
+    resolved = _resolve(name, library)
+    if key is not None and name.startswith(("aten.", "prims.")) and len(_resolved) < 65536:  # not custom ops,
+        # which a test or a library may unregister
+        _resolved[key] = resolved
+    return resolved
+
+
+_resolved: dict[tuple[str, str | None], torch._ops.OpOverload] = {}
+
+
+def _resolve(name: str, library: str | None) -> torch._ops.OpOverload:
     match = _NAME.fullmatch(name) if isinstance(name, str) else None
     if match is None:
         raise OpRefused(f"op name {name!r} is not NAMESPACE.OP.OVERLOAD")

@@ -12,14 +12,42 @@ carved outputs instead.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from tapml.carving import FixtureStore
 from tapml.core import decode_value, iter_specs, place_device, resolve_op, tensors_in
 
-__all__ = ["exact_outputs"]
+__all__ = ["exact_outputs", "WidenedCache"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+CACHE_BYTES = 1 << 30  # widened weights kept for reuse: float64 is 4× a bfloat16 model, 20 GB at 1.1B parameters
+
+
+class WidenedCache:
+    """Widened leaves (weights, constants) by content key, least recently used dropped past a byte
+    budget: a decode step reads every weight again, but not all of them need to stay widened."""
+
+    def __init__(self, budget: int = CACHE_BYTES):
+        self.budget, self.used = budget, 0
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def __setitem__(self, key: str, t: torch.Tensor) -> None:
+        if key in self._items:
+            return
+        self._items[key] = t
+        self.used += t.numel() * t.element_size()
+        while self.used > self.budget and self._items:
+            _, old = self._items.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
 
 
 def _widen(value):
@@ -34,7 +62,7 @@ def _widen(value):
     return value
 
 
-def exact_outputs(store: FixtureStore) -> list[torch.Tensor | None] | None:
+def exact_outputs(store: FixtureStore, cache_bytes: int = CACHE_BYTES) -> list[torch.Tensor | None] | None:
     """The model's output tensors computed in float64 (None per output it cannot give; None overall
     for a store carved without data flow)."""
     graph = store.graph
@@ -45,7 +73,7 @@ def exact_outputs(store: FixtureStore) -> list[torch.Tensor | None] | None:
     for o in graph.returns:
         if o is not None:
             left[o] = left.get(o, 0) + 1
-    leaves: dict[str, torch.Tensor] = {}  # a weight read by many ops is widened once
+    leaves = WidenedCache(cache_bytes)  # a weight read by many ops is widened once while it fits
     with torch.no_grad():
         for rec in store.ops:
             j = rec["index"]
@@ -64,7 +92,7 @@ def exact_outputs(store: FixtureStore) -> list[torch.Tensor | None] | None:
     return [values.get(o) if o is not None else None for o in graph.returns]
 
 
-def _input(store: FixtureStore, values: dict, leaves: dict, source, ref: dict) -> torch.Tensor:
+def _input(store: FixtureStore, values: dict, leaves: WidenedCache | dict, source, ref: dict) -> torch.Tensor:
     if source is not None and source in values:
         return values[source]
     if ref.get("key") not in leaves or ref.get("storage"):

@@ -93,7 +93,7 @@ def run_local(store: FixtureStore, target: Target, judge: Judge, index: int, *, 
         return LocalResult(*here, Status.UNSUPPORTED, e.reason)
     except OpFailed as e:
         return LocalResult(*here, e.status, f"{type(e).__name__}: {e}", lost=e.fatal)
-    want = store.outputs(index)
+    want = store.outputs(index, read_only=True)
     live = [store.graph.live(index, k) for k in range(len(want))]
     metrics = judge.judge(op, got, want, inputs, live=live)
     return LocalResult(*here, Status.OK if metrics.ok else Status.DIVERGENT, local=metrics,

@@ -90,7 +90,7 @@ class MixedRun(TorchDispatchMode):
         if outputs is None:
             return _reference(func, args, kwargs)
         start = time.perf_counter()
-        want = self.store.outputs(index)
+        want = self.store.outputs(index, read_only=True)
         flows = [self.store.graph.live(index, k) for k in range(len(want))]
         # chained: judged against the carved output by tolerance (the bound is for local errors)
         metrics = self.judge.judge(op, outputs, want, live, oracle=False, live=flows)
@@ -106,7 +106,7 @@ class MixedRun(TorchDispatchMode):
             return _reference(func, args, kwargs)
         # an output nothing reads (layer norm's mean/rstd in inference) with a wrong shape: the carved value
         # stands in, so the op's live outputs still come from the target
-        outputs = [o if f or o.shape == w.shape else w for o, w, f in zip(outputs, want, flows, strict=True)]
+        outputs = [o if f or o.shape == w.shape else w.clone() for o, w, f in zip(outputs, want, flows, strict=True)]
         try:
             return self._hand_back(func, rec, op, [o.to(device) for o in outputs], want, args, kwargs)
         except Exception as e:  # tapml's own failure: the op falls back, the model is not blamed

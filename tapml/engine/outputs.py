@@ -43,7 +43,7 @@ def end_to_end(got, want, judge: Judge, excluded: dict[int, str] | None = None,
         e = exact[i] if exact is not None and i < len(exact) else None
         if judge.rule != "tolerance" and e is not None and w.is_floating_point() and m.problem_kind is None \
                 and e.shape == g.shape:
-            _against_float64(m, g, w, e)
+            _against_float64(m, g, w, e, judge.compute_dtype)
         m.output = i
         if worst is None or (not m.ok, _size(m)) > (not worst.ok, _size(worst)):
             worst = m
@@ -54,9 +54,13 @@ def _size(m: Metrics) -> float:
     return m.bound.ratio if m.bound is not None else (m.max_abs if m.max_abs is not None else math.inf)
 
 
-def _against_float64(m: Metrics, g: torch.Tensor, w: torch.Tensor, e: torch.Tensor) -> None:
+def _against_float64(m: Metrics, g: torch.Tensor, w: torch.Tensor, e: torch.Tensor,
+                     compute_dtype: str | None = None) -> None:
+    """The floor's unit roundoff is the coarser of the output's dtype and the target's compute dtype: a
+    bfloat16 target on a float32 model rounds every op to 2⁻⁸, as the per-op bounds already allow."""
     r_t, r_r = rmse(g, e), rmse(w, e)
-    floor = 4 * unit_roundoff(dtype_name(w.dtype)) * math.sqrt(float((e.double() ** 2).mean())) if e.numel() else 0.0
+    u = max(unit_roundoff(dtype_name(w.dtype)), unit_roundoff(compute_dtype) if compute_dtype else 0.0)
+    floor = 4 * u * math.sqrt(float((e.double() ** 2).mean())) if e.numel() else 0.0
     allowed = E2E_FACTOR * r_r + floor
     m.oracle = Oracle(r_t, r_r, (r_t / r_r) if r_r else (0.0 if r_t == 0 else math.inf), r_t <= allowed)
     m.bound = BoundCheck(f"RMSE to the float64 run ≤ {E2E_FACTOR:g}× the reference's + 4u·rms",
