@@ -293,3 +293,34 @@ def test_a_graph_level_fault_fails_the_module_item_of_its_call(store, tmp_path):
     bad = pytest_run("--tapml-store", store.path, "--tapml-units", "layers", cwd=tmp_path)
     assert bad.returncode == 4 and "--tapml-units layers: choose ops or modules" in bad.stderr
 
+
+def test_emitted_module_tests_run_elsewhere_and_fail_on_a_fused_fault(store, tmp_path, capsys):
+    out = tmp_path / "carved"
+    assert main(["emit-tests", str(store.path), "-o", str(out), "--units", "modules", "--all-calls", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["emitted"] == 8 and not result["not_reproducible"]
+    assert {p.name for p in out.iterdir()} == {"test_carved_units.py", "carved_units.json", "conftest.py",
+                                               "carved_store"}
+    source = (out / "test_carved_units.py").read_text()
+    assert source.count("\n@carved_unit(") == 8
+    assert ("@carved_unit(3, id='encoder.layer.2#0')  # BertLayer: carved ops [151, 208), layer 42 of the carve\n"
+            "def test_unit_0151_BertLayer():\n    \"\"\"encoder.layer.2 (BertLayer) compiled whole: 57 ops") in source
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    proc = pytest_run(out, "-q", cwd=elsewhere, env=env)
+    assert proc.returncode == 0 and "8 passed" in proc.stdout, proc.stdout[-2000:]
+    proc = pytest_run(out, "-q", cwd=elsewhere, env=dict(env, TAPML_PLATFORM=FUSION))
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    assert proc.returncode == 1 and len(failed) == 1, proc.stdout[-3000:]
+    assert "test_unit_0151_BertLayer[encoder.layer.2#0]" in failed[0]
+    assert "compiled as one unit on fusion-bug" in proc.stdout and "Traceback" not in proc.stdout
+    assert "bound: " in proc.stdout and "(rule: bound)" in proc.stdout
+    assert main(["emit-tests", str(store.path), "-o", str(tmp_path / "one"), "--units", "modules", "--only",
+                 "encoder.*"]) == 0
+    assert "1 tests written" in capsys.readouterr().out  # one BertLayer signature
+    units = json.loads((out / "carved_units.json").read_text())["units"]
+    units[0]["unit"]["nodes"][0]["op"] = "aten.mul.Tensor"  # an edited program no longer reproduces
+    (out / "carved_units.json").write_text(json.dumps({"units": units}))
+    proc = pytest_run(out, "-q", "-k", "embeddings", cwd=elsewhere, env=env)
+    assert proc.returncode == 1 and "does not reproduce its carved outputs on the reference" in proc.stdout
