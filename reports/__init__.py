@@ -13,10 +13,11 @@ from .explorer import model_explorer_data
 from .html import fmt, human_bytes, render_report, summary_html, write_report, write_text
 from .run import SUPPORTED_SCHEMA, ReportError, load_run
 from .tree import TreeNode, module_tree, ops_tree
+from .units import unit_error, unit_lines
 
 __all__ = ["ReportError", "SUPPORTED_SCHEMA", "TreeNode", "diff_records", "fmt", "human_bytes", "load_run",
            "model_explorer_data", "module_tree", "ops_tree", "render_diff", "render_report", "summary_html",
-           "write_diff", "write_model_explorer", "write_report"]
+           "unit_error", "unit_lines", "write_diff", "write_model_explorer", "write_report"]
 
 Run.html_fragment = summary_html  # a Run shows the report's summary and culprit card in Jupyter
 

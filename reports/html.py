@@ -15,6 +15,7 @@ from tapml.record import OpRow, Run
 from .plots import end_to_end_by_step, error_along_model, error_histogram
 from .run import ReportError, load_run
 from .tree import measured_rows, ops_tree
+from .units import LEVELS, unit_error, unit_lines
 
 __all__ = ["render_report", "write_report", "summary_html", "fmt", "human_bytes", "write_text", "ENV"]
 
@@ -55,6 +56,7 @@ def _dots(text: str | None) -> markupsafe.Markup:
 
 
 ENV.filters.update(num=fmt, bytes=human_bytes, dots=_dots)
+ENV.globals.update(levels=LEVELS, unit_error=unit_error)
 
 
 def _boundaries(record: Run) -> list[tuple[int, str]]:
@@ -128,6 +130,7 @@ def render_report(record: Run, *, repro_href: str | None = None) -> str:
         op_types=sorted({o.op for o in record.ops}), statuses=[s for s, n in record.counts.items() if n],
         tree=ops_tree(record.ops), measured=measured_rows(record.ops), is_view=is_view,
         views=sum(1 for o in record.ops if is_view(o)), repro_href=repro_href or _repro_href(record, None, None),
+        unit_lines=unit_lines(record),
     )
 
 

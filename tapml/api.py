@@ -335,11 +335,12 @@ def diff(run_a: str | os.PathLike, run_b: str | os.PathLike, out: str | os.PathL
 
 
 def emit_tests(store: str | os.PathLike | FixtureStore, out: str | os.PathLike, *, only: str | None = None,
-               all_calls: bool = False, force: bool = False) -> dict:
-    """Standalone, readable pytest files for the store's ops plus a subset store (see ``tapml.emit``)."""
+               all_calls: bool = False, force: bool = False, units: str = "ops") -> dict:
+    """Standalone, readable pytest files for the store's ops (``units="modules"``: its module units) plus a
+    subset store (see ``tapml.emit``)."""
     from .emit import emit_tests as write_tests
 
-    return write_tests(open_store(store), out, only=only, all_calls=all_calls, force=force)
+    return write_tests(open_store(store), out, only=only, all_calls=all_calls, force=force, units=units)
 
 
 def test(store: str | os.PathLike | FixtureStore, platforms: tuple[str, ...] | list[str] = (),

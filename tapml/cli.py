@@ -201,20 +201,23 @@ def test(ctx, store_dir, platforms, remote, all_calls):
 @cli.command(name="emit-tests")
 @click.argument("store_dir", metavar="STORE", type=click.Path())
 @click.option("-o", "--out", "out", required=True, type=click.Path(), help="Directory to write the tests into.")
-@click.option("--only", help="Only ops whose overload matches this glob (aten.addmm*).")
+@click.option("--only", help="Only ops whose overload (with --units modules: units whose module path) matches.")
 @click.option("--all-calls", is_flag=True, help="One test per call, not per unique signature.")
+@click.option("--units", type=click.Choice(["ops", "modules"]), default="ops", show_default=True,
+              help="A test per carved op, or per module unit a top-down run compiles.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def emit_tests_command(store_dir, out, only, all_calls, force, as_json):
+def emit_tests_command(store_dir, out, only, all_calls, units, force, as_json):
     """Write standalone, readable pytest files plus the tensors they need (a subset store)."""
-    result = api.emit_tests(store_dir, out, only=only, all_calls=all_calls, force=force)
+    result = api.emit_tests(store_dir, out, only=only, all_calls=all_calls, force=force, units=units)
     if as_json:
         console.emit_json(result)
         return
-    click.echo(f"{result['emitted']} tests written to {result['path']} "
-               f"({result['skipped_by_design']} view/random ops left out)")
+    click.echo(f"{result['emitted']} tests written to {result['path']}"
+               + (f" ({result['skipped_by_design']} view/random ops left out)" if units == "ops" else ""))
     for index, why in result["not_reproducible"].items():
-        click.echo(f"not emitted: op {index} does not reproduce on the reference: {why}", err=True)
+        click.echo(f"not emitted: {'op' if units == 'ops' else 'unit'} {index} does not reproduce on the "
+                   f"reference: {why}", err=True)
 
 
 @cli.command()

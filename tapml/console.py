@@ -23,7 +23,7 @@ from rich.table import Table
 
 from .core import jsonable
 from .record import Run
-from .reports import human_bytes
+from .reports import human_bytes, unit_error
 
 __all__ = ["err", "out", "emit_json", "human_bytes", "progress", "table", "show_store", "show_run", "show_replay",
            "show_platforms", "show_zoo", "show_diff", "show_matrix_row"]
@@ -200,6 +200,8 @@ def show_run(r: Run, outdir: Path | None, as_json: bool) -> None:
         _listed(o, divergent, lambda x: o.print(
             f"  {x.index:4d} {escape(x.op)} in {escape(x.module or '(model)')}: max abs {_f(x.local.max_abs)}"
             f" — {escape(x.local.why or '')}"))
+    if r.units:
+        _show_units(o, r)
     if r.first_nonfinite:
         f = r.first_nonfinite
         o.print(f"first NaN/Inf: op {f.index} {escape(f.op)} in {escape(f.module or '(model)')} ({f.where})")
@@ -208,6 +210,26 @@ def show_run(r: Run, outdir: Path | None, as_json: bool) -> None:
         o.print(f"report: {outdir / 'report.html'}")
         if r.culprit is not None and r.culprit.repro_dir:
             o.print(f"repro: python {outdir / r.culprit.repro_dir / 'repro.py'}")
+
+
+def _show_units(o: Console, r: Run) -> None:
+    """A top-down run's units (the compiled ones, those that fell back or failed, and those checked while
+    localizing) and the descent that found the culprit."""
+    rows = [u for u in r.units if u.status != "not a unit" or u.parent is None]
+    shown = rows if not o.is_terminal else rows[:TERMINAL_LIST]
+    compiled = sum(1 for u in r.units if u.status == "compiled")
+    table(["unit", "class", "status", "local", "propagated", "run", "reason"],
+          [[u.module or "(model)", u.cls, u.status, unit_error(u.local, r.rule), unit_error(u.propagated, r.rule),
+            "" if u.run_ms is None else f"{u.run_ms:.3g} ms", u.reason or ""] for u in shown],
+          title=f"units: {compiled} compiled of {len(r.units)} module calls considered", console=o, right=(3, 4, 5))
+    if len(shown) < len(rows):
+        o.print(f"  … and {len(rows) - len(shown)} more units (all of them in the report and run.json)")
+    c = r.culprit
+    if c is not None and c.descent:
+        where = f" (fused kernel {c.kernel}: {', '.join(c.covers) or 'no carved op matched'})" if c.kernel else ""
+        o.print(f"descent to the culprit, level {c.level}{escape(where)}:")
+        for k, step in enumerate(c.descent):
+            o.print(f"  {'  ' * k}{'→ ' if k else ''}{escape(step)}")
 
 
 def show_replay(result, as_json: bool) -> None:

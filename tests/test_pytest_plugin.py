@@ -233,3 +233,94 @@ def test_emit_refuses_ops_that_do_not_reproduce(store, tmp_path, monkeypatch):
     monkeypatch.setattr(emit, "replay", fake_replay)
     result = emit.emit_tests(store, tmp_path / "carved", only="aten.addmm*")
     assert result["emitted"] == 3 and list(result["not_reproducible"].values()) == ["bytes differ"]
+
+
+FUSION = f"{HELPERS}:FusionBug"
+
+
+def first_unit_checks(record: dict) -> Counter:
+    """The run's isolated unit pass: the first call of each signature among the units it ran, ok or not."""
+    seen, out = set(), Counter()
+    for u in record["units"]:
+        if u["status"] in ("compiled", "failed") and u["signature"] not in seen:
+            seen.add(u["signature"])
+            out["passed" if u["local"]["ok"] else "failure"] += 1
+    return out
+
+
+@pytest.mark.parametrize("platform", ["torch-cpu", "fp16"])
+def test_module_items_match_the_isolated_unit_pass_of_a_top_down_run(store, tmp_path, platform):
+    run = tmp_path / "run"
+    main(["offload", "zoo:minilm", "--platform", platform, "--store", str(store.path), "-o", str(run),
+          "--plan", "top-down"])
+    expected = first_unit_checks(json.loads((run / "run.json").read_text()))
+    summary = tmp_path / "summary.json"
+    proc = pytest_run("--tapml-store", store.path, "--tapml-platform", platform, "--tapml-units", "modules",
+                      "--junitxml", tmp_path / "j.xml", "--tapml-json", summary, cwd=tmp_path)
+    outcomes = Counter(junit_outcomes(tmp_path / "j.xml").values())
+    assert outcomes == expected and sum(expected.values()) == 3, proc.stdout[-3000:]  # embeddings, layer, pooler
+    assert proc.returncode == (1 if expected["failure"] else 0)
+    assert "module unit signatures (the first call of each): " in proc.stdout
+    written = json.loads(summary.read_text())
+    assert written["unit"] == "module signatures" and sum(written["counts"].values()) == 3
+    assert set(written["by_op"]) == {"BertEmbeddings", "BertLayer", "BertPooler"}
+
+
+def test_a_graph_level_fault_fails_the_module_item_of_its_call(store, tmp_path):
+    """FusionBug corrupts encoder.layer.2 compiled whole. One item per signature tests layer 0 for all six
+    layers and passes, as the run's isolated pass of first calls does; --tapml-all-calls tests every layer
+    and fails layer 2 alone, selectable with -k by its module path."""
+    args = ["--tapml-store", store.path, "--tapml-platform", FUSION, "--tapml-units", "modules",
+            "--tapml-in-process"]
+    proc = pytest_run("--collect-only", "-q", *args, cwd=tmp_path)
+    ids = [line.split("::")[1] for line in proc.stdout.splitlines() if "::" in line]
+    assert ids == ["unit-0000-BertEmbeddings[embeddings#0][fusion-bug]",
+                   "unit-0037-BertLayer[encoder.layer.0#0][fusion-bug]", "unit-0379-BertPooler[pooler#0][fusion-bug]"]
+    proc = pytest_run(*args, cwd=tmp_path)
+    assert proc.returncode == 0 and "3 passed" in proc.stdout, proc.stdout[-3000:]
+    assert "later calls of a signature are not tested on their own" in proc.stdout
+    proc = pytest_run(*args, "--tapml-all-calls", "--junitxml", tmp_path / "j.xml", cwd=tmp_path)
+    outcomes = junit_outcomes(tmp_path / "j.xml")
+    assert len(outcomes) == 8 and [n for n, o in outcomes.items() if o != "passed"] == \
+        ["unit-0151-BertLayer[encoder.layer.2#0][fusion-bug]"], proc.stdout[-3000:]
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout
+    for text in ("encoder.layer.2 (BertLayer, call 0, carved ops [151, 208)) compiled as one unit on", "bound: ",
+                 "× the error a correct", "index |     expected |          got |", "--plan top-down",
+                 "module units (every call): 7 ok, 1 divergent"):
+        assert text in proc.stdout, text
+    selected = pytest_run(*args, "--tapml-all-calls", "-q", "-k", "encoder.layer.2", cwd=tmp_path)
+    assert "1 failed, 7 deselected" in selected.stdout
+    bad = pytest_run("--tapml-store", store.path, "--tapml-units", "layers", cwd=tmp_path)
+    assert bad.returncode == 4 and "--tapml-units layers: choose ops or modules" in bad.stderr
+
+
+def test_emitted_module_tests_run_elsewhere_and_fail_on_a_fused_fault(store, tmp_path, capsys):
+    out = tmp_path / "carved"
+    assert main(["emit-tests", str(store.path), "-o", str(out), "--units", "modules", "--all-calls", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["emitted"] == 8 and not result["not_reproducible"]
+    assert {p.name for p in out.iterdir()} == {"test_carved_units.py", "carved_units.json", "conftest.py",
+                                               "carved_store"}
+    source = (out / "test_carved_units.py").read_text()
+    assert source.count("\n@carved_unit(") == 8
+    assert ("@carved_unit(3, id='encoder.layer.2#0')  # BertLayer: carved ops [151, 208), layer 42 of the carve\n"
+            "def test_unit_0151_BertLayer():\n    \"\"\"encoder.layer.2 (BertLayer) compiled whole: 57 ops") in source
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    proc = pytest_run(out, "-q", cwd=elsewhere, env=env)
+    assert proc.returncode == 0 and "8 passed" in proc.stdout, proc.stdout[-2000:]
+    proc = pytest_run(out, "-q", cwd=elsewhere, env=dict(env, TAPML_PLATFORM=FUSION))
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    assert proc.returncode == 1 and len(failed) == 1, proc.stdout[-3000:]
+    assert "test_unit_0151_BertLayer[encoder.layer.2#0]" in failed[0]
+    assert "compiled as one unit on fusion-bug" in proc.stdout and "Traceback" not in proc.stdout
+    assert "bound: " in proc.stdout and "(rule: bound)" in proc.stdout
+    assert main(["emit-tests", str(store.path), "-o", str(tmp_path / "one"), "--units", "modules", "--only",
+                 "encoder.*"]) == 0
+    assert "1 tests written" in capsys.readouterr().out  # one BertLayer signature
+    units = json.loads((out / "carved_units.json").read_text())["units"]
+    units[0]["unit"]["nodes"][0]["op"] = "aten.mul.Tensor"  # an edited program no longer reproduces
+    (out / "carved_units.json").write_text(json.dumps({"units": units}))
+    proc = pytest_run(out, "-q", "-k", "embeddings", cwd=elsewhere, env=env)
+    assert proc.returncode == 1 and "does not reproduce its carved outputs on the reference" in proc.stdout

@@ -40,6 +40,8 @@ def runs(tmp_path_factory):
         "fp16": offload(tmp, "fp16", "fp16", "divergent"),
         "nosoftmax": offload(tmp, "nosoftmax", f"{HELPERS}:NoSoftmax", "ok"),
         "torch": offload(tmp, "torch", "torch-cpu", "ok"),
+        "topdown": offload(tmp, "topdown", f"{HELPERS}:FusionBug", "divergent", "--plan", "top-down",
+                           "--in-process"),  # the worker keys units by signature: FusionBug sees layer 0
     }
 
 
@@ -299,3 +301,84 @@ def test_report_bad_input(tmp_path, capsys, content, message):
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == (["run.json"] if content is not None else [])
+
+
+def test_top_down_report_shows_the_units_tree_and_the_descent(runs, browser):
+    """A graph-level fault (encoder.layer.2 wrong only when compiled whole): the units tree with each unit's
+    status, errors and times, the descent highlighted, and the culprit's level on its card."""
+    record = json.loads((runs["topdown"] / "run.json").read_text())
+    page, problems = open_page(browser, runs["topdown"] / "report.html")
+    rows = page.locator("#units tbody tr")
+    assert rows.count() == len(record["units"])
+    layer2 = page.locator('#units tr[data-module="encoder.layer.2"]')
+    assert "descent" in layer2.get_attribute("class") and "culprit" in layer2.get_attribute("class")
+    cells = layer2.locator("td").all_inner_texts()
+    assert cells[1] == "BertLayer" and cells[2] == "compiled" and "culprit: unit" in cells[0]
+    assert cells[3].endswith("× bound") and float(cells[3].split("×")[0]) > 1  # local, out of bounds
+    assert cells[4].startswith("max abs") and cells[7].endswith(" ms") and cells[8].endswith(" ms")
+    root = page.locator('#units tr[data-module=""]')
+    assert root.get_attribute("data-status") == "fell back" and "repeated blocks" in root.inner_text()
+    child = page.locator('#units tr[data-module="encoder.layer.2.attention"]')
+    assert child.get_attribute("data-status") == "checked" and child.get_attribute("data-depth") == "3"
+    assert "descent" not in (child.get_attribute("class") or "")  # within bounds alone: not on the path
+    layer0 = page.locator('#units tr[data-module="encoder.layer.0"]')
+    assert "descent" not in layer0.get_attribute("class") and "compiled" in layer0.inner_text()
+    assert page.locator('#units tr[data-module="encoder.layer.1"] .inherited').count() == 1  # one signature
+    steps = page.locator("#units-descent li").all_inner_texts()
+    assert steps == record["culprit"]["descent"] and steps[0].startswith("encoder.layer.2 (BertLayer)")
+    assert "graph-level" in page.locator("#units-descent li.end").inner_text()
+    assert page.locator("#culprit-level").inner_text().startswith("unit")
+    assert page.locator("#culprit-module").inner_text() == "encoder.layer.2"
+    assert page.locator("#culprit-op").count() == 0 and page.locator("#repro-link").count() == 0  # no one-op repro
+    assert "--plan top-down" in page.locator("#culprit").inner_text()
+    assert "encoder.layer.0" in page.locator("#units-dag").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    layer2.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "report-top-down.png"))
+    assert not problems, problems
+
+
+def test_runs_without_units_render_as_before(runs):
+    html = (runs["fault"] / "report.html").read_text()
+    assert 'id="units"' not in html and "Units (top-down)" not in html and 'id="culprit-level"' not in html
+    assert 'id="culprit-op">aten.gelu.default<' in html
+
+
+def test_kernel_culprits_name_the_kernel_and_its_ops(runs, tmp_path):
+    """A fused-kernel culprit (what a TVM target's descent ends in), from a record edited to hold one."""
+    from tapml import reports
+
+    record = json.loads((runs["topdown"] / "run.json").read_text())
+    c = record["culprit"]
+    c.update(level="kernel", kernel="fused_matmul_add_gelu", covers=["aten.addmm.default", "aten.gelu.default"],
+             op="fused_matmul_add_gelu", descent=c["descent"][:-1] + ["fused kernel fused_matmul_add_gelu "
+                                                                       "(aten.addmm.default, aten.gelu.default): 9×"])
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    run = reports.load_run(tmp_path / "run.json")
+    html = reports.render_report(run)
+    assert 'id="culprit-kernel">fused_matmul_add_gelu<' in html
+    assert "<code>aten.addmm.default</code>, <code>aten.gelu.default</code>" in html
+    assert "in fused kernel <code>fused_matmul_add_gelu</code>" in html  # the descent box
+    card = run._repr_html_()
+    assert "culprit level: <strong>kernel</strong>" in card and "fused_matmul_add_gelu" in card
+    assert 'class="end">fused kernel fused_matmul_add_gelu' in card
+
+
+def test_the_card_and_the_terminal_name_the_culprit_level(runs, capsys):
+    from tapml import console, reports
+
+    run = reports.load_run(runs["topdown"] / "run.json")
+    card = run._repr_html_()
+    assert "culprit level: <strong>unit</strong> (graph-level)" in card and 'id="descent"' in card
+    assert "culprit level" not in reports.load_run(runs["fault"] / "run.json")._repr_html_()
+    console.show_run(run, runs["topdown"], False)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("units: 8 compiled of ") for line in lines)
+    layer2 = next(line for line in lines if line.startswith("encoder.layer.2 "))
+    assert "BertLayer" in layer2 and "compiled" in layer2 and "× bound" in layer2
+    assert any(line.startswith("encoder.layer.2.attention ") and "checked" in line for line in lines)
+    k = lines.index("descent to the culprit, level unit:")
+    assert lines[k + 1].strip() == run.culprit.descent[0]
+    assert lines[k + 2].strip() == "→ " + run.culprit.descent[1]
+    console.show_run(reports.load_run(runs["fault"] / "run.json"), None, False)
+    assert "units:" not in capsys.readouterr().out  # a per-op run prints as before

@@ -28,7 +28,7 @@ from .localize import LocalResult, skip_reason
 from .outputs import end_to_end
 from .units import Units, UnitSpan, carved_outputs, children_of, unit_inputs
 
-__all__ = ["UnitCulprit", "check_unit", "localize_units"]
+__all__ = ["UnitCulprit", "check_unit", "judge_unit", "localize_units"]
 
 
 @dataclass
@@ -48,18 +48,23 @@ def _float64(t: torch.Tensor) -> torch.Tensor:
     return t.double() if t.is_floating_point() else t
 
 
-def check_unit(store: FixtureStore, target: Target, judge: Judge, unit: UnitCall, span: UnitSpan) -> Metrics | str:
-    """The unit alone on its carved inputs: metrics (against float64 under the bound rule), or why it did not run."""
-    inputs = unit_inputs(store, unit)
-    try:
-        got = target.execute_unit(unit, inputs)
-    except (Unsupported, OpFailed) as e:
-        return f"{type(e).__name__}: {e}"
-    want = carved_outputs(store, span)
+def judge_unit(target: Target, judge: Judge, unit: UnitCall, inputs: list[torch.Tensor],
+               want: list[torch.Tensor]) -> tuple[Metrics, list[torch.Tensor]]:
+    """The unit on ``inputs`` against the reference's ``want`` (and, under the bound rule, the float64 run
+    of the same program): its metrics and the target's outputs. Raises ``Unsupported`` or ``OpFailed``."""
+    got = target.execute_unit(unit, inputs)
     exact = None
     if judge.rule != "tolerance":
         exact = run_program(unit, [_float64(t) for t in inputs], compute=torch.float64)
-    return end_to_end(got, want, judge, None, exact)
+    return end_to_end(got, want, judge, None, exact), got
+
+
+def check_unit(store: FixtureStore, target: Target, judge: Judge, unit: UnitCall, span: UnitSpan) -> Metrics | str:
+    """The unit alone on its carved inputs: metrics (against float64 under the bound rule), or why it did not run."""
+    try:
+        return judge_unit(target, judge, unit, unit_inputs(store, unit), carved_outputs(store, span))[0]
+    except (Unsupported, OpFailed) as e:
+        return f"{type(e).__name__}: {e}"
 
 
 def _ratio(m: Metrics) -> str:
