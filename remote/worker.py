@@ -292,6 +292,7 @@ class _Session:
         self.refused: dict[str, str] = {}
         self.ops: dict[str, OpCall] = {}
         self.units: dict[str, UnitCall] = {}  # prepared (admitted and compiled) by this client
+        self.unit_calls: dict[tuple, UnitCall] = {}  # (signature, module, call, index) -> that call of the unit
         self.sock: socket.socket | None = None
         self._outgoing: list = []  # output frames of the run being answered, sent with its reply
         self._claimed = threading.Lock()
@@ -388,6 +389,14 @@ class _Session:
         unit = self.units.get(header["sig"])
         if unit is None:
             return {"ok": False, "error": "unknown-unit"}
+        where = (header["sig"], header["module"], header["call"], header["index"])
+        if (unit.module, unit.call, unit.index) != where[1:]:  # another call of the same program (a repeated block)
+            if where not in self.unit_calls:
+                try:
+                    self.unit_calls[where] = unit.rebind(*where[1:])
+                except OpRefused as e:
+                    return {"ok": False, "error": "malformed", "message": str(e)[:500]}
+            unit = self.unit_calls[where]
         inputs, problem = self._inputs(header, unit.input_specs)
         if problem is not None:
             return problem

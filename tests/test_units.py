@@ -190,3 +190,11 @@ def test_a_unit_that_fails_on_the_target_makes_the_run_incomplete_never_ok():
     assert "encoder.layer.1" in run.reason
     # its ops stayed on the reference: not counted as offloaded
     assert run.offloaded_ops < run.compute_ops
+
+
+def test_a_graph_level_fault_is_found_through_a_spawned_worker_too():
+    """The worker runs each call of a repeated block as that call (its module path), not as the first
+    call it prepared: a fault keyed on the module path fires where it should."""
+    run = api.offload("zoo:minilm", settings=Settings(platform=f"{HELPERS}:FusionBug"), plan="top-down")
+    assert run.verdict == "divergent", run.summary
+    assert (run.culprit.level, run.culprit.module) == ("unit", "encoder.layer.2")

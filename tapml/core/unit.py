@@ -73,7 +73,10 @@ class UnitCall:
         for j, n in enumerate(self.nodes):
             if not isinstance(n, dict):
                 raise OpRefused(f"unit {self.module}: node {j} is not an object")
-            module = n.get("module") if isinstance(n.get("module"), str) else self.module  # where the op ran
+            # where the op ran, relative to the unit's module: the same program serves every call of a
+            # repeated block, each naming its own modules
+            rel = n.get("module") if isinstance(n.get("module"), str) else ""
+            module = self.module + rel if self.module else rel.lstrip(".")
             out.append(OpCall.from_json(dict(n, module=module, index=j)))
         return out
 
@@ -95,6 +98,10 @@ class UnitCall:
                           [[{k: v for k, v in s.items() if k not in ("key", "offset", "exact")} for s in self.inputs],
                            self.outputs], separators=(",", ":"), sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    def rebind(self, module: str, call: int, index: int) -> UnitCall:
+        """The same program as another call of it (a repeated block): its module path, call and index."""
+        return UnitCall(module, self.cls, call, self.inputs, self.nodes, self.outputs, index)
 
     def to_json(self) -> dict:
         return {"module": self.module, "cls": self.cls, "call": self.call, "inputs": self.inputs,

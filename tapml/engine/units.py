@@ -90,7 +90,7 @@ def build_unit(store: FixtureStore, layer: int, last_reads: dict | None = None) 
         if op["view"] and read_roots and read_roots[0] is not None:
             for k in range(len(list(iter_specs(op["outputs"])))):
                 roots[(i, k)] = read_roots[0]
-        nodes.append(_node(op, srcs))
+        nodes.append(_node(op, srcs, rec["module"]))
     if not compute:
         return "only views inside (no compute)"
     spans = _escaping(store, a, b, last_reads, roots)
@@ -164,7 +164,7 @@ def _position(op: dict, m: int | str) -> int | None:
     return None
 
 
-def _node(op: dict, srcs: list[list[int]]) -> dict:
+def _node(op: dict, srcs: list[list[int]], unit_module: str) -> dict:
     """The op's record as a unit node: each tensor spec gains its ``src``."""
     it = iter(srcs)
 
@@ -182,7 +182,7 @@ def _node(op: dict, srcs: list[list[int]]) -> dict:
         return value
 
     node = {"op": op["op"], "args": tag(op["args"]), "kwargs": tag(op["kwargs"]), "outputs": op["outputs"],
-            "module": op["module"]}
+            "module": op["module"][len(unit_module):] if unit_module else op["module"]}  # relative (``UnitCall``)
     if op.get("library"):
         node["library"] = op["library"]
     return node
