@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .carving import FixtureStore, carve
 from .core import jsonable
-from .engine import find_blocks, migrate
+from .engine import find_blocks, migrate, plan_top_down
 from .settings import Settings
 from .workloads import load_workload
 
@@ -26,8 +26,6 @@ TOP_DOWN = "tvm-llvm top-down"  # the pseudo-target of the top-down column
 def top_down_row(name: str, store: FixtureStore, target) -> dict:
     """The top-down plan on ``target`` (compiles only): which repeated blocks compile as units, and the
     first module call TVM would not compile (status "fell back"), with its reason."""
-    from .engine.topdown import plan_top_down
-
     start = time.perf_counter()
     td = plan_top_down(store, target)
     blocks = set(find_blocks(store))

@@ -27,10 +27,12 @@ from .plans import PLANS, find_blocks, groups_for, make_plan
 from .probe import ModelState, OffCarvedPath
 from .reference import Reference, torch_reference
 from .steps import end_to_end, run_steps, tokens_of
+from .topdown import plan_top_down
 
 __all__ = ["DRAWS", "OP_STATUSES", "PLANS", "LocalResult", "Localization", "MixedResult", "MixedRun", "ModelState",
            "OffCarvedPath", "Reference",
            "build_run", "check_store", "end_to_end", "find_blocks", "find_culprit", "find_victims",
-           "groups_for", "local_pass", "localize", "make_plan", "migrate", "random_input_check", "reference_noise",
+           "groups_for", "local_pass", "localize", "make_plan", "migrate", "plan_top_down", "random_input_check",
+           "reference_noise",
            "run_local", "run_step", "run_steps", "select_ops", "skip_reason", "summary_line", "tokens_of",
            "torch_reference"]
