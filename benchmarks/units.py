@@ -159,7 +159,7 @@ def report(r: dict) -> None:
           "| |")
     print(f"| comparison time per forward, per-op / top-down | {po['compare'] * 1e3:.0f} ms / "
           f"{td['compare'] * 1e3:.0f} ms | |")
-    print(f"| the model's own forward (no tapml) | {r['forward'] * 1e3:.0f} ms | |")
+    print(f"| the model's own forward (no tapml) | {r['forward'] * 1e3:.1f} ms | |")
     if "remote_per_op" in r:
         print(f"| per-op forward through a spawned {r['target']} worker / top-down in process | "
               f"{r['remote_per_op'] * 1e3:.0f} ms / {td['wall'] * 1e3:.0f} ms = "
