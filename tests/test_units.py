@@ -141,3 +141,31 @@ def test_minilm_runs_top_down_as_compiled_tvm_units():
     compiled = {u.module for u in run.units if u.status == "compiled"}
     assert {f"encoder.layer.{i}" for i in range(6)} <= compiled
     assert run.target_stats["unit_compiles"] == 3  # embeddings, one BertLayer signature, pooler
+
+
+class KVCat(torch.nn.Module):
+    """A KV cache's first step: torch.cat of the legacy empty ``(0,)`` start with 4-D keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, k):
+        past = torch.tensor([], dtype=k.dtype)
+        return torch.cat([past, self.proj(k)], dim=-2) * 2
+
+
+def test_a_cat_with_the_legacy_empty_tensor_compiles_as_a_tvm_unit(tmp_path, monkeypatch):
+    pytest.importorskip("tvm")
+    from tapml.engine.units import carved_outputs
+
+    monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path / "cache"))
+    model, k = KVCat(), torch.randn(1, 2, 3, 4)
+    carve(model, lambda: model(k), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    unit, span = Units(store).get(0)
+    assert any(s.shape == (0,) for c in unit.calls if c.op == "aten.cat.default" for s in c.inputs)
+    target = LocalTarget(get_platform("tvm-llvm"))
+    assert target.prepare_unit(unit), "TVM's concat rejects mixed ranks: the empty start must be dropped"
+    (got,) = target.execute_unit(unit, unit_inputs(store, unit))
+    assert torch.allclose(got, carved_outputs(store, span)[0], atol=1e-6)
