@@ -191,10 +191,11 @@ class TVMWebGPU(TVMPlatform):
         return program
 
     def compile_graph(self, unit: UnitCall) -> Any:
+        storable = set(self.capabilities().dtypes) - {"int64"}  # float16 only with the adapter's shader-f16
         for where, specs in (("input", unit.input_specs), ("output", unit.output_specs)):
             for spec in specs:
-                if spec.dtype not in _WGSL_DTYPES or spec.dtype == "uint32":
-                    raise Unsupported(f"a {spec.dtype} unit {where}: WGSL storage has no {spec.dtype}")
+                if spec.dtype not in storable:
+                    raise Unsupported(f"a {spec.dtype} unit {where}: WGSL storage has no {spec.dtype} on this adapter")
         parts = [self.name, self.target, self._tvm.__version__, torch.__version__, "unit", unit.signature]
         path = cache_dir() / "webgpu" / f"{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}.json"
         if path.exists():

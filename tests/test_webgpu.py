@@ -165,7 +165,7 @@ def test_a_module_compiles_as_one_fused_webgpu_unit(tmp_path, monkeypatch):
     by_module = {layer["module"]: units.get(layer["index"]) for layer in store.layers}
     target = LocalTarget(get_platform("tvm-webgpu"))
     # int64 token ids at the boundary: refused in one line, so top-down descends to the children
-    assert target.prepare_unit(by_module[""][0]).reason == "a int64 unit input: WGSL storage has no int64"
+    assert target.prepare_unit(by_module[""][0]).reason.startswith("a int64 unit input: WGSL storage has no int64")
     unit, span = by_module["block"]
     assert target.prepare_unit(unit)
     inputs = unit_inputs(store, unit)
