@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: demo test setup lint bench bench-carve bench-scale clean
+.PHONY: demo test setup lint bench bench-carve bench-scale bench-units clean
 
 $(BIN)/.tapml-ready: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-carve: setup
 
 bench-scale: setup
 	$(BIN)/python benchmarks/scale.py --offload
+
+# Top-down units vs per-op offload: MiniLM and tiny-llama on tvm-llvm and tvm-webgpu (~15 min on 2 cores)
+bench-units: setup
+	$(BIN)/python benchmarks/units.py --remote --threads 1
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -36,6 +36,18 @@ def cast_floats(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+def _without_legacy_empty(args: list) -> list:
+    """``cat``'s tensors without 1-D empty ones: torch skips them (a KV cache starts as a ``(0,)``
+    tensor concatenated with 4-D keys), compilers reject mixed ranks; the result is the same."""
+    tensors = args[0] if args and isinstance(args[0], (list, tuple)) else None
+    if not tensors:
+        return args
+    kept = [t for t in tensors if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == 0)]
+    if not kept or len(kept) == len(tensors):
+        return args
+    return [kept, *args[1:]]
+
+
 class UnitProgram(torch.nn.Module):
     """``forward(*inputs)`` runs the unit's nodes in order and returns its outputs as a tuple.
 
@@ -60,6 +72,8 @@ class UnitProgram(torch.nn.Module):
             kwargs = decode_value(call.kwargs, value)
             if self.compute is not None:
                 args, kwargs = cast_floats(args, self.compute), cast_floats(kwargs, self.compute)
+            if call.op == "aten.cat.default":
+                args = _without_legacy_empty(args)
             values.append(flatten_outputs(self.node(call, args, kwargs)))
         if self.keep:
             self.values = values

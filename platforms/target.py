@@ -8,7 +8,9 @@ not tell an in-process platform from a worker across the network. Both
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +25,26 @@ __all__ = ["Target", "LocalTarget"]
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def _in_fresh_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a thread of its own. A live mixed run compiles from inside torch's dispatcher, whose
+    thread-local state (autograd keys excluded below the dispatch mode) makes ``torch.export`` fail
+    ("a fake tensor in the exported program constant's list"); a new thread starts from clean state."""
+    box: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # re-raised on the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=go, name="tapml-compile")
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 class Target:
@@ -92,7 +114,7 @@ class LocalTarget(Target):
         support = self.platform.supports(op)
         if support:
             try:
-                self._kernels[op.signature] = self.platform.compile(op)
+                self._kernels[op.signature] = _in_fresh_thread(lambda: self.platform.compile(op))
                 self._stats["compiles"] += 1
             except Unsupported as e:
                 support = Support.no(e.reason)
@@ -122,7 +144,7 @@ class LocalTarget(Target):
             return known
         support = Support.yes()
         try:
-            self._kernels[key] = self.platform.compile_graph(unit)
+            self._kernels[key] = _in_fresh_thread(lambda: self.platform.compile_graph(unit))
             self._stats["unit_compiles"] += 1
         except Unsupported as e:
             support = Support.no(e.reason)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,18 +48,41 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
-def _export(module: torch.nn.Module, examples: tuple):
-    """``torch.export`` on a thread of its own: an in-process platform compiles lazily inside the
-    live run's dispatch-mode handler, whose thread-local dispatch keys make export's fake tensors
-    leak into the program as constants ("We found a fake tensor in the exported program")."""
-    with ThreadPoolExecutor(1, thread_name_prefix="tapml-export") as pool:
-        return pool.submit(torch.export.export, module, examples).result()
-
-
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """TVM's DLPack import requires 64-byte aligned data; a view at an offset is not."""
     t = t.contiguous()
     return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+_SCHEDULE = "loop-order-1"  # in the unit cache key: a change of schedule rebuilds
+
+
+def _loop_order(func):
+    """``func`` rescheduled for a CPU, or None. Per block: every reduction loop moves outside the
+    innermost spatial loop (``C[i, j] += A[i, k] * B[k, j]`` walks ``j`` contiguously, which LLVM
+    vectorizes, instead of striding through ``B`` along ``k``), and the spatial loops outside it run
+    in parallel. Each output element still accumulates its ``k`` terms in order: the same bits.
+    Unscheduled, a legalized matmul runs about 10× slower (MiniLM's layer: ~250 → ~25 ms)."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    sch = s_tir.Schedule(func)
+    blocks = normalize_prim_func(sch)
+    if not blocks:
+        return None
+    for block in blocks:
+        kinds = "".join(i.kind for i in block.iters)
+        if "O" in kinds:
+            return None
+        spatial = [i.loop_rv for i in block.iters if i.kind == "S"]
+        reduce = [i.loop_rv for i in block.iters if i.kind == "R"]
+        if reduce and spatial and kinds.endswith("R"):
+            sch.reorder(*spatial[:-1], *reduce, spatial[-1])
+        if len(spatial) >= 2:
+            sch.parallel(sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0])
+        if reduce and spatial and kinds.endswith("R"):
+            sch.decompose_reduction(block.block_rv, reduce[0])
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
 class _OneOp(torch.nn.Module):
@@ -145,7 +167,7 @@ class TVMPlatform(Platform):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                exported = _export(_OneOp(fn, op), examples)
+                exported = torch.export.export(_OneOp(fn, op), examples)
             except Exception as e:
                 raise Unsupported(f"torch.export failed: {_one_line(e)}") from None
             try:
@@ -156,12 +178,12 @@ class TVMPlatform(Platform):
     # graph level: the unit exported whole, fused by Relax, one VM per unit signature
 
     def compile_graph(self, unit: UnitCall) -> Any:
-        parts = [self.name, self.target, self._tvm.__version__, torch.__version__, "unit", unit.signature]
+        parts = [self.name, self.target, self._tvm.__version__, torch.__version__, "unit", _SCHEDULE, unit.signature]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
         return self._cached(key, lambda: self._build_unit(unit))
 
     def _build_unit(self, unit: UnitCall):
-        mod = self.fuse(self.import_unit(unit))
+        mod = self.schedule(self.fuse(self.import_unit(unit)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -178,7 +200,7 @@ class TVMPlatform(Platform):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                exported = _export(UnitProgram(unit), examples)
+                exported = torch.export.export(UnitProgram(unit), examples)
             except Exception as e:
                 raise Unsupported(f"torch.export of the unit failed: {_one_line(e)}") from None
             try:
@@ -198,6 +220,22 @@ class TVMPlatform(Platform):
                 return self._tvm.transform.Sequential(passes)(mod)
             except Exception as e:
                 raise Unsupported(f"TVM fusion: {_one_line(e)}") from None
+
+    def schedule(self, mod):
+        """Each fused kernel's loops in a CPU-friendly order (``_loop_order``); a kernel the rule does
+        not fit stays as legalized. Same arithmetic in the same order per element: bit-identical."""
+        if self._tvm.target.Target(self.target).kind.name != "llvm":
+            return mod
+        tirx = self._tvm.tirx
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tir.is_scheduled", False):
+                try:
+                    scheduled = _loop_order(func)
+                except Exception:  # a kernel the rule cannot reorder: left as it is
+                    scheduled = None
+                if scheduled is not None:
+                    mod[gv] = scheduled
+        return mod
 
     def _args(self, inputs: list[torch.Tensor]) -> list:
         return [self._tvm.runtime.empty(tuple(t.shape), str(t.dtype).removeprefix("torch."), self.dev)

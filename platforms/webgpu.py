@@ -7,10 +7,21 @@ the ``tvm.s_tir.dlight`` GPU rules and built for target ``webgpu``; the Relax
 is dispatched through ``wgpu`` with its storage buffers bound by name and the
 uniform argument block (``PODArgs``) last, on whatever adapter wgpu finds —
 Mesa's lavapipe on a CPU-only machine, a real GPU elsewhere.
+
+A unit (a whole module call) takes the same road after Relax's fusion passes
+(``TVMPlatform.fuse``): the runtime walks the *fused* module's ``main``, one
+launch group per fused kernel. Its launch plan (WGSL, bindings, grids, buffers)
+is plain data, cached on disk as JSON by unit signature like ``tvm-llvm``'s
+libraries. A unit with 64-bit integer or boolean tensors at its boundary is
+refused in one line (WGSL storage has neither); the plan then descends to its
+children, down to ops (whose int64 indices the op path narrows to int32).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -19,10 +30,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from tapml.core import OpCall
+from tapml.core import OpCall, UnitCall
 
-from .base import Capabilities, Support, Unsupported
-from .tvm import TVMPlatform, _one_line
+from .base import Capabilities, KernelTrace, Support, Unsupported
+from .tvm import TVMPlatform, _one_line, cache_dir
 
 __all__ = ["TVMWebGPU"]
 
@@ -48,11 +59,25 @@ class _Launch:
 
 @dataclass
 class _Program:
-    """Buffers and launches of one compiled op; refs are ("in", i) or ("buf", j)."""
+    """Buffers and launches of one compiled op or unit; refs are ("in", i) or ("buf", j)."""
 
     buffers: list[tuple[tuple[int, ...], str]] = field(default_factory=list)
     launches: list[_Launch] = field(default_factory=list)
     outputs: list[tuple] = field(default_factory=list)
+    calls: list[tuple[str, list[tuple]]] = field(default_factory=list)  # each call_tir: (PrimFunc, output refs)
+
+    def to_json(self) -> dict:
+        return {"buffers": [[list(s), d] for s, d in self.buffers], "outputs": [list(r) for r in self.outputs],
+                "launches": [{"kernel": x.kernel, "wgsl": x.wgsl, "grid": list(x.grid),
+                              "bindings": [[slot, list(ref)] for slot, ref in x.bindings]} for x in self.launches],
+                "calls": [[name, [list(r) for r in refs]] for name, refs in self.calls]}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> _Program:
+        return cls([(tuple(s), d) for s, d in obj["buffers"]],
+                   [_Launch(x["kernel"], x["wgsl"], [(slot, tuple(ref)) for slot, ref in x["bindings"]],
+                            tuple(x["grid"])) for x in obj["launches"]],
+                   [tuple(r) for r in obj["outputs"]], [(n, [tuple(r) for r in refs]) for n, refs in obj["calls"]])
 
 
 def _grids(script: str) -> list[tuple[int, int, int]]:
@@ -129,18 +154,24 @@ class TVMWebGPU(TVMPlatform):
 
     # -- compile -------------------------------------------------------------------
     def compile(self, op: OpCall) -> Any:
+        # int64 inputs (indices) are narrowed to int32; the range is checked at run time
+        program = self._wgsl(self.import_op(op, narrow_int64=True), fuse=False)
+        self.stats["builds"] += 1
+        return program
+
+    def _wgsl(self, mod, *, fuse: bool) -> _Program:
+        """Legalize (and, for a unit, fuse), schedule with dlight, build each PrimFunc to WGSL, plan the launches."""
         import tvm
         import tvm.s_tir.dlight as dl
         from tvm import relax
 
-        # int64 inputs (indices) are narrowed to int32; the range is checked at run time
-        mod = self.import_op(op, narrow_int64=True)
         target = tvm.target.Target("webgpu", host="llvm")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            with target:
+                mod = self.fuse(mod) if fuse else relax.transform.LegalizeOps()(mod)
             try:
                 with target:
-                    mod = relax.transform.LegalizeOps()(mod)
                     mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                                   dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
                 # each PrimFunc alone: building the whole module would fuse them into other kernels
@@ -155,9 +186,32 @@ class TVMWebGPU(TVMPlatform):
                         sections.update({parts[i]: parts[i + 1] for i in range(1, len(parts), 2)})
             except Exception as e:
                 raise Unsupported(f"TVM webgpu build: {_one_line(e)}") from None
-        self.stats["builds"] += 1
         program = self._plan(mod, sections, relax)
         self._check_limits(program)
+        return program
+
+    def compile_graph(self, unit: UnitCall) -> Any:
+        storable = set(self.capabilities().dtypes) - {"int64"}  # float16 only with the adapter's shader-f16
+        for where, specs in (("input", unit.input_specs), ("output", unit.output_specs)):
+            for spec in specs:
+                if spec.dtype not in storable:
+                    raise Unsupported(f"a {spec.dtype} unit {where}: WGSL storage has no {spec.dtype} on this adapter")
+        parts = [self.name, self.target, self._tvm.__version__, torch.__version__, "unit", unit.signature]
+        path = cache_dir() / "webgpu" / f"{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}.json"
+        if path.exists():
+            try:
+                program = _Program.from_json(json.loads(path.read_text()))
+                self._check_limits(program)  # this adapter's limits, not the one that built it
+                self.stats["disk_hits"] += 1
+                return program
+            except (ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)  # a stale or partial file: rebuild it
+        program = self._wgsl(self.import_unit(unit), fuse=True)
+        self.stats["builds"] += 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(program.to_json()))
+        os.replace(tmp, path)
         return program
 
     def _plan(self, mod, sections: dict[str, str], relax) -> _Program:
@@ -194,6 +248,7 @@ class TVMWebGPU(TVMPlatform):
                             raise Unsupported(f"{kernel} takes scalar arguments: {pod.group(1).strip()}")
                         binds = [(int(slot), refs[name]) for slot, name in _BINDING.findall(wgsl)]
                         program.launches.append(_Launch(kernel, wgsl, binds, grid))
+                    program.calls.append((gv.name_hint, outs))
                     env[binding.var] = outs[0] if len(outs) == 1 else ("tuple", outs)
                 elif isinstance(value, relax.Tuple):
                     env[binding.var] = ("tuple", [env[f] for f in value.fields])
@@ -230,6 +285,32 @@ class TVMWebGPU(TVMPlatform):
 
     # -- run -----------------------------------------------------------------------
     def run(self, kernel: _Program, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        gpu_in, gpu_buf = self._dispatch(kernel, inputs)
+        outputs = []
+        for ref in kernel.outputs:
+            if ref[0] == "in":  # the op returned an input unchanged
+                outputs.append(inputs[ref[1]].clone())
+            else:
+                outputs.append(self._read(kernel, gpu_buf, ref[1]))
+        return outputs
+
+    def run_graph(self, kernel: _Program, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.run(kernel, None, inputs)
+
+    def trace_graph(self, kernel: _Program, unit: UnitCall, inputs: list[torch.Tensor]) -> KernelTrace:
+        """Each fused kernel's outputs, in launch order: every kernel writes buffers of its own (none is
+        reused), so reading them all back after one submission sees what each kernel wrote."""
+        _, gpu_buf = self._dispatch(kernel, inputs)
+        return [(name, [self._read(kernel, gpu_buf, ref[1]) for ref in refs if ref[0] == "buf"])
+                for name, refs in kernel.calls]
+
+    def _read(self, kernel: _Program, gpu_buf: list, j: int) -> torch.Tensor:
+        shape, dtype = kernel.buffers[j]
+        raw = self.device.queue.read_buffer(gpu_buf[j])[: _nbytes(shape, dtype)]
+        return torch.from_numpy(np.frombuffer(raw, dtype=_WGSL_DTYPES[dtype]).copy()).reshape(shape)
+
+    def _dispatch(self, kernel: _Program, inputs: list[torch.Tensor]) -> tuple[list, list]:
+        """Upload the inputs, run every launch in one submission; the input and kernel buffers."""
         import wgpu
 
         device = self.device
@@ -273,15 +354,7 @@ class TVMWebGPU(TVMPlatform):
             compute.dispatch_workgroups(dx, gy, dz)
             compute.end()
         device.queue.submit([encoder.finish()])
-        outputs = []
-        for ref in kernel.outputs:
-            if ref[0] == "in":  # the op returned an input unchanged
-                outputs.append(inputs[ref[1]].clone())
-                continue
-            shape, dtype = kernel.buffers[ref[1]]
-            raw = device.queue.read_buffer(resolve(ref))[: _nbytes(shape, dtype)]
-            outputs.append(torch.from_numpy(np.frombuffer(raw, dtype=_WGSL_DTYPES[dtype]).copy()).reshape(shape))
-        return outputs
+        return gpu_in, gpu_buf
 
 
 def _nbytes(shape, dtype: str) -> int:

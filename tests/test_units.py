@@ -198,3 +198,31 @@ def test_a_graph_level_fault_is_found_through_a_spawned_worker_too():
     run = api.offload("zoo:minilm", settings=Settings(platform=f"{HELPERS}:FusionBug"), plan="top-down")
     assert run.verdict == "divergent", run.summary
     assert (run.culprit.level, run.culprit.module) == ("unit", "encoder.layer.2")
+
+
+class KVCat(torch.nn.Module):
+    """A KV cache's first step: torch.cat of the legacy empty ``(0,)`` start with 4-D keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, k):
+        past = torch.tensor([], dtype=k.dtype)
+        return torch.cat([past, self.proj(k)], dim=-2) * 2
+
+
+def test_a_cat_with_the_legacy_empty_tensor_compiles_as_a_tvm_unit(tmp_path, monkeypatch):
+    pytest.importorskip("tvm")
+    from tapml.engine.units import carved_outputs
+
+    monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path / "cache"))
+    model, k = KVCat(), torch.randn(1, 2, 3, 4)
+    carve(model, lambda: model(k), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    unit, span = Units(store).get(0)
+    assert any(s.shape == (0,) for c in unit.calls if c.op == "aten.cat.default" for s in c.inputs)
+    target = LocalTarget(get_platform("tvm-llvm"))
+    assert target.prepare_unit(unit), "TVM's concat rejects mixed ranks: the empty start must be dropped"
+    (got,) = target.execute_unit(unit, unit_inputs(store, unit))
+    assert torch.allclose(got, carved_outputs(store, span)[0], atol=1e-6)

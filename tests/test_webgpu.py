@@ -128,3 +128,74 @@ def test_minilm_offloaded_to_webgpu(minilm_store, tmp_path, capsys):
     assert record["counts"]["crashed"] == 0 and record["steps"][-1]["end_to_end"]["max_abs"] < 1e-3
     assert all(o["reason"] for o in record["ops"] if o["status"] == "unsupported")
     assert (out / "report.html").exists()
+
+
+class Block(nn.Module):
+    """A layer-like unit: projection, GELU, residual, layer norm (fused by Relax into a few kernels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(16, 32), nn.LayerNorm(16)
+        self.back = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.norm(x + self.back(nn.functional.gelu(self.proj(x))))
+
+
+class Embedded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.block = nn.Embedding(50, 16), Block()
+
+    def forward(self, ids):
+        return self.block(self.embed(ids))
+
+
+def test_a_module_compiles_as_one_fused_webgpu_unit(tmp_path, monkeypatch):
+    from tapml.engine.units import Units, carved_outputs, unit_inputs
+    from tapml.platforms import LocalTarget, get_platform
+
+    monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = Embedded().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    carve(model, lambda: model(ids), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    units = Units(store)
+    by_module = {layer["module"]: units.get(layer["index"]) for layer in store.layers}
+    target = LocalTarget(get_platform("tvm-webgpu"))
+    # int64 token ids at the boundary: refused in one line, so top-down descends to the children
+    assert target.prepare_unit(by_module[""][0]).reason.startswith("a int64 unit input: WGSL storage has no int64")
+    unit, span = by_module["block"]
+    assert target.prepare_unit(unit)
+    inputs = unit_inputs(store, unit)
+    (got,) = target.execute_unit(unit, inputs)
+    (want,) = carved_outputs(store, span)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    # the fused kernels, in launch order, each with what it wrote; the last one is the layer norm's output
+    trace = target.trace_unit(unit, inputs)
+    names = [name for name, _ in trace]
+    assert any(n.startswith("fused_") for n in names) and len(names) < len(unit.nodes)
+    assert torch.equal(trace[-1][1][0], got)
+    # the launch plan is on disk by unit signature: a new platform builds nothing
+    fresh = LocalTarget(get_platform("tvm-webgpu"))
+    assert fresh.prepare_unit(unit) and fresh.stats["disk_hits"] == 1 and fresh.stats["builds"] == 0
+    assert torch.equal(fresh.execute_unit(unit, inputs)[0], got)
+
+
+@pytest.mark.slow
+def test_minilm_top_down_on_webgpu_runs_the_encoder_layers_as_units(minilm_store):
+    from tapml import api
+    from tapml.settings import Settings
+
+    run = api.offload("zoo:minilm", settings=Settings(platform="tvm-webgpu", in_process=True), plan="top-down",
+                      store=minilm_store)
+    units = {u.module: u for u in run.units}
+    assert units["encoder.layer.0"].local.ok  # alone on its carved inputs: within the bound (vs float64)
+    for i in range(6):
+        layer = units[f"encoder.layer.{i}"]
+        assert layer.status == "compiled" and layer.propagated.max_abs < 1e-4, (layer.module, layer.propagated)
+        assert layer.local is None or layer.local.ok, (layer.module, layer.local)  # checked if off live
+    assert "no int64" in units["embeddings"].reason  # token ids: the children run instead
+    assert run.target_stats["unit_compiles"] >= 2  # one BertLayer signature serves six layers
+    assert sum(u.status == "compiled" and u.module.startswith("encoder.layer.") for u in run.units) == 6
