@@ -147,3 +147,22 @@ class UnitRaises(WrappedPlatform):
         if unit.module == "encoder.layer.1":
             raise RuntimeError("illegal memory access in the fused kernel")
         return super().run_graph(kernel, unit, inputs)
+
+
+class TanhUlps(WrappedPlatform):
+    """torch-cpu whose compiled pooler units return tanh 14 ULPs off: beyond the unit rule (4× the
+    reference's distance from float64), within tanh's own bound (16 ULPs) — a legitimate libm."""
+
+    name = "tanh-ulps"
+    inner = "torch-cpu"
+
+    def run_graph(self, kernel, unit, inputs):
+        import torch
+
+        outputs = super().run_graph(kernel, unit, inputs)
+        if unit.module.startswith("pooler"):
+            for k, t in enumerate(outputs):
+                for _ in range(14):
+                    t = torch.nextafter(t, torch.full_like(t, 2.0))
+                outputs[k] = t
+        return outputs
