@@ -19,7 +19,7 @@ import torch
 from tapml.core import OpCall, UnitCall, bind_args, flatten_outputs, relayout
 
 from .base import Capabilities, Unsupported
-from .program import UnitProgram
+from .program import UnitProgram, cast_floats
 from .torch_eager import TorchPlatform
 
 __all__ = ["ReducedPrecision", "Float16", "BFloat16"]
@@ -28,17 +28,8 @@ _WIDE = (torch.float32, torch.float64)
 
 
 def _narrow(value, reduced: torch.dtype):
-    if isinstance(value, torch.Tensor):
-        return value.to(reduced) if value.dtype in _WIDE else value
-    if isinstance(value, torch.dtype):
-        return reduced if value in _WIDE else value
-    if isinstance(value, list):
-        return [_narrow(v, reduced) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_narrow(v, reduced) for v in value)
-    if isinstance(value, dict):
-        return {k: _narrow(v, reduced) for k, v in value.items()}
-    return value
+    """float32/float64 tensors and dtype arguments in the reduced type (narrower ones stay as they are)."""
+    return cast_floats(value, reduced, _WIDE)
 
 
 class ReducedPrecision(TorchPlatform):

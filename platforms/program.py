@@ -21,18 +21,18 @@ __all__ = ["UnitProgram", "cast_floats", "run_program"]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def cast_floats(value: Any, dtype: torch.dtype) -> Any:
-    """``value`` with every floating tensor (and floating dtype argument) in ``dtype``."""
+def cast_floats(value: Any, dtype: torch.dtype, kinds: tuple[torch.dtype, ...] = _FLOATS) -> Any:
+    """``value`` with every tensor (and dtype argument) of one of ``kinds`` (default: every float) in ``dtype``."""
     if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.dtype in _FLOATS else value
+        return value.to(dtype) if value.dtype in kinds else value
     if isinstance(value, torch.dtype):
-        return dtype if value in _FLOATS else value
+        return dtype if value in kinds else value
     if isinstance(value, list):
-        return [cast_floats(v, dtype) for v in value]
+        return [cast_floats(v, dtype, kinds) for v in value]
     if isinstance(value, tuple):
-        return tuple(cast_floats(v, dtype) for v in value)
+        return tuple(cast_floats(v, dtype, kinds) for v in value)
     if isinstance(value, dict):
-        return {k: cast_floats(v, dtype) for k, v in value.items()}
+        return {k: cast_floats(v, dtype, kinds) for k, v in value.items()}
     return value
 
 

@@ -48,6 +48,23 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+def _import(module: torch.nn.Module, examples: tuple, export_failed: str):
+    """``module`` exported with ``torch.export`` and imported by TVM's frontend; ``Unsupported`` naming
+    the stage that refused it."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            exported = torch.export.export(module, examples)
+        except Exception as e:
+            raise Unsupported(f"{export_failed}: {_one_line(e)}") from None
+        try:
+            return from_exported_program(exported)
+        except Exception as e:
+            raise Unsupported(f"TVM frontend: {_one_line(e)}") from None
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """TVM's DLPack import requires 64-byte aligned data; a view at an offset is not."""
     t = t.contiguous()
@@ -159,21 +176,10 @@ class TVMPlatform(Platform):
         """The op as a Relax IRModule: a one-op module, ``torch.export``, TVM's frontend.
 
         ``narrow_int64`` exports int64 inputs as int32 (for targets without 64-bit integers)."""
-        from tvm.relax.frontend.torch import from_exported_program
-
         fn = _functional(op)
         examples = tuple(torch.zeros(s.shape, dtype=torch.int32 if narrow_int64 and s.dtype == "int64"
                                      else s.torch_dtype) for s in op.inputs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                exported = torch.export.export(_OneOp(fn, op), examples)
-            except Exception as e:
-                raise Unsupported(f"torch.export failed: {_one_line(e)}") from None
-            try:
-                return from_exported_program(exported)
-            except Exception as e:
-                raise Unsupported(f"TVM frontend: {_one_line(e)}") from None
+        return _import(_OneOp(fn, op), examples, "torch.export failed")
 
     # graph level: the unit exported whole, fused by Relax, one VM per unit signature
 
@@ -194,19 +200,8 @@ class TVMPlatform(Platform):
     @staticmethod
     def import_unit(unit: UnitCall):
         """The unit as a Relax IRModule: its program exported whole (``torch.export``), TVM's frontend."""
-        from tvm.relax.frontend.torch import from_exported_program
-
         examples = tuple(torch.zeros(s.shape, dtype=s.torch_dtype) for s in unit.input_specs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                exported = torch.export.export(UnitProgram(unit), examples)
-            except Exception as e:
-                raise Unsupported(f"torch.export of the unit failed: {_one_line(e)}") from None
-            try:
-                return from_exported_program(exported)
-            except Exception as e:
-                raise Unsupported(f"TVM frontend: {_one_line(e)}") from None
+        return _import(UnitProgram(unit), examples, "torch.export of the unit failed")
 
     def fuse(self, mod):
         """Relax's fusion passes (``tvm.compile``'s default pipeline legalizes but does not fuse)."""
