@@ -458,32 +458,26 @@ def make_service(worker: _Worker):
                           kernel_timeout=worker.config.kernel_timeout)
 
         def exposed_prepare(self, op_json) -> str:
-            try:
-                if not isinstance(op_json, str):
-                    raise OpRefused("prepare takes an op call as a JSON string")
-                op = OpCall.loads(op_json)
-                support = worker.prepare(op)
-                if support:
-                    self._session.ops[op.signature] = op
-                return _reply(ok=support.ok, reason=support.reason, signature=op.signature)
-            except TapmlError as e:
-                return _reply(ok=False, reason=f"refused: {e}")
-            except Exception as e:
-                return _reply(ok=False, reason=f"worker failed to prepare the op: {type(e).__name__}: {e}")
+            return self._prepare(op_json, OpCall, worker.prepare, self._session.ops, "prepare", "an op call", "op")
 
         def exposed_prepare_unit(self, unit_json) -> str:
+            return self._prepare(unit_json, UnitCall, worker.prepare_unit, self._session.units, "prepare_unit",
+                                 "a unit", "unit")
+
+        def _prepare(self, text, kind, prepare, kept: dict, method: str, what: str, short: str) -> str:
+            """Parse (through the allow-list), admit and compile an op or a unit; keep it for this client."""
             try:
-                if not isinstance(unit_json, str):
-                    raise OpRefused("prepare_unit takes a unit as a JSON string")
-                unit = UnitCall.loads(unit_json)
-                support = worker.prepare_unit(unit)
+                if not isinstance(text, str):
+                    raise OpRefused(f"{method} takes {what} as a JSON string")
+                call = kind.loads(text)
+                support = prepare(call)
                 if support:
-                    self._session.units[unit.signature] = unit
-                return _reply(ok=support.ok, reason=support.reason, signature=unit.signature)
+                    kept[call.signature] = call
+                return _reply(ok=support.ok, reason=support.reason, signature=call.signature)
             except TapmlError as e:
                 return _reply(ok=False, reason=f"refused: {e}")
             except Exception as e:
-                return _reply(ok=False, reason=f"worker failed to prepare the unit: {type(e).__name__}: {e}")
+                return _reply(ok=False, reason=f"worker failed to prepare the {short}: {type(e).__name__}: {e}")
 
         def exposed_stats(self) -> str:
             return _reply(**{k: int(v) for k, v in worker.platform.stats.items()},

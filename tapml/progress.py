@@ -100,22 +100,21 @@ class CompileClock(Target):
     def capabilities(self):
         return self.target.capabilities()
 
-    def prepare(self, op):
+    def _timed(self, prepare, what):
         start = time.perf_counter()
         try:
-            return self.target.prepare(op)
+            return prepare(what)
         finally:
             self.compile_s += time.perf_counter() - start
+
+    def prepare(self, op):
+        return self._timed(self.target.prepare, op)
 
     def execute(self, op, inputs):
         return self.target.execute(op, inputs)
 
     def prepare_unit(self, unit):
-        start = time.perf_counter()
-        try:
-            return self.target.prepare_unit(unit)
-        finally:
-            self.compile_s += time.perf_counter() - start
+        return self._timed(self.target.prepare_unit, unit)
 
     def execute_unit(self, unit, inputs):
         return self.target.execute_unit(unit, inputs)

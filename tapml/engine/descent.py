@@ -44,10 +44,6 @@ class UnitCulprit:
     covers: list[str] = field(default_factory=list)
 
 
-def _float64(t: torch.Tensor) -> torch.Tensor:
-    return t.double() if t.is_floating_point() else t
-
-
 def judge_unit(target: Target, judge: Judge, unit: UnitCall, inputs: list[torch.Tensor],
                want: list[torch.Tensor]) -> tuple[Metrics, list[torch.Tensor]]:
     """The unit on ``inputs`` against the reference's ``want`` (and, under the bound rule, the float64 run
@@ -55,7 +51,7 @@ def judge_unit(target: Target, judge: Judge, unit: UnitCall, inputs: list[torch.
     got = target.execute_unit(unit, inputs)
     exact = None
     if judge.rule != "tolerance":
-        exact = run_program(unit, [_float64(t) for t in inputs], compute=torch.float64)
+        exact = run_program(unit, inputs, compute=torch.float64)  # every node widens its float inputs
     return end_to_end(got, want, judge, None, exact), got
 
 

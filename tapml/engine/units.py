@@ -118,19 +118,15 @@ def _escaping(store: FixtureStore, a: int, b: int, last_reads: dict, roots: dict
 
 
 def _refusal(op: dict) -> str | None:
-    if op["nondeterministic"] and not op["view"]:
-        try:
-            func = op_info_by_name(op["op"], op.get("library") or "")
-        except OpRefused as e:
-            return f"is refused: {e}"
-        if func.name.split(".")[1] not in UNINITIALIZED:  # an uninitialized buffer is written before it is read
-            return "draws random numbers: a compiled unit would draw again"
-    if not only_tensors(op["outputs"]):
-        return "returns a Python value (data-dependent): the module cannot be one program"
     try:
         info = op_info_by_name(op["op"], op.get("library") or "")
     except OpRefused as e:
         return f"is refused: {e}"
+    # an uninitialized buffer (empty*) is written before it is read; a random draw would draw again
+    if op["nondeterministic"] and not op["view"] and info.name.split(".")[1] not in UNINITIALIZED:
+        return "draws random numbers: a compiled unit would draw again"
+    if not only_tensors(op["outputs"]):
+        return "returns a Python value (data-dependent): the module cannot be one program"
     if info.inplace_view:
         return "rewrites tensor metadata in place"
     if info.writes_unreturned:
@@ -194,7 +190,8 @@ def unit_inputs(store: FixtureStore, unit: UnitCall) -> list[torch.Tensor]:
 
 
 def carved_outputs(store: FixtureStore, span: UnitSpan) -> list[torch.Tensor]:
-    return [store.outputs(i)[k] for i, k in span.outputs]
+    """The reference's values of the unit's outputs, as a comparison reads them (only those slots, no copy)."""
+    return [store.load(list(iter_specs(store.ops[i]["outputs"]))[k], read_only=True) for i, k in span.outputs]
 
 
 def children_of(store: FixtureStore, layer: int) -> tuple[list[int], list[int]]:
