@@ -235,3 +235,74 @@ def test_a_unit_that_is_one_op_is_judged_by_that_ops_bound_not_called_graph_leve
     rows = {u.module: u for u in run.units}
     assert not rows["pooler"].local.ok and not rows["pooler.activation"].local.ok  # the unit rule's alarm
     assert run.culprit is None and run.verdict == "ok", run.summary
+
+
+class _Picky(LocalTarget):
+    """torch-cpu that refuses one unit, returns wrong shapes for another, and doubles a third's outputs."""
+
+    def execute_unit(self, unit, inputs):
+        if unit.module == "encoder.layer.1":
+            from tapml.platforms import Unsupported
+            raise Unsupported("not this one")
+        outs = super().execute_unit(unit, inputs)
+        if unit.module == "encoder.layer.3":
+            return [o[..., :1] for o in outs]
+        if unit.module == "encoder.layer.5":
+            return [o * 2 for o in outs]
+        return outs
+
+
+def test_inside_a_unit_the_reference_stands_by_and_takes_over_exactly_where_the_target_cannot(minilm_store):
+    """Ops inside a unit return stand-ins (the reference does not compute them); a unit the target refuses
+    or answers with wrong shapes runs again on the reference, so what flows on is exactly the reference's;
+    a unit the target answers flows on with the target's values."""
+    from tapml.engine import run_step
+    from tapml.engine.topdown import plan_top_down, top_down_steps
+    from tapml.judging import Judge
+    from tapml.workloads import load_workload
+
+    workload = load_workload("zoo:minilm")
+    target = _Picky(get_platform("torch-cpu"))
+    last = top_down_steps(minilm_store, plan_top_down(minilm_store, target))[-1]
+    layers = [u for u in last["units"] if u[0].module.startswith("encoder.layer.")]
+    seen = {}
+
+    def run():
+        out = workload.run()
+        seen["out"] = out.last_hidden_state.clone()
+        return out
+
+    _, mixed, _ = run_step(run, minilm_store, target, set(), Judge(), units=layers[:5])
+    status = {minilm_store.layers[k]["module"]: r.status for k, r in mixed.units.results.items()}
+    assert status["encoder.layer.1"] == "unsupported" and status["encoder.layer.3"] == "fell back"
+    assert status["encoder.layer.0"] == status["encoder.layer.4"] == "offloaded"
+    with torch.no_grad():
+        want = workload.run().last_hidden_state
+    assert torch.equal(seen["out"], want)  # torch-cpu units are bit-exact; refused ones recomputed exactly
+
+    _, mixed, _ = run_step(run, minilm_store, target, set(), Judge(), units=layers[5:])
+    assert mixed.units.results[layers[5][1].layer].status == "offloaded"
+    assert not torch.equal(seen["out"], want) and torch.isfinite(seen["out"]).all()  # the doubled values flowed on
+
+
+def test_a_live_run_that_differs_from_the_carve_inside_a_unit_goes_on_with_the_reference_values(tmp_path):
+    from tapml.engine import run_step
+    from tapml.engine.units import Units
+    from tapml.judging import Judge
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    x0 = torch.randn(3, 4)
+    carve(model, lambda: model(x0), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    units = Units(store)
+    chosen = [units.get(r["index"]) for r in store.layers if r["module"] in ("0", "2")]
+    assert all(not isinstance(u, str) for u in chosen)
+    x = torch.randn(5, 4)  # another batch: the units' inputs differ from the carve's
+    _, mixed, _ = run_step(lambda: model(x), store, LocalTarget(get_platform("torch-cpu")), set(), Judge(),
+                           units=chosen)
+    assert "unit 0's input 2 has shape (5, 4), the carve had (3, 4)" in mixed.diverged
+    got, _, _ = run_step(lambda: model(x), store, LocalTarget(get_platform("torch-cpu")), set(), Judge(),
+                         units=chosen)
+    with torch.no_grad():
+        assert torch.equal(got, model(x))

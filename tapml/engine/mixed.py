@@ -54,6 +54,8 @@ class MixedRun(TorchDispatchMode):
         super().__init__()
         self.store, self.target, self.judge, self.on_op = store, target, judge, on_op
         self.units = units  # compiled units: their ops run here, the unit on the target at its last op
+        if units is not None:
+            units.diverge = self._diverge
         self.selected = set(selected)
         self.by_seq = {rec["seq"]: rec for rec in store.ops}
         self.seq = 0
@@ -72,7 +74,7 @@ class MixedRun(TorchDispatchMode):
             if rec["op"] != str(func):
                 self._diverge(f"op {rec['index']}: the live run called {func} where the carve had {rec['op']}")
                 return _reference(func, args, kwargs)
-            return self.units.on_op(rec["index"], args, kwargs, lambda: _reference(func, args, kwargs))
+            return self.units.on_op(rec["index"], func, args, kwargs, _reference)
         if rec is None or rec["index"] not in self.selected:
             return _reference(func, args, kwargs)
         index = rec["index"]
@@ -161,7 +163,7 @@ class MixedRun(TorchDispatchMode):
             self.diverged = why
         self.selected = set()
         if self.units is not None:
-            self.units.stopped = True
+            self.units.stop()
 
 
 def offloadable(store: FixtureStore, indices) -> set[int]:
@@ -177,8 +179,11 @@ def run_step(run: Callable[[], Any], store: FixtureStore, target: Target, select
     mixed = MixedRun(store, target, chosen, judge, on_op, runner)
     start = time.perf_counter()
     try:
-        with torch.no_grad(), mixed:
-            output = run()
+        with torch.no_grad():
+            with mixed:
+                output = run()
+            if runner is not None:
+                runner.abandon()  # a unit the run never finished: its ops on the reference, before anyone reads
     except TapmlError:
         raise  # tapml's own (a store it cannot read, ...): not the model's
     except (Exception, SystemExit) as e:  # the model itself raised: say so, with what it said

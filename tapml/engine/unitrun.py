@@ -1,21 +1,37 @@
-"""Compiled units inside a live mixed run: the module's ops run on the reference while its inputs and
-outputs are captured; at its last op the target runs the whole unit, and its outputs replace the
-reference's in the live tensors, so they flow on into the rest of the model.
+"""Compiled units inside a live mixed run: while the live run is inside a unit, its compute ops are not
+run on the reference — each returns a stand-in (an allocated tensor of the carved layout, filled with
+NaN) and is remembered; views and in-place ops run as they are, so the model's Python code sees the
+tensors it expects. At the unit's last op the target runs the whole unit, and its outputs are written
+into the live tensors (``copy_``), so they flow on into the rest of the model.
 
-Why run the reference too: the live tensors the rest of the model holds are the reference's
-objects; writing the target's values into them (``copy_``) is what makes the unit's outputs
-flow on without knowing how the model's Python code passes them around.
+Why stand-ins: the reference has nothing to add inside a unit (the unit is judged against the carved
+outputs), and computing it would put a whole reference forward on the offload's critical path. Why
+NaN: a stand-in that leaked out unwritten would otherwise hold whatever the allocator left there —
+possibly the previous forward's right answer. When the target cannot run the unit (unsupported,
+crashed, a wrong output shape), or the live run leaves the unit early, the remembered ops run again on
+the reference in order, rebinding each stand-in (``set_``) to the reference's result: the model goes on
+exactly as if the unit had never been offloaded.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from tapml.carving import FixtureStore
-from tapml.core import OpFailed, Status, UnitCall, tensors_in
+from tapml.core import (
+    OpFailed,
+    Status,
+    UnitCall,
+    decode_value,
+    dtype_from_name,
+    iter_specs,
+    op_info_by_name,
+    tensors_in,
+)
 from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
 from tapml.record import Metrics
@@ -24,6 +40,8 @@ from .outputs import end_to_end
 from .units import UnitSpan, carved_outputs
 
 __all__ = ["UnitResult", "UnitRunner"]
+
+Reference = Callable[[object, tuple, dict], object]  # (func, args, kwargs) -> the reference's result
 
 
 @dataclass
@@ -36,10 +54,38 @@ class UnitResult:
     target_ms: float | None = None
 
 
-class _Active:
-    """One unit while the live run is inside it: what has been captured so far."""
+def _stand_in_specs(op: dict) -> list[tuple] | None:
+    """The carved outputs of a compute op as ``(shape, stride, dtype)``, or None when the op must run for
+    real: views and in-place ops (their results alias what the model holds), ops with no tensor input
+    (factories: cheap, and nothing says which device), outputs not laid out from offset 0."""
+    if op["view"] or op_info_by_name(op["op"], op.get("library") or "").mutated or _fresh(op):
+        return None
+    specs = []
+    for s in iter_specs(op["outputs"]):
+        if s.get("offset") or not s.get("exact", True):
+            return None
+        specs.append((tuple(s["shape"]), tuple(s["stride"]), dtype_from_name(s["dtype"])))
+    return specs
 
-    def __init__(self, unit: UnitCall, span: UnitSpan):
+
+def _fresh(op: dict) -> bool:
+    """An op with no tensor input (a factory): its result is already true and nothing recomputes it — and it
+    is not kept, since torch's factory bindings detach a result Python still holds (a live op the carve lacks)."""
+    return not list(iter_specs([op["args"], op["kwargs"]]))
+
+
+def _stand_in(shape: tuple, stride: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    if dtype.is_floating_point or dtype.is_complex:
+        return t.fill_(float("nan"))
+    return t.fill_(True if dtype == torch.bool else torch.iinfo(dtype).max)
+
+
+class _Active:
+    """One unit while the live run is inside it: what has been captured so far, and the ops that ran with
+    stand-ins (to run again on the reference if the target's values cannot be used)."""
+
+    def __init__(self, unit: UnitCall, span: UnitSpan, store: FixtureStore):
         self.unit, self.span = unit, span
         self.inputs: list[torch.Tensor | None] = [None] * len(unit.inputs)
         self.outputs: list[torch.Tensor | None] = [None] * len(span.outputs)
@@ -49,6 +95,14 @@ class _Active:
         self.makes: dict[int, list[tuple[int, int]]] = {}  # op -> [(output slot, unit output)]
         for n, (i, k) in enumerate(span.outputs):
             self.makes.setdefault(i, []).append((k, n))
+        self.specs = {i: _stand_in_specs(store.ops[i]) for i in range(span.first, span.end)}
+        self.fresh = {i for i in range(span.first, span.end) if _fresh(store.ops[i])}
+        self.ops: list[tuple] = []  # (func, args, kwargs, result) of the ops run so far
+
+    def reset(self) -> None:
+        self.inputs = [None] * len(self.inputs)
+        self.outputs = [None] * len(self.outputs)
+        self.ops = []
 
 
 class UnitRunner:
@@ -58,31 +112,76 @@ class UnitRunner:
         self.store, self.target, self.judge = store, target, judge
         self.by_op: dict[int, _Active] = {}
         for unit, span in units:
-            active = _Active(unit, span)
+            active = _Active(unit, span, store)
             for i in range(span.first, span.end):
                 self.by_op[i] = active
         self.results: dict[int, UnitResult] = {}  # by layer
         self.target_s = 0.0
         self.stopped = False
+        self.current: _Active | None = None  # the unit the live run is inside
+        self.reference: Reference | None = None
+        self.diverge: Callable[[str], None] = lambda why: self.stop()  # ``MixedRun`` says where it diverged
 
     def owns(self, index: int) -> bool:
         return not self.stopped and index in self.by_op
 
-    def on_op(self, index: int, args, kwargs, run_reference) -> object:
-        """Op ``index`` (inside a unit) on the reference, capturing what the unit needs."""
+    def on_op(self, index: int, func, args, kwargs, reference: Reference) -> object:
+        """Op ``index`` (inside a unit): a stand-in result (or the op itself, for views and in-place ops),
+        capturing what the unit needs; the whole unit on the target at its last op."""
         active = self.by_op[index]
+        if active is not self.current:
+            if self.current is not None:  # the live run left a unit before its last op
+                self.abandon()
+            self.current, self.reference = active, reference
+            active.reset()
         if active.reads.get(index):
             live = tensors_in([args, kwargs])
             for p, n in active.reads[index]:
+                if tuple(live[p].shape) != active.unit.input_specs[n].shape:
+                    self.diverge(f"op {index} ({func}): unit {active.unit.module or 'model'}'s input {n} has "
+                                 f"shape {tuple(live[p].shape)}, the carve had {active.unit.input_specs[n].shape}")
+                    return reference(func, args, kwargs)
                 active.inputs[n] = live[p]
-        out = run_reference()
+        specs = active.specs[index]
+        if specs is None:
+            out = reference(func, args, kwargs)
+        else:
+            device = tensors_in([args, kwargs])[0].device
+            made = iter([_stand_in(*s, device) for s in specs])
+            out = decode_value(self.store.ops[index]["outputs"], lambda _: next(made))
+        if index not in active.fresh:
+            active.ops.append((func, args, kwargs, out))
         if active.makes.get(index):
             made = tensors_in(out)
             for k, n in active.makes[index]:
                 active.outputs[n] = made[k]
         if index == active.span.end - 1:
+            self.current = None
             self._finish(active)
         return out
+
+    def abandon(self) -> None:
+        """The live run stops offloading (a divergence) or leaves the unit early: what ran with stand-ins
+        runs again on the reference."""
+        if self.current is not None:
+            active, self.current = self.current, None
+            self._recompute(active)
+            self.results[active.unit.index] = UnitResult(Status.SKIPPED, "the live run left the unit before its "
+                                                         "last op: it ran on the reference")
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.abandon()
+
+    def _recompute(self, active: _Active) -> None:
+        """Every op of the unit so far, again on the reference, in order; each stand-in (and each view of
+        one) is rebound to the reference's result, so every tensor the model holds has its true value."""
+        for func, args, kwargs, out in active.ops:  # in place: it returns (and wrote) the tensor it was given
+            got = self.reference(func, args, kwargs)
+            for mine, true in zip(tensors_in(out), tensors_in(got), strict=True):
+                if mine is not true:
+                    mine.set_(true)
+        active.ops = []
 
     def _finish(self, active: _Active) -> None:
         unit = active.unit
@@ -90,9 +189,11 @@ class UnitRunner:
         try:
             got = self.target.execute_unit(unit, list(active.inputs))
         except Unsupported as e:
+            self._recompute(active)
             self.results[unit.index] = UnitResult(Status.UNSUPPORTED, e.reason)
             return
         except OpFailed as e:
+            self._recompute(active)
             self.results[unit.index] = UnitResult(e.status, f"{type(e).__name__}: {e}")
             if e.fatal:
                 self.stopped = True
@@ -105,10 +206,13 @@ class UnitRunner:
         result = self.results[unit.index] = UnitResult(Status.OFFLOADED, propagated=metrics, target_ms=elapsed)
         if len(got) != len(active.outputs) or any(g.shape != o.shape for g, o in zip(got, active.outputs,
                                                                                        strict=False)):
+            self._recompute(active)
             result.status, result.reason = Status.FELL_BACK, metrics.problem or "output count differs"
             return
         with torch.no_grad():
+            if any(torch._debug_has_internal_overlap(live) == 1 for live in active.outputs):
+                self._recompute(active)  # an expanded output (one value per element): the reference's values
             for g, live in zip(got, active.outputs, strict=True):
-                if torch._debug_has_internal_overlap(live) == 1:  # an expanded output: one value per element
-                    continue
-                live.copy_(g.to(live.dtype))
+                if torch._debug_has_internal_overlap(live) != 1:
+                    live.copy_(g.to(live.dtype))
+        active.ops = []
