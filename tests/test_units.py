@@ -306,3 +306,20 @@ def test_a_live_run_that_differs_from_the_carve_inside_a_unit_goes_on_with_the_r
                          units=chosen)
     with torch.no_grad():
         assert torch.equal(got, model(x))
+
+
+@pytest.mark.slow
+def test_every_zoo_workload_runs_top_down_on_the_identity_target_bit_exactly():
+    """Stand-ins inside units must never change what the model computes: on torch-cpu every unit's outputs
+    equal the carve's, and every compute op runs on the target (MoE routing with in-place index writes,
+    ``full_like`` inside attention, a grouped matmul with no float64 kernel in the oracle...)."""
+    from tapml.zoo import ZOO
+
+    bad = {}
+    for name in ZOO:
+        run = api.offload(f"zoo:{name}", settings=Settings(platform="torch-cpu", in_process=True), plan="top-down")
+        compiled = [u for u in run.units if u.status == "compiled"]
+        if run.verdict != "ok" or not compiled or run.offloaded_ops != run.compute_ops \
+                or any(u.propagated.max_abs != 0 for u in compiled):
+            bad[name] = run.summary
+    assert not bad, bad

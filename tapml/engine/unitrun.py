@@ -16,6 +16,7 @@ exactly as if the unit had never been offloaded.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,23 +55,28 @@ class UnitResult:
     target_ms: float | None = None
 
 
-def _stand_in_specs(op: dict) -> list[tuple] | None:
-    """The carved outputs of a compute op as ``(shape, stride, dtype)``, or None when the op must run for
-    real: views and in-place ops (their results alias what the model holds), ops with no tensor input
-    (factories: cheap, and nothing says which device), outputs not laid out from offset 0."""
-    if op["view"] or op_info_by_name(op["op"], op.get("library") or "").mutated or _fresh(op):
-        return None
+def _plan(op: dict) -> tuple[str, object]:
+    """How the live run treats an op inside a unit: ``("stand-in", [(shape, stride, dtype)])`` for a compute
+    op (its carved outputs); ``("in place", returned)`` for an op that writes its arguments — it returns them
+    unwritten (its arguments may be stand-ins: an index it would follow is not a real one), the write is
+    the target's, or the reference's on a recompute; ``("run", None)`` for what runs as it is: views
+    (their results alias what the model holds), factories (cheap; nothing says which device), outputs not
+    laid out from offset 0."""
+    info = op_info_by_name(op["op"], op.get("library") or "")
+    if op["view"] or _fresh(op):
+        return "run", None
+    if info.mutated:
+        return ("in place", info.returned) if all(m is not None for m in info.returned) else ("run", None)
     specs = []
     for s in iter_specs(op["outputs"]):
         if s.get("offset") or not s.get("exact", True):
-            return None
+            return "run", None
         specs.append((tuple(s["shape"]), tuple(s["stride"]), dtype_from_name(s["dtype"])))
-    return specs
+    return "stand-in", specs
 
 
 def _fresh(op: dict) -> bool:
-    """An op with no tensor input (a factory): its result is already true and nothing recomputes it — and it
-    is not kept, since torch's factory bindings detach a result Python still holds (a live op the carve lacks)."""
+    """An op with no tensor input (a factory): it runs as it is, its result is already true."""
     return not list(iter_specs([op["args"], op["kwargs"]]))
 
 
@@ -88,14 +94,14 @@ class _Active:
     def __init__(self, unit: UnitCall, span: UnitSpan, store: FixtureStore):
         self.unit, self.span = unit, span
         self.inputs: list[torch.Tensor | None] = [None] * len(unit.inputs)
-        self.outputs: list[torch.Tensor | None] = [None] * len(span.outputs)
+        self.outputs: list[weakref.ref | None] = [None] * len(span.outputs)  # weak: see ``UnitRunner``
         self.reads: dict[int, list[tuple[int, int]]] = {}  # op -> [(tensor position, unit input)]
         for n, (i, p) in enumerate(span.inputs):
             self.reads.setdefault(i, []).append((p, n))
         self.makes: dict[int, list[tuple[int, int]]] = {}  # op -> [(output slot, unit output)]
         for n, (i, k) in enumerate(span.outputs):
             self.makes.setdefault(i, []).append((k, n))
-        self.specs = {i: _stand_in_specs(store.ops[i]) for i in range(span.first, span.end)}
+        self.plans = {i: _plan(store.ops[i]) for i in range(span.first, span.end)}
         self.fresh = {i for i in range(span.first, span.end) if _fresh(store.ops[i])}
         self.ops: list[tuple] = []  # (func, args, kwargs, result) of the ops run so far
 
@@ -106,7 +112,11 @@ class _Active:
 
 
 class UnitRunner:
-    """The units a step runs on the target, driven op by op from ``MixedRun``."""
+    """The units a step runs on the target, driven op by op from ``MixedRun``.
+
+    What the live run made inside a unit is held weakly: torch's factory bindings (``full``, ``full_like``)
+    detach a result that Python still holds, and that extra ``detach`` would make the live run differ from
+    the carve; what nothing holds any more needs no value."""
 
     def __init__(self, store: FixtureStore, target: Target, judge: Judge, units: list[tuple[UnitCall, UnitSpan]]):
         self.store, self.target, self.judge = store, target, judge
@@ -126,7 +136,7 @@ class UnitRunner:
         return not self.stopped and index in self.by_op
 
     def on_op(self, index: int, func, args, kwargs, reference: Reference) -> object:
-        """Op ``index`` (inside a unit): a stand-in result (or the op itself, for views and in-place ops),
+        """Op ``index`` (inside a unit): a stand-in result (see ``_plan``),
         capturing what the unit needs; the whole unit on the target at its last op."""
         active = self.by_op[index]
         if active is not self.current:
@@ -142,19 +152,22 @@ class UnitRunner:
                                  f"shape {tuple(live[p].shape)}, the carve had {active.unit.input_specs[n].shape}")
                     return reference(func, args, kwargs)
                 active.inputs[n] = live[p]
-        specs = active.specs[index]
-        if specs is None:
+        kind, how = active.plans[index]
+        if kind == "run":
             out = reference(func, args, kwargs)
         else:
-            device = tensors_in([args, kwargs])[0].device
-            made = iter([_stand_in(*s, device) for s in specs])
+            if kind == "stand-in":
+                device = tensors_in([args, kwargs])[0].device
+                made = iter([_stand_in(*s, device) for s in how])
+            else:  # in place: the arguments it writes, as they are
+                made = iter([args[m] if isinstance(m, int) else kwargs[m] for m in how])
             out = decode_value(self.store.ops[index]["outputs"], lambda _: next(made))
         if index not in active.fresh:
-            active.ops.append((func, args, kwargs, out))
+            active.ops.append((func, args, kwargs, [weakref.ref(t) for t in tensors_in(out)]))
         if active.makes.get(index):
             made = tensors_in(out)
             for k, n in active.makes[index]:
-                active.outputs[n] = made[k]
+                active.outputs[n] = weakref.ref(made[k])
         if index == active.span.end - 1:
             self.current = None
             self._finish(active)
@@ -176,10 +189,11 @@ class UnitRunner:
     def _recompute(self, active: _Active) -> None:
         """Every op of the unit so far, again on the reference, in order; each stand-in (and each view of
         one) is rebound to the reference's result, so every tensor the model holds has its true value."""
-        for func, args, kwargs, out in active.ops:  # in place: it returns (and wrote) the tensor it was given
+        for func, args, kwargs, outs in active.ops:  # in place: it returns (and wrote) the tensor it was given
             got = self.reference(func, args, kwargs)
-            for mine, true in zip(tensors_in(out), tensors_in(got), strict=True):
-                if mine is not true:
+            for ref, true in zip(outs, tensors_in(got), strict=True):
+                mine = ref()
+                if mine is not None and mine is not true:  # dead: nothing holds it, nothing reads it
                     mine.set_(true)
         active.ops = []
 
@@ -204,15 +218,17 @@ class UnitRunner:
         want = carved_outputs(self.store, active.span)
         metrics = end_to_end(got, want, self.judge)
         result = self.results[unit.index] = UnitResult(Status.OFFLOADED, propagated=metrics, target_ms=elapsed)
-        if len(got) != len(active.outputs) or any(g.shape != o.shape for g, o in zip(got, active.outputs,
-                                                                                       strict=False)):
+        lives = [ref() if ref is not None else None for ref in active.outputs]
+        if len(got) != len(lives) or any(o is not None and g.shape != o.shape for g, o in zip(got, lives,
+                                                                                                strict=False)):
             self._recompute(active)
             result.status, result.reason = Status.FELL_BACK, metrics.problem or "output count differs"
             return
         with torch.no_grad():
-            if any(torch._debug_has_internal_overlap(live) == 1 for live in active.outputs):
+            lives = [(g, live) for g, live in zip(got, lives, strict=True) if live is not None]
+            if any(torch._debug_has_internal_overlap(live) == 1 for _, live in lives):
                 self._recompute(active)  # an expanded output (one value per element): the reference's values
-            for g, live in zip(got, active.outputs, strict=True):
+            for g, live in lives:
                 if torch._debug_has_internal_overlap(live) != 1:
                     live.copy_(g.to(live.dtype))
         active.ops = []
