@@ -98,6 +98,7 @@ class ToleranceTable:
     global_origin: str = ""
     ops: list[tuple[str, dict[str, float], str]] = field(default_factory=list)
     modules: list[tuple[str, dict[str, float], str]] = field(default_factory=list)
+    _resolved: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, specs: tuple[str, ...] | list[str] = (), config: str | None = None) -> ToleranceTable:
@@ -148,7 +149,15 @@ class ToleranceTable:
                                          for k, v in values.items() if k in _NAMES}, f"{where}.{kind} {pattern}"))
 
     def resolve(self, op: str, module: str, dtype: str) -> Tolerance:
-        """The tolerance for an op computed in ``dtype``; integer and bool dtypes are exact."""
+        """The tolerance for an op computed in ``dtype``; integer and bool dtypes are exact. Memoized: a
+        per-op offload asks once per op per forward, and the patterns do not change after loading."""
+        key = (op, module, dtype, len(self.ops), len(self.modules), tuple(self.global_.items()))
+        hit = self._resolved.get(key)
+        if hit is None:
+            hit = self._resolved[key] = self._resolve(op, module, dtype)
+        return hit
+
+    def _resolve(self, op: str, module: str, dtype: str) -> Tolerance:
         rtol, atol = DTYPE_DEFAULTS.get(dtype, (0.0, 0.0))
         origin = f"default for {dtype} (torch.testing)" if dtype in DTYPE_DEFAULTS else f"exact ({dtype})"
         values = {"atol": atol, "rtol": rtol}
