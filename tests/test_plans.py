@@ -54,3 +54,22 @@ def test_bad_plans_are_user_errors():
         make_plan(ENCODER, "sideways")
     with pytest.raises(TapmlError, match="not a valid regex"):
         make_plan(ENCODER, "layers", "(")
+
+
+def test_blocks_are_the_heaviest_families_not_the_most_numerous():
+    # two norms beside two attention layers (ape-attention): the layers are the blocks
+    ape = fake_store(["norms.0", "layers.0.qkv", "layers.0.out", "layers.0.out", "norms.1", "layers.1.qkv",
+                      "layers.1.out", "layers.1.out"],
+                     ["", "norms.0", "layers.0", "layers.0.qkv", "layers.0.out", "norms.1", "layers.1",
+                      "layers.1.qkv", "layers.1.out"])
+    assert find_blocks(ape) == ["layers.0", "layers.1"]
+    # an encoder's and a decoder's layers (bart, whisper): both families, in call order; the heads inside not
+    seq2seq = fake_store(["encoder.layers.0", "encoder.layers.1", "decoder.layers.0.heads.0",
+                          "decoder.layers.0.heads.1", "decoder.layers.1.heads.0", "decoder.layers.1.heads.1"],
+                         ["", "encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.0.heads.0",
+                          "decoder.layers.0.heads.1", "decoder.layers.1", "decoder.layers.1.heads.0",
+                          "decoder.layers.1.heads.1"])
+    assert find_blocks(seq2seq) == ["encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.1"]
+    # a root Sequential's numbered children hold numbered children of their own: the outer ones
+    nested = fake_store(["0.1", "0.1", "1.1", "1.1"], ["", "0", "0.0", "0.1", "1", "1.0", "1.1"])
+    assert find_blocks(nested) == ["0", "1"]

@@ -32,16 +32,35 @@ def find_blocks(store: FixtureStore, pattern: str | None = None) -> list[str]:
         chosen = [p for p in paths if rx.fullmatch(p)]
         # keep the outermost matches only
         return [p for p in chosen if not any(p != q and p.startswith(q + ".") for q in chosen)]
-    families = Counter()
+    return _heaviest_families(paths, [op["module"] for op in store.ops])
+
+
+def _heaviest_families(paths: list[str], op_modules: list[str]) -> list[str]:
+    """Numbered siblings (``layers.0``, ``layers.1``, ...) form a family, weighed by the ops inside its members:
+    the heaviest family is the repeated block, and so is every other family at least half as heavy and not
+    nested in a chosen one (an encoder's and a decoder's layers). By weight, not by member count: two norms
+    beside two attention layers are not the model's blocks."""
+    family: dict[str, str] = {}
     for p in paths:
         m = _NUMBERED.match(p)
         if m and p:
-            families[m.group(1)] += 1
-    candidates = [(n, -len(prefix), prefix) for prefix, n in families.items() if n >= 2]
-    if not candidates:
-        return []
-    _, _, prefix = max(candidates)
-    return [p for p in paths if _NUMBERED.match(p) and _NUMBERED.match(p).group(1) == prefix]
+            family[p] = m.group(1)
+    members = Counter(family.values())
+    weight: Counter = Counter()
+    for module in op_modules:
+        parts = module.split(".")
+        for depth in range(len(parts), 0, -1):
+            f = family.get(".".join(parts[:depth]))
+            if f is not None and members[f] >= 2:
+                weight[f] += 1
+    ranked = sorted((f for f in members if members[f] >= 2), key=lambda f: (-weight[f], len(f), f))
+    of = {f: [p for p in paths if family.get(p) == f] for f in ranked}
+    chosen: list[str] = []
+    for f in ranked:
+        nested = any(_inside(a, b) or _inside(b, a) for c in chosen for a in of[f] for b in of[c])
+        if not nested and (not chosen or 2 * weight[f] >= weight[chosen[0]]):
+            chosen.append(f)
+    return [p for p in paths if family.get(p) in chosen]
 
 
 def _inside(module: str, block: str) -> bool:
