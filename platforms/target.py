@@ -65,6 +65,11 @@ class Target:
     def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def runner(self, op: OpCall) -> Callable[[OpCall, list[torch.Tensor]], list[torch.Tensor]] | None:
+        """``execute`` for every call of ``op``'s signature (called with the op at each call's place), bound
+        once; None when the target refuses the op. The default is ``execute`` itself."""
+        return (lambda placed, inputs: self.execute(placed, inputs)) if self.prepare(op) else None
+
     def prepare_unit(self, unit: UnitCall) -> Support:
         """Compile a whole unit once per signature; ``Support.no(reason)`` when the target cannot."""
         return Support.no(f"{self.name} does not compile whole modules")
@@ -127,8 +132,17 @@ class LocalTarget(Target):
         support = self.prepare(op)
         if not support:
             raise Unsupported(support.reason)
+        return self._ran(lambda: self.platform.run(self._kernels[op.signature], op, inputs))
+
+    def runner(self, op: OpCall) -> Callable[[OpCall, list[torch.Tensor]], list[torch.Tensor]] | None:
+        if not self.prepare(op):
+            return None
+        run = self.platform.runner(self._kernels[op.signature], op)
+        return lambda placed, inputs: self._ran(lambda: run(placed, inputs))
+
+    def _ran(self, kernel: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
         try:
-            outputs = self.platform.run(self._kernels[op.signature], op, inputs)
+            outputs = kernel()
         except (Unsupported, OpFailed):
             raise
         except Exception as e:  # the kernel failed: the op is lost, not the run

@@ -18,7 +18,7 @@ Layout (little-endian; ``magic`` is the length word of ``wire``, above its heade
 Every field is bounds-checked where it is read. A field that breaks the framing (an
 unknown input kind) is a ``WireError``; anything else (an inline payload over the
 cap, a module name that is not UTF-8) is read past and reported in the header
-(``refused``, ``malformed``), so the channel stays in step and the peer gets a one-line refusal.
+(``error``, ``message``), so the channel stays in step and the peer gets a one-line refusal.
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ from __future__ import annotations
 import struct
 
 import torch
-import xxhash
 
 from tapml.core import byte_view, dtype_name
 
 from .wire import BINARY_MIN, FrameReader, WireError
 
 __all__ = ["CALL", "OUTPUTS", "DTYPES", "MAX_INPUTS", "call_head", "input_entry", "read_call", "output_buffers",
-           "read_outputs", "key_of", "dtype_code"]
+           "read_outputs"]
 
 CALL = BINARY_MIN + 0xCA11
 OUTPUTS = BINARY_MIN + 0x0A75
@@ -54,23 +53,6 @@ DTYPES: tuple[torch.dtype, ...] = (
     torch.complex32, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
     torch.uint64, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 _CODES = {d: i for i, d in enumerate(DTYPES)}
-_PREFIX = {d: xxhash.xxh3_128(dtype_name(d).encode() + b"\0") for d in DTYPES}
-
-
-def dtype_code(dtype: torch.dtype) -> int | None:
-    return _CODES.get(dtype)
-
-
-def key_of(flat: torch.Tensor, view: memoryview | None) -> bytes | None:
-    """``content_key`` as its 16 raw bytes (``.hex()`` is the key; None for a dtype outside ``DTYPES``):
-    the dtype prefix is hashed once per dtype, not once per tensor."""
-    prefix = _PREFIX.get(flat.dtype)
-    if prefix is None:
-        return None
-    h = prefix.copy()
-    if view is not None:
-        h.update(view)
-    return h.digest()
 
 
 def call_head(handle: int, index: int, call: int, module: bytes, n_inputs: int) -> bytes:
@@ -82,47 +64,64 @@ def input_entry(held: bool, key: bytes, nbytes: int) -> bytes:
     return _INPUT.pack(HELD if held else INLINE, key, 0 if held else nbytes)
 
 
-def read_call(reader: FrameReader, magic: int, max_payload: int | None) -> dict:
-    """A call frame (after its magic): ``{"kind": "call", "handle", "index", "call", "module", "inputs"}``,
-    each input ``(key bytes, uint8 tensor or None when held)``; ``"refused"`` (over the payload cap) or
-    ``"malformed"`` says why when it is not runnable."""
+def read_call(reader: FrameReader, magic: int, max_payload: int | None, plans: list) -> dict:
+    """A call frame (after its magic): ``{"kind": "call", "plan", "index", "call", "module", "inputs"}``, each
+    input ``(key bytes, tensor or None when held)``; an inline payload lands in a tensor of the layout its
+    plan (``plans[handle].layout``: ``(dtype, shape, numel, nbytes)`` per input) gives it. ``"error"`` and
+    ``"message"`` say why a call is not runnable (unknown handle, over the payload cap, malformed)."""
     if magic != CALL:
         raise WireError(f"binary frame {magic:#x} is not a call")
     handle, index, call, module_len, n = reader.unpack(_CALL_REST)
-    header = {"kind": "call", "handle": handle, "index": index, "call": call}
+    header = {"kind": "call", "index": index, "call": call}
     raw = reader.take(module_len)
     try:
         header["module"] = str(raw, "utf-8")
     except UnicodeDecodeError:
-        header["malformed"] = "call: the module name is not UTF-8"
-    if n > MAX_INPUTS:
-        header["malformed"] = f"call: {n} inputs (at most {MAX_INPUTS})"
+        _refuse(header, "malformed", "call: the module name is not UTF-8")
+    layout = plans[handle].layout if handle < len(plans) else None
+    if layout is None:
+        _refuse(header, "unknown-handle", f"call: no plan {handle}")
+    elif n != len(layout):
+        _refuse(header, "malformed", f"call: {n} inputs, {len(layout)} expected")
+    else:
+        header["plan"] = plans[handle]
     inputs = header["inputs"] = []
-    for _ in range(n):
+    for i in range(n):
         kind, key, nbytes = reader.unpack(_INPUT)
         if kind == HELD:
             if nbytes:
-                header["malformed"] = "call: a held input carries no payload"
+                _refuse(header, "malformed", "call: a held input carries no payload")
             inputs.append((key, None))
             continue
         if kind != INLINE:
             raise WireError(f"call: input kind {kind} is unknown")
         if max_payload is not None and nbytes > max_payload:
-            reader.discard(nbytes)
-            header["refused"] = f"a {nbytes}-byte tensor exceeds the worker's payload cap of {max_payload} bytes"
+            _refuse(header, "refused", f"a {nbytes}-byte tensor exceeds the worker's payload cap of {max_payload} "
+                    "bytes")
+        elif "error" not in header and nbytes != layout[i][3]:
+            dtype, shape = layout[i][:2]
+            _refuse(header, "malformed", f"input {key.hex()}: {nbytes} bytes do not hold {list(shape)} {dtype}")
+        if "error" in header:
+            reader.discard(nbytes)  # the channel stays in step
             inputs.append((key, None))
             continue
-        buf = torch.empty(nbytes, dtype=torch.uint8)  # kept by the worker: the payload lands in it directly
+        t = torch.empty(layout[i][1], dtype=layout[i][0])  # kept by the worker: the payload lands in it directly
         if nbytes:
-            reader.read_into(memoryview(buf.numpy()))
-        inputs.append((key, buf))
+            reader.read_into(byte_view(t))
+        inputs.append((key, t))
     return header
 
+
+def _refuse(header: dict, error: str, message: str) -> None:
+    if "error" not in header:  # the first reason stands
+        header["error"], header["message"] = error, message
 
 
 def output_buffers(outputs: list[tuple[bytes, torch.Tensor, memoryview | None]], kernel_s: float) -> list | None:
     """An outputs frame as buffers for ``send_buffers`` (payloads straight from tensor memory), or None when
     an output's dtype has no code or its rank is over the limit (then the JSON frames carry it)."""
+    if len(outputs) > MAX_INPUTS:
+        return None
     buffers: list = [_OUTPUTS.pack(OUTPUTS, kernel_s, len(outputs))]
     for key, t, view in outputs:
         code, ndim = _CODES.get(t.dtype), t.dim()

@@ -294,7 +294,10 @@ class RemoteTarget(Target):
         sending: dict[str, int] = {}
         handle = self._handles.get(op.signature)
         if handle is not None and self._call_frame(handle, op, inputs, buffers, sending):
-            return self._exchange(None, op, buffers, sending)
+            outputs, reply = self._exchange(None, op, buffers, sending)
+            if not reply["ok"]:  # a refused call's inline inputs may not have been kept
+                self._known.difference_update(sending)
+            return outputs, reply
         buffers.clear()
         sending.clear()
         keys = self._upload(inputs, buffers, sending)
@@ -319,10 +322,11 @@ class RemoteTarget(Target):
             if (t.is_conj() or t.is_neg() or not t.is_contiguous() or t.storage_offset()
                     or (nbytes and t.untyped_storage().nbytes() != nbytes)):
                 return False
-            key = self._memo.key(t, t)
+            view = byte_view(t) if nbytes else None  # hashed and sent from the same bytes
+            key = self._memo.key(t, t, view=view)
             try:
                 digest = bytes.fromhex(key)
-            except ValueError:
+            except ValueError:  # a key the worker named otherwise (the JSON frames carry any string)
                 return False
             if len(digest) != 16:
                 return False
@@ -333,7 +337,7 @@ class RemoteTarget(Target):
             self._check_cap(nbytes)
             buffers.append(input_entry(False, digest, nbytes))
             if nbytes:
-                buffers.append(byte_view(t))
+                buffers.append(view)
             sending[key] = nbytes
         return True
 

@@ -41,13 +41,13 @@ from tapml.core import (
     UnitCall,
     bind_args,
     byte_view,
-    content_key,
+    content_digest,
     flatten_outputs,
     remote_refusal,
 )
 from tapml.platforms import PlatformError, Support, Unsupported, open_local
 
-from .calls import key_of, output_buffers, read_call
+from .calls import output_buffers, read_call
 from .wire import (
     FrameError,
     FrameReader,
@@ -287,12 +287,13 @@ MAX_PLANS = 1 << 16  # per session; past it an op runs by JSON frames
 
 
 class _Plan:
-    """What a binary call of an admitted op needs: the op, its recorded place and each input's layout."""
+    """What a binary call of an admitted op needs: the op, its recorded place, each input's layout and the
+    platform's run of it with the arguments bound once."""
 
-    __slots__ = ("op", "place", "layout")
+    __slots__ = ("op", "place", "layout", "run")
 
-    def __init__(self, op: OpCall):
-        self.op, self.place = op, (op.index, op.module, op.call)
+    def __init__(self, op: OpCall, run):
+        self.op, self.place, self.run = op, (op.index, op.module, op.call), run
         self.layout = [(s.torch_dtype, torch.Size(s.shape), s.numel, s.nbytes) for s in op.inputs]
 
 
@@ -318,12 +319,19 @@ class _Session:
         return self._claimed.acquire(blocking=False)
 
     def plan(self, op: OpCall) -> int | None:
-        """The handle of an op this worker has admitted (None past ``MAX_PLANS``: it runs by JSON frames)."""
+        """The handle of an op this worker has admitted (None past ``MAX_PLANS``, or when the platform does not
+        take it: it runs by JSON frames)."""
         with self._plan_lock:
             handle = self.plan_of.get(op.signature)
             if handle is None and len(self.plans) < MAX_PLANS:
+                try:
+                    run = self.worker.platform.runner(op)
+                except Exception:  # a platform that fails to bind it: the JSON frames say how it fails
+                    run = None
+                if run is None:
+                    return None
                 handle = self.plan_of[op.signature] = len(self.plans)
-                self.plans.append(_Plan(op))
+                self.plans.append(_Plan(op, run))
             return handle
 
     def serve(self, sock: socket.socket) -> None:
@@ -331,10 +339,15 @@ class _Session:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         reader = FrameReader(sock)
+        torch.set_grad_enabled(False)  # this thread's own mode: a worker records no autograd graph
+
+        def binary(reader: FrameReader, magic: int, max_payload: int | None) -> dict:
+            return read_call(reader, magic, max_payload, self.plans)
+
         try:
             while True:
                 header, t = reader.read(self.worker.config.max_payload, frame_s=self.worker.config.frame_s,
-                                        binary=read_call)
+                                        binary=binary)
                 kind = header.get("kind")
                 if kind == "call":
                     self._reply(self._call(header))
@@ -366,25 +379,15 @@ class _Session:
     def _call(self, header: dict) -> dict | None:
         """Answer one binary call frame: a planned op on inputs held or inline, checked against the plan's
         layout (everything else was checked once, when the op was admitted)."""
-        if "refused" in header:
-            return {"ok": False, "error": "refused", "message": header["refused"]}
-        if "malformed" in header:
-            return {"ok": False, "error": "malformed", "message": header["malformed"]}
-        if header["handle"] >= len(self.plans):
-            return {"ok": False, "error": "unknown-handle"}
-        plan = self.plans[header["handle"]]
-        if len(header["inputs"]) != len(plan.layout):
-            return {"ok": False, "error": "malformed", "message": f"{len(plan.layout)} inputs expected"}
+        if "error" in header:
+            return {"ok": False, "error": header["error"], "message": header["message"]}
         if header["index"] < -1 or header["call"] < 0:
             return {"ok": False, "error": "malformed", "message": "call: index and call must be ≥ -1 and ≥ 0"}
+        plan = header["plan"]
         inputs, missing = [], []
-        for (digest, buf), (dtype, shape, numel, nbytes) in zip(header["inputs"], plan.layout, strict=True):
+        for (digest, t), (dtype, shape, numel, _) in zip(header["inputs"], plan.layout, strict=True):
             key = digest.hex()
-            if buf is not None:
-                if buf.numel() != nbytes:
-                    return {"ok": False, "error": "malformed", "message": f"input {key}: {buf.numel()} bytes "
-                            f"do not hold {list(shape)} {dtype}"}
-                t = buf.view(dtype).view(shape)
+            if t is not None:  # inline: read into its planned layout
                 self.cache.put(key, t)
             else:
                 t = self.cache.get(key)
@@ -401,7 +404,7 @@ class _Session:
         op = plan.op
         if (header["index"], header["module"], header["call"]) != plan.place:
             op = _placed(op, header["index"], header["module"], header["call"])
-        return self._compute(lambda: self.worker.platform.execute(op, inputs), binary=True)
+        return self._compute(lambda: plan.run(op, inputs), binary=True)
 
     def _inputs(self, header: dict, specs: list) -> tuple[list[torch.Tensor], dict | None]:
         inputs, missing = [], []
@@ -503,14 +506,14 @@ class _Session:
             self._outgoing += tensor_buffers(key, t, view)[0]
         return {"ok": True, "kernel_s": kernel_s}
 
-    def _keep(self, t: torch.Tensor) -> tuple[str, bytes | None, torch.Tensor, memoryview | None]:
+    def _keep(self, t: torch.Tensor) -> tuple[str, bytes, torch.Tensor, memoryview | None]:
         """An output in the cache under its content key, hashed from the bytes that will be sent:
-        ``(key, its 16 bytes or None for a dtype the binary frames do not carry, tensor, bytes)``."""
+        ``(key, its 16 bytes, tensor, bytes)``."""
         if t.requires_grad or t.is_conj() or t.is_neg() or not t.is_contiguous():
             t = t.detach().resolve_conj().resolve_neg().contiguous()
         view = byte_view(t) if t.numel() else None
-        digest = key_of(t, view)
-        key = content_key(t, view) if digest is None else digest.hex()
+        digest = content_digest(t, view)
+        key = digest.hex()
         self.cache.put(key, t)
         return key, digest, t, view
 
