@@ -27,6 +27,10 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+def _kernel_failed(e: BaseException) -> OpFailed:
+    return OpFailed(f"the kernel raised {_one_line(e)}")
+
+
 def _in_fresh_thread(fn: Callable[[], Any]) -> Any:
     """``fn()`` on a thread of its own. A live mixed run compiles from inside torch's dispatcher, whose
     thread-local state (autograd keys excluded below the dispatch mode) makes ``torch.export`` fail
@@ -138,7 +142,18 @@ class LocalTarget(Target):
         if not self.prepare(op):
             return None
         run = self.platform.runner(self._kernels[op.signature], op)
-        return lambda placed, inputs: self._ran(lambda: run(placed, inputs))
+
+        def execute(placed: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            try:
+                outputs = run(placed, inputs)
+            except (Unsupported, OpFailed):
+                raise
+            except Exception as e:
+                raise _kernel_failed(e) from e
+            self._stats["runs"] += 1
+            return outputs
+
+        return execute
 
     def _ran(self, kernel: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
         try:
@@ -146,7 +161,7 @@ class LocalTarget(Target):
         except (Unsupported, OpFailed):
             raise
         except Exception as e:  # the kernel failed: the op is lost, not the run
-            raise OpFailed(f"the kernel raised {_one_line(e)}") from e
+            raise _kernel_failed(e) from e
         self._stats["runs"] += 1
         return outputs
 

@@ -210,7 +210,7 @@ class FrameReader:
             head = self._exact(_LEN.size)
         self._frame_s = frame_s  # but a frame it has begun must keep arriving
         try:
-            (n,) = _LEN.unpack(head if head is not None else self._exact(_LEN.size))
+            (n,) = _LEN.unpack(head) if head is not None else self.unpack(_LEN)
             if n >= BINARY_MIN and binary is not None:
                 return binary(self, n, max_payload), None
             return self._rest(n, max_payload)
