@@ -15,7 +15,11 @@ processes read ``CLOCK_MONOTONIC`` (``time.perf_counter_ns``), so the stamps lin
 
 Medians of each column over ``--calls`` calls (the columns' medians need not add up to the total's).
 Also ``--gap-us``: an idle sleep before each call (a busy machine's other work between calls).
-Usage: python benchmarks/roundtrip_split.py [--calls 3000] [--gap-us 0]
+``--floor``: the same round trip as a minimal Python program instead (the worker's thread receives a
+fixed binary header and the bytes into a fresh tensor, clones it, hashes the clone with xxh3 and sends
+header, key and bytes back in one ``sendmsg``; no plan, cache, checks or bookkeeping), and a 64-byte
+ping-pong: what any Python implementation of this round trip pays on this machine.
+Usage: python benchmarks/roundtrip_split.py [--calls 3000] [--gap-us 0] [--floor]
 """
 
 from __future__ import annotations
@@ -66,6 +70,73 @@ w.serve(w.WorkerConfig(platform="torch-cpu", token=os.environ["TAPML_SPLIT_TOKEN
 '''
 
 
+FLOOR = r'''
+import socket, struct, sys, threading, torch, xxhash
+head, entry = struct.Struct("<IIH"), struct.Struct("<BI16s")
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+def serve():
+    c, _ = srv.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(1 << 16)
+    view, clone, prefix = memoryview(buf), torch.ops.aten.clone.default, xxhash.xxh3_128(b"float32\0")
+    while True:
+        n = c.recv_into(buf)
+        if not n:
+            return
+        if sys.argv[1] == "ping":
+            c.send(view[:n])
+            continue
+        _, _, k = head.unpack_from(buf, 0)
+        kind, nbytes, key = entry.unpack_from(buf, head.size)
+        x = torch.empty(nbytes // 4)
+        memoryview(x.numpy()).cast("B")[:] = view[head.size + entry.size:head.size + entry.size + nbytes]
+        y = clone(x)
+        out = memoryview(y.numpy()).cast("B")
+        h = prefix.copy()
+        h.update(out)
+        c.sendmsg([head.pack(0, 0, 1), entry.pack(1, out.nbytes, h.digest()), out])
+threading.Thread(target=serve).start()
+'''
+
+
+def floor(calls: int, gap_us: float) -> None:
+    """The minimal program and the ping-pong (see the module docstring)."""
+    import socket
+    import struct
+
+    import xxhash
+
+    head, entry = struct.Struct("<IIH"), struct.Struct("<BI16s")
+    prefix, buf = xxhash.xxh3_128(b"float32\0"), bytearray(1 << 16)
+    for mode in ("ping", "clone"):
+        proc = subprocess.Popen([sys.executable, "-c", FLOOR, mode], stdout=subprocess.PIPE, text=True)
+        sock = socket.create_connection(("127.0.0.1", int(proc.stdout.readline())))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        times = []
+        for _ in range(calls):
+            x = torch.randn(4)
+            if gap_us:
+                time.sleep(gap_us / 1e6)
+            start = time.perf_counter_ns()
+            if mode == "ping":
+                sock.send(b"x" * 64)
+                sock.recv_into(buf)
+            else:
+                data = memoryview(x.numpy()).cast("B")
+                h = prefix.copy()
+                h.update(data)
+                sock.sendmsg([head.pack(0, 0, 1), entry.pack(1, data.nbytes, h.digest()), data])
+                n = sock.recv_into(buf)
+                y = torch.empty(4)
+                memoryview(y.numpy()).cast("B")[:] = memoryview(buf)[n - 16:n]
+            times.append(time.perf_counter_ns() - start)
+        sock.close()
+        proc.wait()
+        print(f"{'64-byte ping-pong' if mode == 'ping' else 'minimal clone round trip'}: "
+              f"{statistics.median(times) / 1e3:.1f} µs")
+
+
 class _Stamped:
     def __init__(self, sock, stamps: list):
         self._sock, self._stamps = sock, stamps
@@ -90,7 +161,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--gap-us", type=float, default=0.0)
+    parser.add_argument("--floor", action="store_true")
     args = parser.parse_args()
+    if args.floor:
+        floor(args.calls, args.gap_us)
+        return
     spec = {"dtype": "float32", "shape": [4], "stride": [1]}
     op = OpCall(op="aten.clone.default", args=[{"tensor": spec}], kwargs={"dict": {}}, outputs={"tensor": spec})
     token, out = secrets.token_hex(16), os.path.join(tempfile.mkdtemp(), "worker.json")

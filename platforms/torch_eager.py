@@ -53,7 +53,8 @@ class TorchPlatform(Platform):
         if len(arg_slots) + len(kwarg_slots) != len(slots):
             return super().runner(kernel, op)
         layout = [(spec, spec.stride, spec.offset) for spec in op.inputs]
-        as_is = not op.inplace and self.device == "cpu"  # an input already in its recorded layout is used as is
+        on_cpu = self.device == "cpu"
+        as_is = not op.inplace and on_cpu  # an input already in its recorded layout is used as is
 
         def run(placed: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
             laid = [t if as_is and t.stride() == stride and t.storage_offset() == offset and t.device.type == "cpu"
@@ -65,9 +66,11 @@ class TorchPlatform(Platform):
             for k, i in kwarg_slots:
                 kw[k] = laid[i]
             if not torch.is_grad_enabled():  # (a worker's data loop runs without autograd)
-                return [o.cpu() for o in flatten_outputs(kernel(*a, **kw))]
-            with torch.no_grad():
-                return [o.cpu() for o in flatten_outputs(kernel(*a, **kw))]
+                outputs = flatten_outputs(kernel(*a, **kw))
+            else:
+                with torch.no_grad():
+                    outputs = flatten_outputs(kernel(*a, **kw))
+            return outputs if on_cpu else [o.cpu() for o in outputs]
 
         return run
 

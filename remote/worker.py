@@ -108,10 +108,10 @@ class TensorCache:
         if key in self._items:
             return
         self._items[key] = t
-        self.used += t.numel() * t.element_size()
+        self.used += t.nbytes
         while self.used > self.budget and len(self._items) > 1:
             _, old = self._items.popitem(last=False)
-            self.used -= old.numel() * old.element_size()
+            self.used -= old.nbytes
 
     def get(self, key: str) -> torch.Tensor | None:
         t = self._items.get(key)
@@ -511,7 +511,12 @@ class _Session:
         ``(key, its 16 bytes, tensor, bytes)``."""
         if t.requires_grad or t.is_conj() or t.is_neg() or not t.is_contiguous():
             t = t.detach().resolve_conj().resolve_neg().contiguous()
-        view = byte_view(t) if t.numel() else None
+        view = None
+        if t.numel():
+            try:  # (byte_view's own first step, without checking again what was just made so)
+                view = memoryview(t.numpy()).cast("B")
+            except (TypeError, ValueError, RuntimeError):  # a dtype numpy lacks
+                view = byte_view(t)
         digest = content_digest(t, view)
         key = digest.hex()
         self.cache.put(key, t)
