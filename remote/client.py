@@ -317,6 +317,7 @@ class RemoteTarget(Target):
             return False
         module = op.module.encode()
         buffers.append(call_head(handle, op.index, op.call, module, len(inputs)))
+        reused = 0
         for t in inputs:  # not detached: the memo needs the caller's version counter
             nbytes = t.numel() * t.element_size()
             if (t.is_conj() or t.is_neg() or not t.is_contiguous() or t.storage_offset()
@@ -331,7 +332,7 @@ class RemoteTarget(Target):
             if len(digest) != 16:
                 return False
             if key in self._known or key in sending:
-                self._stats["bytes_reused"] += nbytes
+                reused += nbytes
                 buffers.append(input_entry(True, digest, 0))
                 continue
             self._check_cap(nbytes)
@@ -339,6 +340,7 @@ class RemoteTarget(Target):
             if nbytes:
                 buffers.append(view)
             sending[key] = nbytes
+        self._stats["bytes_reused"] += reused
         return True
 
     def _exchange(self, header: dict | None, op: OpCall | None, buffers: list, sending: dict[str, int]
