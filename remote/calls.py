@@ -1,8 +1,8 @@
 """The op-run path in binary: one ``call`` frame to the worker, one ``outputs`` frame back.
 
 Why: a run of an op the worker has already admitted needs no JSON, no field-by-field
-schema check and no op description, so a small op's round trip is bounded by the
-two wakeups, not by Python work on each side. When an op is prepared the worker
+schema check and no op description: a small op's round trip is then mostly the two
+wake-ups and the kernel, not Python work on each side. When an op is prepared the worker
 keeps a *plan* for it (the admitted op and its input layout) under an integer
 handle; a call frame names the handle, the op's place in the model, and each
 input either by the content key of a tensor the worker holds or inline (key and
@@ -16,9 +16,10 @@ Layout (little-endian; ``magic`` is the length word of ``wire``, above its heade
              then per output: u8 dtype | u8 ndim | u64 payload bytes | 16 bytes key | i64 × ndim shape | payload
 
 Every field is bounds-checked where it is read. A field that breaks the framing (an
-unknown input kind) is a ``WireError``; anything else (an inline payload over the
-cap, a module name that is not UTF-8) is read past and reported in the header
-(``error``, ``message``), so the channel stays in step and the peer gets a one-line refusal.
+unknown input kind) is a ``WireError``; anything else (an unknown handle, an input
+count or byte count that does not fit the plan, an inline payload over the cap, a
+module name that is not UTF-8) is read past and reported in the header (``error``,
+``message``), so the channel stays in step and the peer gets a one-line refusal.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from tapml.core import byte_view, dtype_name
 
 from .wire import BINARY_MIN, FrameReader, WireError
 
-__all__ = ["CALL", "OUTPUTS", "DTYPES", "MAX_INPUTS", "call_head", "input_entry", "read_call", "output_buffers",
-           "read_outputs"]
+__all__ = ["CALL", "OUTPUTS", "DTYPES", "MAX_INPUTS", "MAX_MODULE", "call_head", "input_entry", "read_call",
+           "output_buffers", "read_outputs"]
 
 CALL = BINARY_MIN + 0xCA11
 OUTPUTS = BINARY_MIN + 0x0A75
 MAX_INPUTS = 4096
+MAX_MODULE = 0xFFFF  # bytes of a module name (u16)
 MAX_NDIM = 64
 HELD, INLINE = 0, 1
 _CALL_REST = struct.Struct("<IqqHH")  # a frame's fields after its magic

@@ -26,7 +26,7 @@ from rpyc.core.async_ import AsyncResultTimeout
 from tapml.core import HashMemo, OpCall, OpFailed, Status, UnitCall, byte_view
 from tapml.platforms import Capabilities, PlatformError, Support, Target, Unsupported
 
-from .calls import MAX_INPUTS, call_head, input_entry, read_outputs
+from .calls import MAX_INPUTS, MAX_MODULE, call_head, input_entry, read_outputs
 from .spawn import SpawnedWorker, spawn_worker
 from .wire import FrameReader, WireError, frame_buffers, send_buffers, tensor_buffers
 
@@ -313,9 +313,9 @@ class RemoteTarget(Target):
                     sending: dict[str, int]) -> bool:
         """A binary call frame into ``buffers``: each input by key when the worker holds it, else inline.
         False when an input is not a whole tensor (a view travels as its base: the JSON frames say how)."""
-        if len(inputs) > MAX_INPUTS:
-            return False
         module = op.module.encode()
+        if len(inputs) > MAX_INPUTS or len(module) > MAX_MODULE:
+            return False
         buffers.append(call_head(handle, op.index, op.call, module, len(inputs)))
         reused = 0
         for t in inputs:  # not detached: the memo needs the caller's version counter
