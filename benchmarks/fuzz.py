@@ -48,6 +48,12 @@ from typing import Any
 
 _LEN = struct.Struct("<I")
 _MAX_HEADER = 16 << 20
+# binary call/outputs frames (remote/calls.py), as a client writes and reads them
+CALL_MAGIC, OUTPUTS_MAGIC = 0xFFFF_0000 + 0xCA11, 0xFFFF_0000 + 0x0A75
+_CALL = struct.Struct("<IIqqHH")  # magic, handle, index, call, module bytes, inputs
+_INPUT = struct.Struct("<B16sQ")  # kind (0 held, 1 inline), key, payload bytes
+_OUT_HEAD = struct.Struct("<dH")
+_OUT = struct.Struct("<BBQ16s")
 MAX_PAYLOAD = 1 << 20  # the spawned worker's cap: over-cap frames stay cheap to send
 TB = "Traceback (most recent call last)"
 _DEEP = "\x00deep:"
@@ -121,6 +127,14 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytearray:
 
 def read_frame(sock: socket.socket, deadline: float) -> tuple[dict, bytearray]:
     (n,) = _LEN.unpack(_recv_exact(sock, 4, deadline))
+    if n == OUTPUTS_MAGIC:  # a binary call's answer: every output's payload, concatenated
+        _, count = _OUT_HEAD.unpack(_recv_exact(sock, _OUT_HEAD.size, deadline))
+        payload = bytearray()
+        for _ in range(count):
+            _, ndim, nbytes, _ = _OUT.unpack(_recv_exact(sock, _OUT.size, deadline))
+            _recv_exact(sock, 8 * ndim, deadline)
+            payload += _recv_exact(sock, nbytes, deadline)
+        return {"kind": "outputs", "ok": True}, payload
     header = json.loads(_recv_exact(sock, n, deadline))
     payload = _recv_exact(sock, int(header.get("nbytes", 0)), deadline) if header.get("kind") == "tensor" else b""
     return header, payload
@@ -200,6 +214,9 @@ def exchange(sock: socket.socket, raw: bytes, probe: Probe, timeout: float) -> t
                 return "answered", own, "ok" if ok else f"wrong answer {header}", bytes(outs)
             elif header.get("kind") == "reply":
                 own.append(header)
+            elif header.get("kind") == "outputs":  # a call frame ran
+                own.append(header)
+                outs += payload[:1 << 16]
             else:
                 outs += payload[:1 << 16]
     except NoAnswer:
@@ -219,6 +236,8 @@ def read_reply(sock: socket.socket, raw: bytes, timeout: float) -> tuple[str, di
             header, payload = read_frame(sock, deadline)
             if header.get("kind") == "reply":
                 return "answered", header, outs
+            if header.get("kind") == "outputs":
+                return "answered", header, [(header, payload)]
             outs.append((header, payload))
     except (NoAnswer, TimeoutError):
         return "no-answer", {}, outs
@@ -234,6 +253,12 @@ def simulate(raw: bytes, max_payload: int) -> tuple[str, int]:
         if len(raw) - pos < 4:
             return "incomplete", replies
         (n,) = _LEN.unpack_from(raw, pos)
+        if n == CALL_MAGIC:
+            pos, state = _simulate_call(raw, pos)
+            if state != "complete":
+                return state, replies
+            replies += 1
+            continue
         if n > _MAX_HEADER:
             return "closes", replies
         if len(raw) - pos - 4 < n:
@@ -258,6 +283,34 @@ def simulate(raw: bytes, max_payload: int) -> tuple[str, int]:
         elif header.get("kind") == "run":
             replies += 1
     return "complete", replies
+
+
+def _simulate_call(raw: bytes, pos: int) -> tuple[int, str]:
+    """One binary call frame at ``pos``: ``(end, "complete"|"closes"|"incomplete")``. The worker reads every
+    entry (a refused payload is read past); only an unknown input kind loses the framing."""
+    if len(raw) - pos < _CALL.size:
+        return pos, "incomplete"
+    *_, module_len, n = _CALL.unpack_from(raw, pos)
+    pos += _CALL.size + module_len
+    for _ in range(n):
+        if len(raw) - pos < _INPUT.size:
+            return pos, "incomplete"
+        kind, _, nbytes = _INPUT.unpack_from(raw, pos)
+        pos += _INPUT.size
+        if kind > 1:
+            return pos, "closes"
+        if kind == 1:
+            pos += nbytes
+    return pos, "complete" if pos <= len(raw) else "incomplete"
+
+
+def call_frame(handle: int, inputs: list[tuple[int, bytes, bytes]], index: int = 0, call: int = 0,
+               module: bytes = b"", count: int | None = None) -> bytes:
+    """A binary call frame; each input ``(kind, key bytes, payload)`` (the payload only for kind 1)."""
+    raw = _CALL.pack(CALL_MAGIC, handle, index, call, len(module), len(inputs) if count is None else count) + module
+    for kind, key, payload in inputs:
+        raw += _INPUT.pack(kind, key, len(payload) if kind == 1 else 0) + (payload if kind == 1 else b"")
+    return raw
 
 
 @dataclass
@@ -302,20 +355,32 @@ def valid_ops(store_dir: Path) -> list[ValidOp]:
 
 
 def check_valid(sock: socket.socket, op: ValidOp, timeout: float = 10.0) -> str:
-    import torch
-
+    """``op`` by a JSON run frame; then, when every input is a whole tensor, again by a binary call frame
+    naming the plan the reply gave and the inputs the worker now holds."""
     outcome, reply, outs = read_reply(sock, op.raw(), timeout)
     if outcome != "answered":
         return outcome
     if not reply.get("ok"):
         return f"error reply {reply}"
-    if len(outs) != len(op.expected):
+    verdict = _same(outs, op.expected)
+    if verdict != "ok" or not all(isinstance(k, str) for k in op.run["keys"]) or "handle" not in reply:
+        return verdict
+    held = [(0, bytes.fromhex(k), b"") for k in op.run["keys"]]
+    outcome, answer, outs = read_reply(sock, call_frame(reply["handle"], held, index=op.run["index"]), timeout)
+    if outcome != "answered" or not answer.get("ok"):
+        return f"binary call: {outcome} {answer}"
+    return _same(outs, op.expected)
+
+
+def _same(outs: list, expected: list) -> str:
+    """Output frames ``(header, payload)`` (a binary answer: one, every payload concatenated) against the
+    recorded outputs, byte for byte."""
+    import torch
+
+    if len(outs) != len(expected) and not (len(outs) == 1 and outs[0][0].get("kind") == "outputs"):
         return f"wrong: {len(outs)} outputs"
-    for (header, payload), want in zip(outs, op.expected, strict=True):
-        got = torch.frombuffer(bytearray(payload), dtype=want.dtype).reshape(header["shape"]) if payload else None
-        if got is None or not torch.equal(got, want):
-            return "wrong answer"
-    return "ok"
+    want = b"".join(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in expected)
+    return "ok" if b"".join(bytes(p) for _, p in outs) == want else "wrong answer"
 
 
 # frame generators: (family, label, raw bytes)
@@ -470,10 +535,30 @@ def gen_frames(rng: random.Random, n: int, ops: list[ValidOp], canary: str) -> l
         add("op.args", f"args[0]={_short(enc, 60)}", addmm.uploads + frame(dict(addmm.run, op=op, sig="enc")))
         op = dict(addmm.run["op"], kwargs={"dict": {"beta": enc}})
         add("op.kwargs", f"kwargs beta={_short(enc, 60)}", addmm.uploads + frame(dict(addmm.run, op=op, sig="kw")))
+    # binary call frames (handle 0 is the session's first planned op: a probe's gelu, once one ran)
+    k1, k2 = bytes(range(16)), bytes(16)
+    inline = [(1, k1, bytes(64))]
+    for h in (0, 1, 7, 2**31, 2**32 - 1):
+        add("call.handle", f"handle {h}", call_frame(h, inline))
+    for index, call in ((-2, 0), (-2**63, 0), (2**63 - 1, 0), (0, -1), (0, 2**63 - 1)):
+        add("call.place", f"index {index} call {call}", call_frame(0, inline, index=index, call=call))
+    for module in (b"\xff\xfe", "é/ü".encode(), b"A" * 65535, b"\0" * 300):
+        add("call.module", f"module {_short(module, 30)}", call_frame(0, inline, module=module))
+    for count in (0, 2, 4096, 65535):
+        add("call.count", f"{count} inputs declared, 1 sent", call_frame(0, inline, count=count))
+    for kind in (2, 7, 255):
+        add("call.kind", f"input kind {kind}", call_frame(0, [(kind, k1, b"")]))
+    add("call.entry", "held input with a size", call_frame(0, [], count=1) + _INPUT.pack(0, k1, 64))
+    add("call.entry", "held input never uploaded", call_frame(0, [(0, k2, b"")]))
+    add("call.entry", "inline 2^40 bytes, none sent", call_frame(0, [], count=1) + _INPUT.pack(1, k1, 1 << 40))
+    add("call.entry", "over-cap inline input, sent", call_frame(0, [(1, k1, bytes(MAX_PAYLOAD + 8))]))
+    add("call.entry", "inline of an odd size", call_frame(0, [(1, k1, bytes(7))]))
+    add("call.entry", "64 inputs, mixed", call_frame(0, [(i % 2, bytes([i]) * 16, bytes(4 * i)) for i in range(64)]))
     # random byte mutations of valid frames fill the rest
     n_mut = max(n - len(fixed), n // 3)
     chosen = fixed if len(fixed) <= n - n_mut else rng.sample(fixed, n - n_mut)
-    seeds = [ops[0].raw(), ops[1].raw(), frame(base_t, bytes(64)), frame(addmm.run), make_probe(0).raw]
+    seeds = [ops[0].raw(), ops[1].raw(), frame(base_t, bytes(64)), frame(addmm.run), make_probe(0).raw,
+             call_frame(0, inline), call_frame(1, [(0, k2, b""), (1, k1, bytes(32))], module=b"encoder.layer.0")]
     muts: list[Gen] = []
     for _ in range(n_mut):
         raw = bytearray(rng.choice(seeds))

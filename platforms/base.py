@@ -10,6 +10,7 @@ by wrapping and a remote worker implements over RPC.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -117,6 +118,12 @@ class Platform:
     def run(self, kernel: Any, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run a kernel on tensors laid out as ``op.inputs``; return ``op.output_specs``' tensors."""
         raise NotImplementedError
+
+    def runner(self, kernel: Any, op: OpCall) -> Callable[[OpCall, list[torch.Tensor]], list[torch.Tensor]]:
+        """``run`` for every call of ``op``'s signature, with what does not change between its calls worked
+        out once (a worker's binary op-run path calls it with the op at each call's place). Optional: the
+        default is ``run`` itself."""
+        return lambda placed, inputs: self.run(kernel, placed, inputs)
 
     # graph level: a whole module call (``UnitCall``) compiled as one unit — optional
 

@@ -27,6 +27,10 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+def _kernel_failed(e: BaseException) -> OpFailed:
+    return OpFailed(f"the kernel raised {_one_line(e)}")
+
+
 def _in_fresh_thread(fn: Callable[[], Any]) -> Any:
     """``fn()`` on a thread of its own. A live mixed run compiles from inside torch's dispatcher, whose
     thread-local state (autograd keys excluded below the dispatch mode) makes ``torch.export`` fail
@@ -64,6 +68,11 @@ class Target:
 
     def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def runner(self, op: OpCall) -> Callable[[OpCall, list[torch.Tensor]], list[torch.Tensor]] | None:
+        """``execute`` for every call of ``op``'s signature (called with the op at each call's place), bound
+        once; None when the target refuses the op. The default is ``execute`` itself."""
+        return (lambda placed, inputs: self.execute(placed, inputs)) if self.prepare(op) else None
 
     def prepare_unit(self, unit: UnitCall) -> Support:
         """Compile a whole unit once per signature; ``Support.no(reason)`` when the target cannot."""
@@ -127,12 +136,32 @@ class LocalTarget(Target):
         support = self.prepare(op)
         if not support:
             raise Unsupported(support.reason)
+        return self._ran(lambda: self.platform.run(self._kernels[op.signature], op, inputs))
+
+    def runner(self, op: OpCall) -> Callable[[OpCall, list[torch.Tensor]], list[torch.Tensor]] | None:
+        if not self.prepare(op):
+            return None
+        run = self.platform.runner(self._kernels[op.signature], op)
+
+        def execute(placed: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            try:
+                outputs = run(placed, inputs)
+            except (Unsupported, OpFailed):
+                raise
+            except Exception as e:
+                raise _kernel_failed(e) from e
+            self._stats["runs"] += 1
+            return outputs
+
+        return execute
+
+    def _ran(self, kernel: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
         try:
-            outputs = self.platform.run(self._kernels[op.signature], op, inputs)
+            outputs = kernel()
         except (Unsupported, OpFailed):
             raise
         except Exception as e:  # the kernel failed: the op is lost, not the run
-            raise OpFailed(f"the kernel raised {_one_line(e)}") from e
+            raise _kernel_failed(e) from e
         self._stats["runs"] += 1
         return outputs
 

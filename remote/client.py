@@ -1,8 +1,9 @@
 """``RemoteTarget``: the client-side proxy that *is* a ``Target`` (the engine-facing interface).
 
 The engine calls ``prepare``/``execute`` as on any platform; ``prepare`` is a
-JSON call over rpyc, ``execute`` a run frame plus tensor frames on the data
-channel. Tensors the worker
+JSON call over rpyc, ``execute`` one binary call frame on the data channel (an
+op the worker has planned, inputs whole tensors: ``calls``), else a JSON run
+frame plus tensor frames. Tensors the worker
 already holds (weights, repeated activations) are referenced by content hash,
 not resent. Every call has a timeout; a worker that dies or hangs costs the op
 in flight (``WorkerCrashed``/``WorkerTimeout``), then the client respawns its
@@ -22,9 +23,10 @@ import rpyc
 import torch
 from rpyc.core.async_ import AsyncResultTimeout
 
-from tapml.core import HashMemo, OpCall, OpFailed, Status, UnitCall
+from tapml.core import HashMemo, OpCall, OpFailed, Status, UnitCall, byte_view
 from tapml.platforms import Capabilities, PlatformError, Support, Target, Unsupported
 
+from .calls import MAX_INPUTS, MAX_MODULE, call_head, input_entry, read_outputs
 from .spawn import SpawnedWorker, spawn_worker
 from .wire import FrameReader, WireError, frame_buffers, send_buffers, tensor_buffers
 
@@ -122,6 +124,8 @@ class RemoteTarget(Target):
         self._reader = FrameReader(data)
         self._known: set[str] = set()  # tensor keys the worker holds for this session
         self._sent_ops: set[str] = set()  # signatures the worker has the OpCall for
+        self._handles: dict[str, int] = {}  # signature -> the worker's plan for it (binary call frames)
+        self._data_timeout: float | None = None
         self.name = info["platform"]
         self.description = info["description"]
 
@@ -215,8 +219,14 @@ class RemoteTarget(Target):
         support = Support(reply["ok"], reply.get("reason", ""))
         if support:
             self._sent_ops.add(op.signature)  # the worker keeps what it prepared
+            self._plan(op.signature, reply)
         self._support[op.signature] = support
         return support
+
+    def _plan(self, signature: str, reply: dict) -> None:
+        handle = reply.get("handle")
+        if isinstance(handle, int) and not isinstance(handle, bool) and 0 <= handle < 1 << 32:
+            self._handles[signature] = handle
 
     def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         with self._lock:
@@ -224,9 +234,10 @@ class RemoteTarget(Target):
             if not support:
                 raise Unsupported(support.reason)
             outputs, reply = self._run(op, inputs)
-            if reply.get("error") in ("missing", "unknown-op"):  # evicted or restarted: resend once
+            if reply.get("error") in ("missing", "unknown-op", "unknown-handle"):  # evicted or restarted: once more
                 self._known.difference_update(reply.get("keys", ()))
                 self._sent_ops.discard(op.signature)
+                self._handles.pop(op.signature, None)
                 outputs, reply = self._run(op, inputs)
             return self._answer(outputs, reply, "runs")
 
@@ -276,40 +287,97 @@ class RemoteTarget(Target):
             return self._answer(outputs, reply, "unit_runs")
 
     def _run(self, op: OpCall, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        """One run frame and its answer, on the data socket, under the op timeout."""
+        """One run of ``op`` and its answer, on the data socket, under the op timeout: a binary call frame
+        when the worker has a plan for it and every input is a whole tensor, else a JSON run frame."""
         self._check_alive()
         buffers: list = []
         sending: dict[str, int] = {}
+        handle = self._handles.get(op.signature)
+        if handle is not None and self._call_frame(handle, op, inputs, buffers, sending):
+            outputs, reply = self._exchange(None, op, buffers, sending)
+            if not reply["ok"]:  # a refused call's inline inputs may not have been kept
+                self._known.difference_update(sending)
+            return outputs, reply
+        buffers.clear()
+        sending.clear()
         keys = self._upload(inputs, buffers, sending)
         header = {"kind": "run", "sig": op.signature, "index": op.index, "module": op.module, "call": op.call,
                   "keys": keys}
         if op.signature not in self._sent_ops:
             header["op"] = op.to_json()
-        return self._exchange(header, op, buffers, sending)
+        outputs, reply = self._exchange(header, op, buffers, sending)
+        self._plan(op.signature, reply)
+        return outputs, reply
 
-    def _exchange(self, header: dict, op: OpCall | None, buffers: list, sending: dict[str, int]
+    def _call_frame(self, handle: int, op: OpCall, inputs: list[torch.Tensor], buffers: list,
+                    sending: dict[str, int]) -> bool:
+        """A binary call frame into ``buffers``: each input by key when the worker holds it, else inline.
+        False when an input is not a whole tensor (a view travels as its base: the JSON frames say how)."""
+        module = op.module.encode()
+        if len(inputs) > MAX_INPUTS or len(module) > MAX_MODULE:
+            return False
+        buffers.append(call_head(handle, op.index, op.call, module, len(inputs)))
+        reused = 0
+        for t in inputs:  # not detached: the memo needs the caller's version counter
+            nbytes = t.numel() * t.element_size()
+            if (t.is_conj() or t.is_neg() or not t.is_contiguous() or t.storage_offset()
+                    or (nbytes and t.untyped_storage().nbytes() != nbytes)):
+                return False
+            view = byte_view(t) if nbytes else None  # hashed and sent from the same bytes
+            key = self._memo.key(t, t, view=view)
+            try:
+                digest = bytes.fromhex(key)
+            except ValueError:  # a key the worker named otherwise (the JSON frames carry any string)
+                return False
+            if len(digest) != 16:
+                return False
+            if key in self._known or key in sending:
+                reused += nbytes
+                buffers.append(input_entry(True, digest, 0))
+                continue
+            self._check_cap(nbytes)
+            buffers.append(input_entry(False, digest, nbytes))
+            if nbytes:
+                buffers.append(view)
+            sending[key] = nbytes
+        self._stats["bytes_reused"] += reused
+        return True
+
+    def _exchange(self, header: dict | None, op: OpCall | None, buffers: list, sending: dict[str, int]
                   ) -> tuple[list[torch.Tensor], dict]:
-        """Send a run frame; receive the output tensor frames and the reply."""
+        """Send a run frame (``header``; None: ``buffers`` hold a binary call frame); receive the outputs:
+        a binary outputs frame, or output tensor frames and the reply."""
         start = time.monotonic()
         try:
-            self._data.settimeout(self.timeout)
-            send_buffers(self._data, buffers + frame_buffers(header))  # inputs and run frame in one write
+            if self._data_timeout != self.timeout:
+                self._data.settimeout(self.timeout)
+                self._data_timeout = self.timeout
+            # inputs and run frame in one write
+            send_buffers(self._data, buffers if header is None else buffers + frame_buffers(header))
             self._known.update(sending)
             self._stats["bytes_sent"] += sum(sending.values())
-            if op is not None:
+            if op is not None and header is not None:
                 self._sent_ops.add(op.signature)
             outputs = []
             while True:
-                frame, t = self._reader.read()
-                if frame.get("kind") == "reply":
+                frame, t = self._reader.read(binary=read_outputs)
+                kind = frame.get("kind")
+                if kind == "outputs":
+                    for key, t in frame["outputs"]:
+                        outputs.append(self._received(key, t))
                     break
-                outputs.append(t)
-                self._known.add(frame["key"])  # the worker keeps its outputs by this key
-                self._memo.remember(t, frame["key"])
-                self._stats["bytes_received"] += t.numel() * t.element_size()
+                if kind == "reply":
+                    break
+                outputs.append(self._received(frame["key"], t))
             return outputs, frame
         except (OSError, WireError, ValueError) as e:  # TimeoutError is an OSError
             raise self._failed(op, e, time.monotonic() - start) from None
+
+    def _received(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        self._known.add(key)  # the worker keeps its outputs by this key
+        self._memo.remember(t, key)
+        self._stats["bytes_received"] += t.numel() * t.element_size()
+        return t
 
     def _upload(self, inputs: list[torch.Tensor], buffers: list, sending: dict[str, int]) -> list:
         """Input references for a run frame; the tensor frames of what the worker lacks go into ``buffers``
@@ -344,14 +412,17 @@ class RemoteTarget(Target):
         if key in self._known or key in sending:
             self._stats["bytes_reused"] += nbytes
             return key
-        cap = self.info["max_payload"]
-        if nbytes > cap:
-            raise PayloadTooLarge(f"a {nbytes}-byte tensor exceeds the worker's payload cap of {cap} "
-                                  "bytes (tapml worker --max-payload)")
+        self._check_cap(nbytes)
         frame, _ = tensor_buffers(key, flat)
         buffers += frame
         sending[key] = nbytes
         return key
+
+    def _check_cap(self, nbytes: int) -> None:
+        cap = self.info["max_payload"]
+        if nbytes > cap:
+            raise PayloadTooLarge(f"a {nbytes}-byte tensor exceeds the worker's payload cap of {cap} "
+                                  "bytes (tapml worker --max-payload)")
 
     def worker_stats(self) -> dict[str, Any]:
         return self._call("stats", timeout=self.timeout)

@@ -8,6 +8,9 @@ written and read in chunks straight from/into tensor memory; a ``run`` frame
 names the op and the content keys of its inputs; the worker answers with one
 tensor frame per output and a ``reply`` frame.
 
+The op-run path has a binary form (``calls``): frames whose length word is a
+magic number above the header cap are handed to a parser the caller names.
+
 Everything read here comes from the network: headers are checked field by field
 (``FrameError`` — the channel stays in step and the peer gets an error reply)
 and anything that loses the framing is a ``WireError`` (the socket is closed).
@@ -19,17 +22,19 @@ import json
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 import torch
 
 from tapml.core import MalformedValue, byte_view, check_spec, dtype_from_name, dtype_name
 
-__all__ = ["CHUNK", "FrameReader", "frame_buffers", "tensor_buffers", "send_buffers", "send_frame", "send_tensor",
-           "recv_frame", "read_preamble", "check_run", "WireError", "FrameError"]
+__all__ = ["CHUNK", "BINARY_MIN", "FrameReader", "frame_buffers", "tensor_buffers", "send_buffers", "send_frame",
+           "send_tensor", "recv_frame", "read_preamble", "check_run", "WireError", "FrameError"]
 
 CHUNK = 4 << 20
 _LEN = struct.Struct("<I")
 _MAX_HEADER = 16 << 20
+BINARY_MIN = 0xFFFF_0000  # a length word at or above this starts a binary frame (``calls``), not a JSON header
 _MAX_KEY = 256
 _IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
 
@@ -123,6 +128,17 @@ class FrameReader:
         self._buf = bytearray(size if buffered else 0)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
+        self._frame_s: float | None = None  # the stall limit of the frame being read
+        self._armed = False  # the socket's timeout is set to it (only once a frame needs another recv)
+
+    def _recv_into(self, dst: memoryview, n: int = 0) -> int:
+        if self._frame_s is not None and not self._armed:  # a frame that arrived whole costs no timeout syscalls
+            self.sock.settimeout(self._frame_s)
+            self._armed = True
+        k = self.sock.recv_into(dst, n)
+        if k == 0:
+            raise WireError("data channel closed")
+        return k
 
     def _fill(self, need: int) -> None:
         """At least ``need`` (≤ the buffer's size) bytes buffered."""
@@ -133,10 +149,7 @@ class FrameReader:
             self._view[:held] = self._view[self._start:self._end]
             self._start, self._end = 0, held
         while self._end < need:
-            k = self.sock.recv_into(self._view[self._end:])
-            if k == 0:
-                raise WireError("data channel closed")
-            self._end += k
+            self._end += self._recv_into(self._view[self._end:])
 
     def read_into(self, dst: memoryview) -> None:
         """Fill ``dst`` exactly: what is buffered first, then straight from the socket."""
@@ -145,10 +158,20 @@ class FrameReader:
             dst[:got] = self._view[self._start:self._start + got]
             self._start += got
         while got < n:
-            k = self.sock.recv_into(dst[got:], min(CHUNK, n - got))
-            if k == 0:
-                raise WireError("data channel closed")
-            got += k
+            got += self._recv_into(dst[got:], min(CHUNK, n - got))
+
+    def unpack(self, fmt: struct.Struct) -> tuple:
+        """The next ``fmt.size`` bytes, unpacked (for binary frames)."""
+        if self.buffered:
+            self._fill(fmt.size)
+            out = fmt.unpack_from(self._buf, self._start)
+            self._start += fmt.size
+            return out
+        return fmt.unpack(self._exact(fmt.size))
+
+    def take(self, n: int) -> memoryview:
+        """The next ``n`` bytes (a view into the buffer: use it before the next read)."""
+        return self._exact(n)
 
     def _exact(self, n: int) -> memoryview:
         if self.buffered and n <= len(self._buf):
@@ -163,38 +186,45 @@ class FrameReader:
     def pending(self) -> bool:
         return self._end > self._start
 
-    def _discard(self, nbytes: int) -> None:
+    def discard(self, nbytes: int) -> None:
+        """Read past ``nbytes`` of payload (a refused one): the channel stays in step."""
         scratch = memoryview(bytearray(min(CHUNK, nbytes)))
         while nbytes:
             k = min(nbytes, len(scratch))
             self.read_into(scratch[:k])
             nbytes -= k
 
-    def read(self, max_payload: int | None = None, frame_s: float | None = None) -> tuple[dict, torch.Tensor | None]:
+    def read(self, max_payload: int | None = None, frame_s: float | None = None,
+             binary: Callable | None = None) -> tuple[dict, torch.Tensor | None]:
         """One frame: ``(header, tensor or None)``.
 
         A tensor frame that is refused — over ``max_payload`` or malformed but with a readable
         size — has its payload read and discarded (the channel stays in step) and says why in
-        ``header["refused"]``. A header that is not a JSON object is a ``WireError``."""
+        ``header["refused"]``. A header that is not a JSON object is a ``WireError``. A binary
+        frame is parsed by ``binary(reader, magic, max_payload)``, which returns its header
+        (without it, a binary frame is a ``WireError``)."""
         head = None
         if self.buffered:  # a peer may stay idle between frames as long as it likes,
             self._fill(1)
         else:
             head = self._exact(_LEN.size)
-        if frame_s is not None:  # but a frame it has begun must keep arriving
-            self.sock.settimeout(frame_s)
+        self._frame_s = frame_s  # but a frame it has begun must keep arriving
         try:
-            return self._rest(head if head is not None else self._exact(_LEN.size), max_payload)
+            (n,) = _LEN.unpack(head) if head is not None else self.unpack(_LEN)
+            if n >= BINARY_MIN and binary is not None:
+                return binary(self, n, max_payload), None
+            return self._rest(n, max_payload)
         except TimeoutError:
             if frame_s is None:
                 raise  # the caller's own timeout: it decides what a stall means
             raise WireError(f"a frame stalled for {frame_s:.0f}s") from None
         finally:
-            if frame_s is not None:
+            self._frame_s = None
+            if self._armed:
+                self._armed = False
                 self.sock.settimeout(None)
 
-    def _rest(self, head, max_payload: int | None) -> tuple[dict, torch.Tensor | None]:
-        (n,) = _LEN.unpack(head)
+    def _rest(self, n: int, max_payload: int | None) -> tuple[dict, torch.Tensor | None]:
         if n > _MAX_HEADER:
             raise WireError(f"frame header of {n} bytes is malformed")
         raw = self._exact(n)
@@ -213,7 +243,7 @@ class FrameReader:
         if problem is None and max_payload is not None and nbytes > max_payload:
             problem = f"a {nbytes}-byte tensor exceeds the worker's payload cap of {max_payload} bytes"
         if problem is not None:
-            self._discard(nbytes)
+            self.discard(nbytes)
             header["refused"] = problem
             return header, None
         dtype = dtype_from_name(header["dtype"])

@@ -41,12 +41,13 @@ from tapml.core import (
     UnitCall,
     bind_args,
     byte_view,
-    content_key,
+    content_digest,
     flatten_outputs,
     remote_refusal,
 )
 from tapml.platforms import PlatformError, Support, Unsupported, open_local
 
+from .calls import output_buffers, read_call
 from .wire import (
     FrameError,
     FrameReader,
@@ -107,10 +108,10 @@ class TensorCache:
         if key in self._items:
             return
         self._items[key] = t
-        self.used += t.numel() * t.element_size()
+        self.used += t.nbytes
         while self.used > self.budget and len(self._items) > 1:
             _, old = self._items.popitem(last=False)
-            self.used -= old.numel() * old.element_size()
+            self.used -= old.nbytes
 
     def get(self, key: str) -> torch.Tensor | None:
         t = self._items.get(key)
@@ -282,6 +283,20 @@ def _placed(op: OpCall, index: int, module: str, call: int) -> OpCall:
     return placed
 
 
+MAX_PLANS = 1 << 16  # per session; past it an op runs by JSON frames
+
+
+class _Plan:
+    """What a binary call of an admitted op needs: the op, its recorded place, each input's layout and the
+    platform's run of it with the arguments bound once."""
+
+    __slots__ = ("op", "place", "layout", "run")
+
+    def __init__(self, op: OpCall, run):
+        self.op, self.place, self.run = op, (op.index, op.module, op.call), run
+        self.layout = [(s.torch_dtype, torch.Size(s.shape), s.numel, s.nbytes) for s in op.inputs]
+
+
 class _Session:
     """One client: its data socket, its uploaded tensors and the ops it has sent."""
 
@@ -291,6 +306,9 @@ class _Session:
         self.cache = TensorCache(worker.config.cache_bytes)
         self.refused: dict[str, str] = {}
         self.ops: dict[str, OpCall] = {}
+        self.plans: list[_Plan] = []  # admitted ops by handle: what a binary call frame names
+        self.plan_of: dict[str, int] = {}  # op signature -> handle
+        self._plan_lock = threading.Lock()  # plans are made by prepare (rpyc thread) and by run frames
         self.units: dict[str, UnitCall] = {}  # prepared (admitted and compiled) by this client
         self.unit_calls: dict[tuple, UnitCall] = {}  # (signature, module, call, index) -> that call of the unit
         self.sock: socket.socket | None = None
@@ -300,16 +318,40 @@ class _Session:
     def claim(self, sock: socket.socket) -> bool:
         return self._claimed.acquire(blocking=False)
 
+    def plan(self, op: OpCall) -> int | None:
+        """The handle of an op this worker has admitted (None past ``MAX_PLANS``, or when the platform does not
+        take it: it runs by JSON frames)."""
+        with self._plan_lock:
+            handle = self.plan_of.get(op.signature)
+            if handle is None and len(self.plans) < MAX_PLANS:
+                try:
+                    run = self.worker.platform.runner(op)
+                except Exception:  # a platform that fails to bind it: the JSON frames say how it fails
+                    run = None
+                if run is None:
+                    return None
+                handle = self.plan_of[op.signature] = len(self.plans)
+                self.plans.append(_Plan(op, run))
+            return handle
+
     def serve(self, sock: socket.socket) -> None:
         """The data loop: store tensor frames, answer run frames, until the client goes."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         reader = FrameReader(sock)
+        torch.set_grad_enabled(False)  # this thread's own mode: a worker records no autograd graph
+
+        def binary(reader: FrameReader, magic: int, max_payload: int | None) -> dict:
+            return read_call(reader, magic, max_payload, self.plans)
+
         try:
             while True:
-                header, t = reader.read(self.worker.config.max_payload, frame_s=self.worker.config.frame_s)
+                header, t = reader.read(self.worker.config.max_payload, frame_s=self.worker.config.frame_s,
+                                        binary=binary)
                 kind = header.get("kind")
-                if kind == "tensor":
+                if kind == "call":
+                    self._reply(self._call(header))
+                elif kind == "tensor":
                     if t is None:
                         if isinstance(header.get("key"), str):
                             self.refused[header["key"]] = header["refused"]
@@ -327,10 +369,42 @@ class _Session:
             self.close()
 
     def _reply(self, reply: dict | None) -> None:
-        """The run's output frames and its reply in one write (one wakeup of the client)."""
+        """The run's output frames and its reply (None: a binary outputs frame is the answer) in one write:
+        one wakeup of the client."""
         outgoing, self._outgoing = self._outgoing, []
         if reply is not None:
-            send_buffers(self.sock, outgoing + frame_buffers({"kind": "reply", **reply}))
+            outgoing += frame_buffers({"kind": "reply", **reply})
+        send_buffers(self.sock, outgoing)
+
+    def _call(self, header: dict) -> dict | None:
+        """Answer one binary call frame: a planned op on inputs held or inline, checked against the plan's
+        layout (everything else was checked once, when the op was admitted)."""
+        if "error" in header:
+            return {"ok": False, "error": header["error"], "message": header["message"]}
+        if header["index"] < -1 or header["call"] < 0:
+            return {"ok": False, "error": "malformed", "message": "call: index and call must be ≥ -1 and ≥ 0"}
+        plan = header["plan"]
+        inputs, missing = [], []
+        for (digest, t), (dtype, shape, numel, _) in zip(header["inputs"], plan.layout, strict=True):
+            key = digest.hex()
+            if t is not None:  # inline: read into its planned layout
+                self.cache.put(key, t)
+            else:
+                t = self.cache.get(key)
+                if t is None:
+                    missing.append(key)
+                    continue
+                if t.dtype != dtype or t.numel() != numel:
+                    return {"ok": False, "error": "malformed", "message": f"input {key} is not {dtype}{list(shape)}"}
+                if t.shape != shape:
+                    t = t.reshape(shape)
+            inputs.append(t)
+        if missing:
+            return {"ok": False, "error": "missing", "keys": missing}
+        op = plan.op
+        if (header["index"], header["module"], header["call"]) != plan.place:
+            op = _placed(op, header["index"], header["module"], header["call"])
+        return self._compute(lambda: plan.run(op, inputs), binary=True)
 
     def _inputs(self, header: dict, specs: list) -> tuple[list[torch.Tensor], dict | None]:
         inputs, missing = [], []
@@ -378,7 +452,11 @@ class _Session:
         admitted = self.worker.admit(op)
         if not admitted:
             return {"ok": False, "error": "unsupported", "message": admitted.reason}
-        return self._compute(lambda: self.worker.platform.execute(op, inputs))
+        reply = self._compute(lambda: self.worker.platform.execute(op, inputs))
+        handle = self.plan(op) if reply["ok"] else None
+        if handle is not None:  # later runs of this op can be binary call frames
+            reply["handle"] = handle
+        return reply
 
     def _run_unit(self, header: dict) -> dict | None:
         """Answer one run_unit frame: a unit this client prepared, on tensors it uploaded."""
@@ -402,8 +480,9 @@ class _Session:
             return problem
         return self._compute(lambda: self.worker.platform.execute_unit(unit, inputs))
 
-    def _compute(self, call) -> dict:
-        """Run a kernel (or a unit) under the worker's lock; send its outputs, keep them by key."""
+    def _compute(self, call, binary: bool = False) -> dict | None:
+        """Run a kernel (or a unit) under the worker's lock; keep its outputs by key and queue them to send:
+        as one binary outputs frame (``binary``; returns None) or as tensor frames before a reply."""
         try:
             with self.worker.lock:
                 self.worker.beat("B")
@@ -417,14 +496,31 @@ class _Session:
             return {"ok": False, "error": "unsupported", "message": e.reason}
         except Exception as e:  # the kernel failed (OpFailed or a platform bug): the op is lost, not the worker
             return {"ok": False, "error": "failed", "message": f"{type(e).__name__}: {str(e)[:500]}"}
-        for t in outputs:  # kept under their key: an output the next op consumes is not sent back
-            if t.requires_grad or t.is_conj() or t.is_neg() or not t.is_contiguous():
-                t = t.detach().resolve_conj().resolve_neg().contiguous()
-            view = byte_view(t) if t.numel() else None  # hashed and sent from the same bytes
-            key = content_key(t, view)
-            self.cache.put(key, t)
+        kept = [self._keep(t) for t in outputs]  # kept under their key: an output the next op reads is not resent
+        if binary:
+            buffers = output_buffers([(digest, t, view) for _, digest, t, view in kept], kernel_s)
+            if buffers is not None:
+                self._outgoing += buffers
+                return None
+        for key, _, t, view in kept:
             self._outgoing += tensor_buffers(key, t, view)[0]
         return {"ok": True, "kernel_s": kernel_s}
+
+    def _keep(self, t: torch.Tensor) -> tuple[str, bytes, torch.Tensor, memoryview | None]:
+        """An output in the cache under its content key, hashed from the bytes that will be sent:
+        ``(key, its 16 bytes, tensor, bytes)``."""
+        if t.requires_grad or t.is_conj() or t.is_neg() or not t.is_contiguous():
+            t = t.detach().resolve_conj().resolve_neg().contiguous()
+        view = None
+        if t.numel():
+            try:  # (byte_view's own first step, without checking again what was just made so)
+                view = memoryview(t.numpy()).cast("B")
+            except (TypeError, ValueError, RuntimeError):  # a dtype numpy lacks
+                view = byte_view(t)
+        digest = content_digest(t, view)
+        key = digest.hex()
+        self.cache.put(key, t)
+        return key, digest, t, view
 
     def close(self) -> None:
         self.worker.sessions.pop(self.nonce, None)
@@ -458,22 +554,27 @@ def make_service(worker: _Worker):
                           kernel_timeout=worker.config.kernel_timeout)
 
         def exposed_prepare(self, op_json) -> str:
-            return self._prepare(op_json, OpCall, worker.prepare, self._session.ops, "prepare", "an op call", "op")
+            return self._prepare(op_json, OpCall, worker.prepare, self._session.ops, "prepare", "an op call", "op",
+                                 planned=self._session.plan)
 
         def exposed_prepare_unit(self, unit_json) -> str:
             return self._prepare(unit_json, UnitCall, worker.prepare_unit, self._session.units, "prepare_unit",
                                  "a unit", "unit")
 
-        def _prepare(self, text, kind, prepare, kept: dict, method: str, what: str, short: str) -> str:
-            """Parse (through the allow-list), admit and compile an op or a unit; keep it for this client."""
+        def _prepare(self, text, kind, prepare, kept: dict, method: str, what: str, short: str,
+                     planned=None) -> str:
+            """Parse (through the allow-list), admit and compile an op or a unit; keep it for this client
+            (an op with a plan: its handle is in the reply)."""
             try:
                 if not isinstance(text, str):
                     raise OpRefused(f"{method} takes {what} as a JSON string")
                 call = kind.loads(text)
                 support = prepare(call)
+                handle = None
                 if support:
                     kept[call.signature] = call
-                return _reply(ok=support.ok, reason=support.reason, signature=call.signature)
+                    handle = planned(call) if planned is not None else None
+                return _reply(ok=support.ok, reason=support.reason, signature=call.signature, handle=handle)
             except TapmlError as e:
                 return _reply(ok=False, reason=f"refused: {e}")
             except Exception as e:

@@ -8,7 +8,7 @@ and the error and status roots. It imports nothing else of tapml.
 
 from .errors import CheckFailed, OpFailed, OpRefused, TapmlError
 from .imports import import_object
-from .keys import HashMemo, byte_view, content_key
+from .keys import HashMemo, byte_view, content_digest, content_key
 from .opcall import OpCall, bind_args, flatten_outputs, place_device
 from .ops import (
     ALLOWED_NAMESPACES,
@@ -70,6 +70,7 @@ __all__ = [
     "byte_view",
     "check_spec",
     "check_value",
+    "content_digest",
     "content_key",
     "decode_value",
     "dtype_from_name",

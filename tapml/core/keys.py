@@ -9,7 +9,9 @@ import xxhash
 
 from .tensors import dtype_name
 
-__all__ = ["content_key", "byte_view", "HashMemo"]
+__all__ = ["content_key", "content_digest", "byte_view", "HashMemo"]
+
+_PREFIXES: dict[torch.dtype, xxhash.xxh3_128] = {}  # the hash state after each dtype's name: copied, not redone
 
 
 def content_key(flat: torch.Tensor, view: memoryview | None = None) -> str:
@@ -20,15 +22,29 @@ def content_key(flat: torch.Tensor, view: memoryview | None = None) -> str:
     accidental collisions and undetected corruption vanishingly unlikely. It is not
     a defence against someone who can rewrite the store (nothing unkeyed is).
     """
-    h = xxhash.xxh3_128(dtype_name(flat.dtype).encode() + b"\0")
+    return content_digest(flat, view).hex()
+
+
+def content_digest(flat: torch.Tensor, view: memoryview | None = None) -> bytes:
+    """``content_key`` as its 16 raw bytes (what binary frames carry); ``view``: its ``byte_view``, when the
+    caller has it."""
+    prefix = _PREFIXES.get(flat.dtype)
+    if prefix is None:
+        prefix = _PREFIXES[flat.dtype] = xxhash.xxh3_128(dtype_name(flat.dtype).encode() + b"\0")
+    h = prefix.copy()
     if flat.numel():
-        h.update(byte_view(flat) if view is None else view)  # ``view``: its byte_view, when the caller has it
-    return h.hexdigest()
+        h.update(byte_view(flat) if view is None else view)
+    return h.digest()
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """A tensor's elements in logical order as raw bytes (copied only when they are not already so laid
     out): what is hashed and what crosses the wire. Conjugate and negative views are resolved first."""
+    if t.is_contiguous() and not t.requires_grad and not t.is_conj() and not t.is_neg() and t.numel():
+        try:  # the common case in one step (a dtype numpy lacks, such as bfloat16, takes the general path)
+            return memoryview(t.numpy()).cast("B")
+        except (TypeError, ValueError, RuntimeError):
+            pass
     t = t.detach()
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
@@ -54,23 +70,25 @@ class HashMemo:
     def __init__(self) -> None:
         self._seen: dict[tuple, tuple] = {}
 
-    def key(self, t: torch.Tensor, flat: torch.Tensor, *, memo: bool = True) -> str:
-        """The content key of ``flat`` (``t``'s elements, flattened), memoized when it aliases ``t``.
+    def key(self, t: torch.Tensor, flat: torch.Tensor, *, memo: bool = True, view: memoryview | None = None) -> str:
+        """The content key of ``flat`` (``t``'s elements, flattened), memoized when it aliases ``t``
+        (``view``: ``flat``'s ``byte_view``, when the caller has it).
 
         ``t`` must be the tensor the program holds, not a ``detach()`` of it: a detached
         alias does not see the version bumps of later in-place writes."""
-        aliases = flat.numel() > 0 and flat.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        aliases = flat.numel() > 0 and (flat is t
+                                        or flat.untyped_storage().data_ptr() == t.untyped_storage().data_ptr())
         if not (aliases and memo):
-            return content_key(flat)
+            return content_key(flat, view)
         geometry = (flat.data_ptr(), flat.numel(), flat.dtype)
         try:
             version = t._version
         except RuntimeError:  # inference tensors carry no version counter
-            return content_key(flat)
+            return content_key(flat, view)
         hit = self._seen.get(geometry)
         if hit is not None and hit[0]() is not None and hit[1] == version:
             return hit[2]
-        key = content_key(flat)
+        key = content_key(flat, view)
         self._seen[geometry] = (weakref.ref(t.untyped_storage()), version, key)
         return key
 
@@ -88,6 +106,5 @@ class HashMemo:
             version = t._version
         except RuntimeError:
             return
-        flat = t.reshape(-1)
-        if flat.numel():
-            self._seen[(flat.data_ptr(), flat.numel(), flat.dtype)] = (weakref.ref(t.untyped_storage()), version, key)
+        if t.numel():  # contiguous: its flattening starts at the same address with the same count
+            self._seen[(t.data_ptr(), t.numel(), t.dtype)] = (weakref.ref(t.untyped_storage()), version, key)
