@@ -311,3 +311,13 @@ def test_classes_the_fidelity_sweep_found(tmp_path, fn, x):
     assert replay(store).ok
     run = offload(model, store, (x,))
     assert run.verdict in ("ok", "incomplete"), run.summary  # incomplete only where nothing computes
+
+
+def test_the_model_state_keeps_no_copy_in_memory_and_puts_back_what_changed():
+    model = nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    state = ModelState(model, (torch.randn(2, 4),))
+    assert not any(isinstance(kept, torch.Tensor) for _, kept in state.saved)  # kept on disk by content key
+    model.weight.data.mul_(1.5)  # a .data write: no version bump, found by its content
+    state.restore()
+    assert torch.equal(model.weight, before)
