@@ -25,8 +25,17 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves, tree_map
 
 from tapml.carving import FixtureStore, ModelRaised, tensor_key
-from tapml.core import UNINITIALIZED, HashMemo, TapmlError, bump_undeclared, iter_specs, op_info, tensors_in
-from tapml.core.keys import byte_view, content_key
+from tapml.core import (
+    UNINITIALIZED,
+    HashMemo,
+    TapmlError,
+    bump_undeclared,
+    byte_view,
+    content_key,
+    iter_specs,
+    op_info,
+    tensors_in,
+)
 
 __all__ = ["probe", "ProbeResult", "OffCarvedPath", "rng_replay", "ModelState"]
 
