@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -158,6 +159,10 @@ def measure(name: str, repeats: int, offload: bool, platforms: list[str], rule: 
             carving.append(_timed(lambda i=i: carve(model, run, tmp / f"c{i}", model_info=info)))
             opening.append(_timed(lambda i=i: FixtureStore(tmp / f"c{i}")))
             shutil.rmtree(tmp / f"c{i}")
+        if not repeats:  # --repeats 0: offload figures only (no write or carve repeats, no 3 more GB on disk)
+            with torch.no_grad():
+                forward.append(_timed(run))
+            empty, write, carving, opening = [math.nan], [math.nan], [math.nan], [math.nan]
         fwd, emp, wr, cv, op = (statistics.median(x) for x in (forward, empty, write, carving, opening))
         row.update(forward_s=fwd, empty_mode_forward_s=emp, write_s=wr, carve_s=cv, open_s=op,
                    overhead_ratio=cv / (fwd + wr), floor_ratio=cv / (emp + wr))
@@ -189,7 +194,7 @@ def _mib(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="tiny,38m,110m,290m,1.1b")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="0: offload figures only, no carve repeats")
     parser.add_argument("--offload", action="store_true", help="also offload (plan all) to a spawned worker")
     parser.add_argument("--platforms", default="torch-cpu,bf16")
     parser.add_argument("--rule", default="bound",
