@@ -86,6 +86,7 @@ class ChildPeak:
         import psutil
 
         self._me, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.cpu: dict[int, float] = {}  # child pid -> its CPU seconds at the latest sample
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -95,6 +96,7 @@ class ChildPeak:
             for child in self._me.children(recursive=True):
                 try:
                     self.peak = max(self.peak, child.memory_info().rss)
+                    self.cpu[child.pid] = sum(child.cpu_times()[:2])
                 except psutil.Error:
                     pass
 
@@ -174,14 +176,14 @@ def measure(name: str, repeats: int, offload: bool, platforms: list[str], rule: 
                 before = _status("VmRSS")
                 _hwm_reset()
                 with ChildPeak() as worker:
-                    t = time.perf_counter()
+                    t, cpu = time.perf_counter(), time.process_time()
                     result = offload_run(workload, store=tmp / "store", settings=Settings(platform=platform, rule=rule),
                                          plan="all", generate=NEW_TOKENS)
-                    elapsed = time.perf_counter() - t
-                row[f"offload_{platform}"] = {"s": elapsed, "verdict": str(result.verdict), "rule": rule,
+                    elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
+                row[f"offload_{platform}"] = {"s": elapsed, "cpu_s": cpu + sum(worker.cpu.values()),
+                                              "verdict": str(result.verdict), "rule": rule,
                                               "client_peak": _status("VmHWM"), "client_before": before,
-                                              "worker_peak": worker.peak,
-                                              "forward_s": fwd}
+                                              "worker_peak": worker.peak, "forward_s": fwd}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return row
@@ -234,21 +236,23 @@ def main() -> None:
                           f"| {_mib(o['worker_peak'])} | {_mib(r['model_bytes'])} |")
         for platform in args.platforms.split(","):
             print(_growth(rows, f"offload_{platform}"))
+            print(_growth(rows, f"offload_{platform}", "s"))
 
 
-def _growth(rows: list[dict], field: str) -> str:
-    """Offload seconds fitted as fixed + a·ops + b·GB (least squares over the sizes): linear growth holds
-    when the fit predicts every size."""
+def _growth(rows: list[dict], field: str, measure: str = "cpu_s") -> str:
+    """Offload seconds (CPU seconds of client and worker by default: wall time on a shared machine follows
+    the load) fitted as fixed + a·ops + b·GB (least squares over the sizes): linear growth holds when the
+    fit predicts every size."""
     import numpy as np
 
     have = [r for r in rows if field in r]
     if len(have) < 3:
         return f"{field}: fewer than 3 sizes, no fit"
     x = np.array([[1.0, r["ops"], r["unique_bytes"] / 1e9] for r in have])
-    y = np.array([r[field]["s"] for r in have])
+    y = np.array([r[field][measure] for r in have])
     (c, per_op, per_gb), *_ = np.linalg.lstsq(x, y, rcond=None)
     fit = " / ".join(f"{p:.1f}" for p in x @ np.array([c, per_op, per_gb]))
-    return (f"{field[8:]}: ≈ {c:.1f} s + {per_op * 1e6:.0f} µs × ops + {per_gb:.1f} s/GB predicts {fit} s "
+    return (f"{field[8:]} {measure}: ≈ {c:.1f} s + {per_op * 1e6:.0f} µs × ops + {per_gb:.1f} s/GB predicts {fit} s "
             f"against the measured {' / '.join(f'{v:.1f}' for v in y)} s")
 
 
