@@ -134,7 +134,7 @@ class ModelState:
     back only what changed."""
 
     def __init__(self, model: torch.nn.Module, inputs: Any = None):
-        seen, self.saved = set(), []
+        seen, self.saved, self._full = set(), [], False
         self._file = tempfile.TemporaryFile(prefix="tapml-state-")
         given = [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.layout == torch.strided]
         for t in itertools.chain(model.parameters(), model.buffers(), given):
@@ -143,12 +143,17 @@ class ModelState:
                 self.saved.append((t, self._keep(t)))
 
     def _keep(self, t: torch.Tensor) -> tuple | torch.Tensor:
-        """(shape, dtype, offset, content key) of a CPU tensor's bytes written to the file; a clone otherwise."""
-        if t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
+        """(shape, dtype, offset, content key) of a CPU tensor's bytes written to the file; a clone otherwise
+        (another device, another layout, or no room left on the disk)."""
+        if self._full or t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
             return t.detach().clone()
         view = byte_view(t)
         offset = self._file.seek(0, os.SEEK_END)
-        self._file.write(view)
+        try:
+            self._file.write(view)
+        except OSError:  # a full disk: this and every later tensor kept in memory, as clones
+            self._full = True
+            return t.detach().clone()
         return tuple(t.shape), t.dtype, offset, content_key(t.detach().reshape(-1), view)
 
     def _value(self, shape: tuple, dtype: torch.dtype, offset: int) -> torch.Tensor:
