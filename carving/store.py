@@ -35,6 +35,9 @@ __all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "FixtureStore", "MANIF
 MANIFEST = "manifest.json"
 _SHARD_DIR = "tensors"
 _PACKED = "__packed__"  # one uint8 tensor per shard holding the small tensors back to back
+# shards kept open (memory-mapped) for reading: every page read through an open map counts in the reader's
+# RSS until it closes, so a reader that kept every shard open grew by the whole store (3 GB at 1B parameters)
+OPEN_SHARDS = 2
 _PACK_BELOW = 64 << 10  # per-tensor header and bookkeeping would dominate below this size
 
 
@@ -356,9 +359,12 @@ class FixtureStore:
             raise StoreError(f"{self.path / MANIFEST} references unknown tensor {key}")
         shard = meta["shard"]
         try:
-            handle = self._handles.get(shard)
+            handle = self._handles.pop(shard, None)
             if handle is None:
-                handle = self._handles[shard] = safetensors.safe_open(str(self._shard_path(shard)), "pt")
+                handle = safetensors.safe_open(str(self._shard_path(shard)), "pt")
+            self._handles[shard] = handle  # the most recently read last; the oldest is closed past OPEN_SHARDS
+            if len(self._handles) > OPEN_SHARDS:
+                del self._handles[next(iter(self._handles))]
             if "offset" in meta:
                 start = meta["offset"]
                 raw = handle.get_slice(_PACKED)[start:start + meta["nbytes"]].clone()  # own, aligned memory

@@ -94,3 +94,23 @@ def test_count_mismatch():
 
 def test_histogram_edges_are_decades():
     assert HISTOGRAM_EDGES[0] == 1e-10 and HISTOGRAM_EDGES[-1] == 1e4 and len(HISTOGRAM_EDGES) == 15
+
+
+def test_float64_results_of_a_gather_and_magnitudes_match_the_widened_computation():
+    """Memory shortcuts of the bound rule leave its numbers unchanged: an embedding widens the rows it takes
+    (not the table), and |x| in float64 neither copies twice nor writes a float64 input."""
+    from tapml.judging import fp64_outputs
+    from tapml.judging.bounds import _widened_abs
+
+    table, idx = torch.randn(50, 8, dtype=torch.bfloat16), torch.randint(0, 50, (2, 3))
+    weights = {"tensor": {"dtype": "bfloat16", "shape": [50, 8], "stride": [8, 1]}}
+    rows = {"tensor": {"dtype": "int64", "shape": [2, 3], "stride": [3, 1]}}
+    out = {"tensor": {"dtype": "bfloat16", "shape": [2, 3, 8], "stride": [24, 8, 1]}}
+    emb = OpCall(op="aten.embedding.default", args=[weights, rows], kwargs={"dict": {}}, outputs=out)
+    widened = torch.ops.aten.embedding.default(table.double(), idx)
+    assert torch.equal(fp64_outputs(emb, [table, idx])[0], widened)
+    rounded = torch.ops.aten.embedding.default(table.to(torch.float16).double(), idx)
+    assert torch.equal(fp64_outputs(emb, [table, idx], torch.float16)[0], rounded)
+    x = torch.randn(5, dtype=torch.float64)
+    assert torch.equal(_widened_abs(x), x.abs()) and (x < 0).any()  # the input itself left as it was
+    assert torch.equal(_widened_abs(x.float()), x.float().double().abs())

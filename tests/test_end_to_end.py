@@ -3,6 +3,8 @@ float64 replay keeps a bounded number of widened weights."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from tapml.carving import FixtureStore, carve
@@ -53,3 +55,20 @@ def test_the_float64_replay_is_the_same_with_a_bounded_weight_cache(tmp_path):
     for k in range(5):
         cache[f"k{k}"] = torch.zeros(10, dtype=torch.float64)
     assert cache.used <= cache.budget and "k4" in cache and "k0" not in cache
+
+
+def test_the_float64_replay_keeps_only_weights_read_again_and_skips_token_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        carve(model, lambda: model(model(x)).argmax(-1), tmp_path / "tokens")  # integer outputs only
+    store = FixtureStore(tmp_path / "tokens")
+    assert exact.exact_outputs(store) == [None]  # nothing to judge in float64: nothing replayed
+    cache = exact.WidenedCache(reads=Counter({"twice": 2, "once": 1}))
+    cache["once"] = torch.zeros(4, dtype=torch.float64)
+    cache["twice"] = torch.zeros(4, dtype=torch.float64)
+    assert "once" not in cache and "twice" in cache  # a leaf read only once is not kept
+    cache.read("twice")
+    cache.read("twice")
+    assert "twice" not in cache and cache.used == 0  # dropped after its last read

@@ -3,7 +3,9 @@ carved path or the run says it did not, and a run that offloaded nothing is neve
 
 from __future__ import annotations
 
+import io
 import itertools
+import tempfile
 import warnings
 
 import pytest
@@ -311,3 +313,28 @@ def test_classes_the_fidelity_sweep_found(tmp_path, fn, x):
     assert replay(store).ok
     run = offload(model, store, (x,))
     assert run.verdict in ("ok", "incomplete"), run.summary  # incomplete only where nothing computes
+
+
+def test_the_model_state_keeps_no_copy_in_memory_and_puts_back_what_changed():
+    model = nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    state = ModelState(model, (torch.randn(2, 4),))
+    assert not any(isinstance(kept, torch.Tensor) for _, kept in state.saved)  # kept on disk by content key
+    model.weight.data.mul_(1.5)  # a .data write: no version bump, found by its content
+    state.restore()
+    assert torch.equal(model.weight, before)
+
+
+def test_the_model_state_falls_back_to_clones_when_the_disk_is_full(monkeypatch):
+    class Full(io.BytesIO):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **_: Full())
+    model = nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    state = ModelState(model)
+    assert all(isinstance(kept, torch.Tensor) for _, kept in state.saved)
+    model.weight.data.mul_(1.5)
+    state.restore()
+    assert torch.equal(model.weight, before)

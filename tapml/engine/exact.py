@@ -12,12 +12,12 @@ carved outputs instead.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 
 from tapml.carving import FixtureStore
-from tapml.core import decode_value, iter_specs, place_device, resolve_op, tensors_in
+from tapml.core import decode_value, dtype_from_name, iter_specs, place_device, resolve_op, tensors_in
 
 __all__ = ["exact_outputs", "WidenedCache"]
 
@@ -27,11 +27,21 @@ CACHE_BYTES = 1 << 30  # widened weights kept for reuse: float64 is 4× a bfloat
 
 class WidenedCache:
     """Widened leaves (weights, constants) by content key, least recently used dropped past a byte
-    budget: a decode step reads every weight again, but not all of them need to stay widened."""
+    budget: a decode step reads every weight again, but not all of them need to stay widened. With
+    ``reads`` (content key -> how many reads are left), a leaf no later op reads is not kept: one
+    forward reads most weights once, and an LRU cache smaller than the model never hits anyway."""
 
-    def __init__(self, budget: int = CACHE_BYTES):
-        self.budget, self.used = budget, 0
+    def __init__(self, budget: int = CACHE_BYTES, reads: Counter | None = None):
+        self.budget, self.used, self.reads = budget, 0, reads
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def read(self, key: str) -> None:
+        """One read of ``key`` done: after its last one it is dropped."""
+        if self.reads is not None:
+            self.reads[key] -= 1
+            if self.reads[key] <= 0 and key in self._items:
+                old = self._items.pop(key)
+                self.used -= old.numel() * old.element_size()
 
     def __contains__(self, key: str) -> bool:
         return key in self._items
@@ -41,7 +51,7 @@ class WidenedCache:
         return self._items[key]
 
     def __setitem__(self, key: str, t: torch.Tensor) -> None:
-        if key in self._items:
+        if key in self._items or (self.reads is not None and self.reads[key] <= 1):
             return
         self._items[key] = t
         self.used += t.numel() * t.element_size()
@@ -62,18 +72,41 @@ def _widen(value):
     return value
 
 
+def _float_returns(store: FixtureStore) -> bool:
+    """Whether any model output is a float tensor: only those are judged against the float64 run (a
+    generation returns token ids, and replaying 1B parameters in float64 for them is wasted)."""
+    for o in store.graph.returns:
+        specs = list(iter_specs(store.ops[o[0]]["outputs"])) if o is not None else []
+        if o is not None and o[1] < len(specs) and dtype_from_name(specs[o[1]]["dtype"]).is_floating_point:
+            return True
+    return False
+
+
+def _leaf_reads(store: FixtureStore) -> Counter:
+    """How often each stored leaf is read from the store (not through a data-flow edge) by a non-in-place op."""
+    reads: Counter = Counter()
+    for rec in store.ops:
+        if not rec["inplace"]:
+            sources = store.graph.flow.get(rec["index"], {})
+            reads.update(ref["key"] for p, ref in enumerate(iter_specs([rec["args"], rec["kwargs"]]))
+                         if p not in sources and not ref.get("storage"))
+    return reads
+
+
 def exact_outputs(store: FixtureStore, cache_bytes: int = CACHE_BYTES) -> list[torch.Tensor | None] | None:
     """The model's output tensors computed in float64 (None per output it cannot give; None overall
     for a store carved without data flow)."""
     graph = store.graph
     if not graph.known or not graph.returns:
         return None
+    if not _float_returns(store):
+        return [None] * len(graph.returns)
     values: dict[tuple[int, int], torch.Tensor] = {}
     left = dict(graph.uses)
     for o in graph.returns:
         if o is not None:
             left[o] = left.get(o, 0) + 1
-    leaves = WidenedCache(cache_bytes)  # a weight read by many ops is widened once while it fits
+    leaves = WidenedCache(cache_bytes, _leaf_reads(store))  # a weight read again is widened once while it fits
     with torch.no_grad():
         for rec in store.ops:
             j = rec["index"]
@@ -95,15 +128,18 @@ def exact_outputs(store: FixtureStore, cache_bytes: int = CACHE_BYTES) -> list[t
 def _input(store: FixtureStore, values: dict, leaves: WidenedCache | dict, source, ref: dict) -> torch.Tensor:
     if source is not None and source in values:
         return values[source]
-    if ref.get("key") not in leaves or ref.get("storage"):
-        t = _widen(store.load(ref))
-        if ref.get("storage"):
-            return t
-        leaves[ref["key"]] = t
-        return t
-    cached = leaves[ref["key"]]  # the same bytes, maybe another layout: rebuild this use's layout from it
-    return cached if list(cached.shape) == ref["shape"] and list(cached.stride()) == ref["stride"] \
-        else _widen(store.load(ref))
+    if ref.get("storage"):
+        return _widen(store.load(ref))
+    key = ref["key"]
+    if key not in leaves:
+        t = leaves[key] = _widen(store.load(ref))
+    else:
+        t = leaves[key]  # the same bytes, maybe another layout: rebuild this use's layout from it
+        if list(t.shape) != ref["shape"] or list(t.stride()) != ref["stride"]:
+            t = _widen(store.load(ref))
+    if isinstance(leaves, WidenedCache) and source is None:
+        leaves.read(key)  # after its last read a leaf is dropped
+    return t
 
 
 def _run(store: FixtureStore, rec: dict, inputs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -13,6 +13,8 @@ outputs come from uninitialized memory (they are not compared end to end).
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +25,17 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves, tree_map
 
 from tapml.carving import FixtureStore, ModelRaised, tensor_key
-from tapml.core import UNINITIALIZED, HashMemo, TapmlError, bump_undeclared, iter_specs, op_info, tensors_in
+from tapml.core import (
+    UNINITIALIZED,
+    HashMemo,
+    TapmlError,
+    bump_undeclared,
+    byte_view,
+    content_key,
+    iter_specs,
+    op_info,
+    tensors_in,
+)
 
 __all__ = ["probe", "ProbeResult", "OffCarvedPath", "rng_replay", "ModelState"]
 
@@ -115,21 +127,52 @@ class ModelState:
 
     Why: a model that updates its own state on each call (batch norm's running statistics in
     training mode, a weight rescaled in place) would compute something else in every live run
-    than it did when carved. Taken before the carve, this makes each live run the carved one."""
+    than it did when carved. Taken before the carve, this makes each live run the carved one.
+    CPU tensors are kept in an unlinked temporary file with their content keys, not as clones: a
+    copy of every weight would double the client's memory at 1B parameters, and most runs change
+    nothing, so ``restore`` hashes each tensor (a ``.data`` write bumps no version counter) and reads
+    back only what changed."""
 
     def __init__(self, model: torch.nn.Module, inputs: Any = None):
-        seen, self.saved = set(), []
+        seen, self.saved, self._full = set(), [], False
+        self._file = tempfile.TemporaryFile(prefix="tapml-state-")
         given = [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.layout == torch.strided]
         for t in itertools.chain(model.parameters(), model.buffers(), given):
             if id(t) not in seen:
                 seen.add(id(t))
-                self.saved.append((t, t.detach().clone()))
+                self.saved.append((t, self._keep(t)))
+
+    def _keep(self, t: torch.Tensor) -> tuple | torch.Tensor:
+        """(shape, dtype, offset, content key) of a CPU tensor's bytes written to the file; a clone otherwise
+        (another device, another layout, or no room left on the disk)."""
+        if self._full or t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
+            return t.detach().clone()
+        view = byte_view(t)
+        offset = self._file.seek(0, os.SEEK_END)
+        try:
+            self._file.write(view)
+        except OSError:  # a full disk: this and every later tensor kept in memory, as clones
+            self._full = True
+            return t.detach().clone()
+        return tuple(t.shape), t.dtype, offset, content_key(t.detach().reshape(-1), view)
+
+    def _value(self, shape: tuple, dtype: torch.dtype, offset: int) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        if out.numel():
+            self._file.seek(offset)
+            self._file.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        return out
 
     def restore(self) -> None:
         with torch.no_grad():
-            for t, value in self.saved:
-                if t.shape == value.shape:
-                    t.copy_(value)
+            for t, kept in self.saved:
+                if isinstance(kept, torch.Tensor):
+                    if t.shape == kept.shape:
+                        t.copy_(kept)
+                    continue
+                shape, dtype, offset, key = kept
+                if tuple(t.shape) == shape and (t.dtype != dtype or content_key(t.detach().reshape(-1)) != key):
+                    t.copy_(self._value(shape, dtype, offset))
 
 
 class rng_replay:  # noqa: N801 — a context manager used like a function

@@ -95,8 +95,10 @@ def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _widened_abs(value):
     if isinstance(value, torch.Tensor):
-        v = value.double() if value.is_floating_point() else value
-        return v.abs() if v.is_floating_point() else v
+        if not value.is_floating_point():
+            return value
+        # widened into new memory, made absolute in place there: one float64 copy of a big weight, not two
+        return value.abs() if value.dtype == torch.float64 else value.double().abs_()
     if isinstance(value, float):
         return abs(value)
     if isinstance(value, (list, tuple)):
