@@ -25,7 +25,7 @@ class Entry:
     """One tensor object as recorded: its ref (shared by every use: never mutate), the signature token
     ``(dtype, shape, stride)``, its bytes, the op output it is (``maker``) and its storage pointer."""
 
-    __slots__ = ("obj", "version", "now", "ref", "use", "token", "nbytes", "maker", "storage")
+    __slots__ = ("obj", "version", "now", "ref", "use", "enc", "token", "nbytes", "maker", "storage")
 
     def __init__(self, obj: weakref.ref) -> None:
         self.obj = obj
@@ -33,6 +33,7 @@ class Entry:
         self.now = -1  # the version at the latest use (-1: an inference tensor, which has no counter)
         self.ref: dict | None = None
         self.use = -1  # the ref's index in the manifest's uses
+        self.enc: dict | None = None  # ``{"tensor": use}``, as an op row encodes it (shared: never mutate)
         self.token: tuple | None = None
         self.nbytes = 0
         self.maker: tuple[int, int] | None = None  # (op, output slot) that returned this object
@@ -40,30 +41,34 @@ class Entry:
 
 
 class Objects:
-    """The entries, and the distinct tensor uses they describe (the manifest's ``uses``)."""
+    """The entries, and the distinct tensor uses they describe (the manifest's ``uses``).
+
+    ``seen`` (``id(tensor)`` -> entry) is public: the tracer inlines the hit path of ``entry``."""
 
     def __init__(self, writer: StoreWriter) -> None:
         self._writer = writer
-        self._seen: dict[int, Entry] = {}
+        self.seen: dict[int, Entry] = {}
         self.uses: list[dict] = []
         self._uses: dict[tuple, int] = {}
 
     def add_use(self, ref: dict) -> int:
         """``ref``'s index in ``uses`` (an equal use recorded before keeps its index)."""
-        k = (ref["key"], ref["dtype"], tuple(ref["shape"]), tuple(ref["stride"]), ref.get("offset", 0),
-             ref.get("exact", True), ref.get("storage", False))
-        i = self._uses.get(k)
+        return self._add_use((ref["key"], ref["dtype"], tuple(ref["shape"]), tuple(ref["stride"]),
+                              ref.get("offset", 0), ref.get("exact", True), ref.get("storage", False)), ref)
+
+    def _add_use(self, identity: tuple, ref: dict) -> int:
+        i = self._uses.get(identity)
         if i is None:
-            i = self._uses[k] = len(self.uses)
+            i = self._uses[identity] = len(self.uses)
             self.uses.append(ref)
         return i
 
     def entry(self, t: torch.Tensor, *, cached: bool = True) -> Entry:
         """``t``'s entry, described again when it changed since (or when ``cached`` is False: an in-place
         op's output, whose version is bumped only after the op returns). ``UncarvableTensor`` propagates."""
-        e = self._seen.get(id(t))
+        e = self.seen.get(id(t))
         if e is None or e.obj() is not t:
-            e = self._seen[id(t)] = Entry(weakref.ref(t))
+            e = self.seen[id(t)] = Entry(weakref.ref(t))
         try:
             now = t._version
         except RuntimeError:  # inference tensors carry no version counter: never reused
@@ -72,10 +77,15 @@ class Objects:
         if e.version == now and cached:
             self._writer.bytes_referenced += e.nbytes
             return e
+        return self.describe(e, t, now, cached)
+
+    def describe(self, e: Entry, t: torch.Tensor, now: int, cached: bool = True) -> Entry:
+        """Describe ``t`` (at version ``now``) into its entry ``e``: what ``entry`` does on a miss."""
         e.version = None
-        e.ref, e.nbytes = self._writer.use(t, cached=cached)
-        e.token = (e.ref["dtype"], e.ref["shape"], e.ref["stride"])  # tuples: see StoreWriter.use
-        e.use = self.add_use(e.ref)
+        e.ref, e.nbytes, identity = self._writer.describe(t, cached=cached)
+        e.token = identity[1:4]  # (dtype, shape, stride): tuples, see StoreWriter.use
+        e.use = self._add_use(identity, e.ref)
+        e.enc = {"tensor": e.use}
         e.storage = t.untyped_storage().data_ptr() if t.numel() else None
         if cached and now >= 0:
             e.version = now
@@ -83,28 +93,28 @@ class Objects:
 
     def made(self, t: torch.Tensor, op: int, slot: int) -> Entry:
         """Mark ``t`` as output ``slot`` of ``op`` (views included)."""
-        e = self._seen.get(id(t))
+        e = self.seen.get(id(t))
         if e is None or e.obj() is not t:
-            e = self._seen[id(t)] = Entry(weakref.ref(t))
+            e = self.seen[id(t)] = Entry(weakref.ref(t))
         e.maker = (op, slot)
         return e
 
     def maker(self, t: torch.Tensor) -> tuple[int, int] | None:
-        e = self._seen.get(id(t))
+        e = self.seen.get(id(t))
         return e.maker if e is not None and e.obj() is t else None
 
     def forget(self, tensors: list) -> None:
         """Describe these tensors afresh at their next use (their metadata may change); keep their maker."""
         for t in tensors:
-            e = self._seen.get(id(t))
+            e = self.seen.get(id(t))
             if e is not None:
                 e.version = None
 
     def observe(self, t: torch.Tensor) -> Entry:
         """``t``'s entry for data flow only (maker, storage, version), without recording a use."""
-        e = self._seen.get(id(t))
+        e = self.seen.get(id(t))
         if e is None or e.obj() is not t:
-            e = self._seen[id(t)] = Entry(weakref.ref(t))
+            e = self.seen[id(t)] = Entry(weakref.ref(t))
         try:
             e.now = t._version
         except RuntimeError:
