@@ -22,17 +22,17 @@ __all__ = ["Entry", "Objects"]
 
 
 class Entry:
-    """One tensor object as recorded: its ref (shared by every use: never mutate), the signature token
-    ``(dtype, shape, stride)``, its bytes, the op output it is (``maker``) and its storage pointer."""
+    """One tensor object as recorded: its use (the ref shared by every use), the name of its signature token
+    ``(dtype, shape, stride)`` (see ``Objects.token_of``), its bytes, the op output it is (``maker``) and its
+    storage pointer."""
 
-    __slots__ = ("obj", "version", "now", "ref", "use", "enc", "token", "nbytes", "maker", "storage")
+    __slots__ = ("obj", "version", "now", "use", "enc", "token", "nbytes", "maker", "storage")
 
     def __init__(self, obj: weakref.ref) -> None:
         self.obj = obj
-        self.version: int | None = None  # the version ``ref`` describes; None: describe again on next use
+        self.version: int | None = None  # the version ``use`` describes; None: describe again on next use
         self.now = -1  # the version at the latest use (-1: an inference tensor, which has no counter)
-        self.ref: dict | None = None
-        self.use = -1  # the ref's index in the manifest's uses
+        self.use = -1  # the tensor's ref, as an index in the manifest's uses
         self.enc: dict | None = None  # ``{"tensor": use}``, as an op row encodes it (shared: never mutate)
         self.token: tuple | None = None
         self.nbytes = 0
@@ -50,6 +50,10 @@ class Objects:
         self.seen: dict[int, Entry] = {}
         self.uses: list[dict] = []
         self._uses: dict[tuple, int] = {}
+        # signature tokens (dtype, shape, stride) by a short interned name: a signature key of names hashes
+        # without walking nested tuples; ``token_of`` turns the names back for the digest
+        self._tokens: dict[tuple, str] = {}
+        self.token_of: dict[str, tuple] = {}
 
     def add_use(self, ref: dict) -> int:
         """``ref``'s index in ``uses`` (an equal use recorded before keeps its index)."""
@@ -82,10 +86,19 @@ class Objects:
     def describe(self, e: Entry, t: torch.Tensor, now: int, cached: bool = True) -> Entry:
         """Describe ``t`` (at version ``now``) into its entry ``e``: what ``entry`` does on a miss."""
         e.version = None
-        e.ref, e.nbytes, identity = self._writer.describe(t, cached=cached)
-        e.token = identity[1:4]  # (dtype, shape, stride): tuples, see StoreWriter.use
-        e.use = self._add_use(identity, e.ref)
-        e.enc = {"tensor": e.use}
+        ref, e.nbytes, identity = self._writer.describe(t, cached=cached)
+        token = identity[1:4]  # (dtype, shape, stride): tuples, see StoreWriter.use
+        name = self._tokens.get(token)
+        if name is None:
+            name = self._tokens[token] = f"\0{len(self._tokens)}"  # no op name or bracket starts with NUL
+            self.token_of[name] = token
+        e.token = name
+        i = self._uses.get(identity)
+        if i is None:
+            i = self._uses[identity] = len(self.uses)
+            self.uses.append(ref)
+        e.use = i
+        e.enc = {"tensor": i}
         e.storage = t.untyped_storage().data_ptr() if t.numel() else None
         if cached and now >= 0:
             e.version = now

@@ -49,21 +49,38 @@ class UncarvableTensor(ValueError):
 
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _DIGEST_FIELD = ',"digest":"'
-_DTYPE_INFO: dict[torch.dtype, tuple[str, bytes, int]] = {}
+_DTYPE_INFO: dict[torch.dtype, tuple[str, bytes, int, bool]] = {}
 
 
-def _dtype_info(dtype: torch.dtype) -> tuple[str, bytes, int]:
-    """A dtype's name, what ``content_key`` hashes before the bytes, and its item size."""
+def _dtype_info(dtype: torch.dtype) -> tuple[str, bytes, int, bool]:
+    """A dtype's name, what ``content_key`` hashes before the bytes, its item size, and whether its tensors
+    need a closer look before their bytes are read (quantized: refused; complex: may be a conjugate view)."""
     info = _DTYPE_INFO.get(dtype)
     if info is None:
         name = dtype_name(dtype)
-        info = _DTYPE_INFO[dtype] = (name, name.encode() + b"\0", dtype.itemsize)
+        try:
+            odd = dtype.is_complex or not isinstance(dtype.is_signed, bool)
+        except RuntimeError:  # "not supported for quantized types"
+            odd = True
+        info = _DTYPE_INFO[dtype] = (name, name.encode() + b"\0", dtype.itemsize, odd)
     return info
+
+
+_PERMUTED: dict[tuple, bool] = {}  # (shape, stride) -> _permuted: a run repeats its layouts
 
 
 def _permuted(shape: tuple, stride: tuple) -> bool:
     """Whether the layout is a permutation of a contiguous one (a transpose, a permuted view): no gaps, no
     overlap, no broadcast — so its elements in storage order are the bytes from its first element on."""
+    hit = _PERMUTED.get((shape, stride))
+    if hit is None:
+        if len(_PERMUTED) > 1 << 16:
+            _PERMUTED.clear()
+        hit = _PERMUTED[(shape, stride)] = _permutation(shape, stride)
+    return hit
+
+
+def _permutation(shape: tuple, stride: tuple) -> bool:
     expected = 1
     for st, sz in sorted(zip(stride, shape, strict=True)):
         if sz == 1:
@@ -113,6 +130,18 @@ def _unseal(text: str) -> bool:
     return hashlib.sha256(body.encode()).hexdigest() == digest
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as dense CPU memory with no lazy conjugate or negation, or ``UncarvableTensor``."""
+    if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested:
+        kind = "quantized" if t.is_quantized else ("meta" if t.is_meta else str(t.layout).removeprefix("torch."))
+        raise UncarvableTensor(f"a {kind} tensor {tuple(t.shape)} (tapml records dense strided tensors only)")
+    if not t.is_cpu:
+        t = t.cpu()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return t
+
+
 class StoreWriter:
     """Streams tensors into shards of a temporary directory; ``commit`` publishes it."""
 
@@ -156,15 +185,11 @@ class StoreWriter:
         """``use``, also returning the use's identity ``(key, dtype, shape, stride, offset, exact, storage)``:
         what the tracer de-duplicates uses by, built here where every part is at hand."""
         held = t  # the caller's tensor: its version counter sees later in-place writes; a detach() would not
-        if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested:
-            kind = "quantized" if t.is_quantized else ("meta" if t.is_meta else str(t.layout).removeprefix("torch."))
-            raise UncarvableTensor(f"a {kind} tensor {tuple(t.shape)} (tapml records dense strided tensors only)")
-        if not t.is_cpu:
-            t = t.cpu()
-        if t.is_conj() or t.is_neg():
-            t = t.resolve_conj().resolve_neg()
-        dtype, shape, stride = t.dtype, tuple(t.shape), t.stride()
-        name, prefix, itemsize = _DTYPE_INFO.get(dtype) or _dtype_info(dtype)
+        dtype = t.dtype
+        name, prefix, itemsize, odd = _DTYPE_INFO.get(dtype) or _dtype_info(dtype)
+        if odd or t.layout != torch.strided or not t.is_cpu or t.is_nested or t.is_neg():  # all false, mostly
+            t = _plain(t)
+        shape, stride = tuple(t.shape), t.stride()
         numel = t.numel()
         nbytes = numel * itemsize
         offset = t.storage_offset()

@@ -176,6 +176,7 @@ class Tracer(TorchDispatchMode):
         self._root_module = self.strings("")
         self.dataflow = DataFlow()
         self.floats_exact = True  # no non-finite float inside a complex recorded (see store._dumps)
+        self._watch = self.options.max_bytes is not None or on_op is not None
 
     # -- lifecycle ----------------------------------------------------------------
     def __enter__(self):
@@ -297,26 +298,28 @@ class Tracer(TorchDispatchMode):
         if self._busy or self.truncated is not None:
             return func(*args, **kwargs)
         seq = self._seq
-        self._seq += 1
+        self._seq = seq + 1
         known = self._funcs.get(id(func))  # OpOverload hashes in Python: its id is cheaper (overloads live forever)
         if known is None:
             known = self._funcs[id(func)] = self._know(func)
-        info = known[0]
-        frame = self._stack[-1] if self._stack else None
+        info, reads_storage, name, flags, library = known
+        stack = self._stack
+        frame = stack[-1] if stack else None
         if self._filtered and self._filtered_out(info, frame.path if frame else "", args, kwargs):
             return func(*args, **kwargs)
         index = len(self.ops)
-        token = _current_step.get()
-        if token is not self._step_token or not self.steps:  # a step opened, closed, or none yet
+        if _current_step.get() is not self._step_token or not self.steps:  # a step opened, closed, or none yet
             self._sync_step(root_call=False)
         try:  # tapml's own failures are tapml's, named with the op: never "the model raised"
-            encoded, encoded_kwargs, sig = self._record_inputs(known[1], info, index, args, kwargs)
+            encoded, encoded_kwargs, sig = self._record_inputs(reads_storage, info, index, args, kwargs)
             if frame is None:
-                row = [seq, known[2], self._root_module, 0, None, len(self.steps) - 1, self._source(), sig,
-                       encoded, {"dict": encoded_kwargs}, None, known[3]] + known[4]  # OP_COLUMNS
+                row = [seq, name, self._root_module, 0, None, len(self.steps) - 1, self._source(), sig,
+                       encoded, {"dict": encoded_kwargs}, None, flags]  # OP_COLUMNS
             else:
-                row = [seq, known[2], frame.module, frame.call, frame.enclosing, len(self.steps) - 1, self._source(),
-                       sig, encoded, {"dict": encoded_kwargs}, None, known[3]] + known[4]
+                row = [seq, name, frame.module, frame.call, frame.enclosing, len(self.steps) - 1, self._source(),
+                       sig, encoded, {"dict": encoded_kwargs}, None, flags]
+            if library:
+                row += library
             if info.mutated:
                 written = [t for m in info.mutated
                            for t in tensors_in(args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m))]
@@ -342,11 +345,16 @@ class Tracer(TorchDispatchMode):
         except Exception as e:
             raise CarveError(f"op {info.name} in {frame.path if frame else '(model)'}: output: {_why(e)}") from e
         self.ops.append(row)
+        if self._watch:
+            self._after(index)
+        return out
+
+    def _after(self, index: int) -> None:
+        """The per-op checks only some carves ask for: ``--max-bytes``, a progress callback."""
         if self.options.max_bytes is not None and self.writer.bytes_stored >= self.options.max_bytes:
             self.truncated = f"--max-bytes {self.options.max_bytes} reached after op {index}"
         if self.on_op is not None:
             self.on_op(len(self.ops))
-        return out
 
     def _know(self, func) -> tuple:
         """What every call of ``func`` shares: (OpInfo, reads its input's storage, op name string, flags,
@@ -406,6 +414,10 @@ class Tracer(TorchDispatchMode):
                 encoded.append(e.enc)
                 position += 1
                 continue
+            if v is None or type(v) is int:  # the common scalars, as _value has them
+                key.append(v)
+                encoded.append(v)
+                continue
             enc, position = self._value(v, key, index, position)
             encoded.append(enc)
         key += ("]", "{")
@@ -418,7 +430,8 @@ class Tracer(TorchDispatchMode):
         key = tuple(key)
         sig = self._sigs.get(key)
         if sig is None:
-            sig = self._sigs[key] = _digest(list(key))
+            token_of = self.objects.token_of
+            sig = self._sigs[key] = _digest([token_of.get(x, x) if type(x) is str else x for x in key])
         return encoded, encoded_kwargs, sig
 
     def _value(self, v, key: list, index: int, position: int) -> tuple:
@@ -483,9 +496,9 @@ class Tracer(TorchDispatchMode):
         entry."""
         e = self.objects.entry(t, cached=not info.mutated)
         e.maker = (index, k)
-        if not info.view:  # a view's memory was written by whoever wrote its base
-            mutated = bool(info.mutated) and k < len(info.returned) and info.returned[k] is not None
-            self.dataflow.wrote(index, k, t, e, mutated)
+        if not info.view and e.storage is not None:  # a view's memory was written by whoever wrote its base
+            self.dataflow.wrote(index, k, t, e, bool(info.mutated) and k < len(info.returned)
+                                and info.returned[k] is not None)
         return e
 
     def _output_use(self, t: torch.Tensor) -> int:
