@@ -30,6 +30,7 @@ from .atomic import AtomicDir, OutputError
 from .graph import Graph
 from .layout import TensorRef, _unit_stride, canonical, content_key, dtype_from_name, dtype_name, materialize
 from .manifest import SCHEMA_VERSION, compact, read_manifest
+from .shards import writable, write_shard
 
 __all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "FixtureStore", "MANIFEST", "UncarvableTensor"]
 
@@ -278,32 +279,41 @@ class StoreWriter:
         if not self._pending and not self._pending_small:
             return
         name = f"shard-{len(self.shards):05d}.safetensors"
-        tensors, owners = {}, set()
-        for key, flat in self._pending.items():
+        for key in self._pending:
             self.index[key]["shard"] = name
-            ptr = flat.untyped_storage().data_ptr()
-            if ptr in owners:  # safetensors refuses tensors that share memory
-                flat = flat.clone()
-            owners.add(flat.untyped_storage().data_ptr())
-            tensors[key] = flat
         for key in self._pending_small:
             self.index[key]["shard"] = name
-        packed = bytearray(b"".join(self._packed))  # writable: frombuffer warns on read-only memory
-        if self._pending_small:
-            tensors[_PACKED] = torch.frombuffer(packed, dtype=torch.uint8) if packed else \
-                torch.empty(0, dtype=torch.uint8)
         target = self._tmp / _SHARD_DIR / name
         try:
-            safetensors.torch.save_file(tensors, str(target))
+            if writable(self._pending):
+                size = write_shard(target, self._pending, _PACKED, self._packed if self._pending_small else None)
+            else:
+                size = self._save_file(target)
         except OSError as e:
             raise StoreError(f"cannot write {target}: {e.strerror or e}") from None
-        self.shards[name] = {"bytes": target.stat().st_size}
+        self.shards[name] = {"bytes": size}
         self._pending.clear()
         self._pending_views.clear()
         self._pending_small.clear()
         self._packed.clear()
         self._packed_bytes = 0
         self._pending_bytes = 0
+
+    def _save_file(self, target: Path) -> int:
+        """The shard through ``safetensors.torch.save_file`` (a dtype ``write_shard`` has no name for)."""
+        tensors, owners = {}, set()
+        for key, flat in self._pending.items():
+            ptr = flat.untyped_storage().data_ptr()
+            if ptr in owners:  # safetensors refuses tensors that share memory
+                flat = flat.clone()
+            owners.add(flat.untyped_storage().data_ptr())
+            tensors[key] = flat
+        if self._pending_small:
+            packed = bytearray(b"".join(self._packed))  # writable: frombuffer warns on read-only memory
+            tensors[_PACKED] = torch.frombuffer(packed, dtype=torch.uint8) if packed else \
+                torch.empty(0, dtype=torch.uint8)
+        safetensors.torch.save_file(tensors, str(target))
+        return target.stat().st_size
 
     def commit(self, manifest: dict, *, compacted: bool = False, floats_exact: bool = True) -> Path:
         """Write the manifest and move the finished store into place atomically. The manifest comes in
