@@ -295,7 +295,7 @@ class Tracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._busy or self.truncated is not None:
+        if self._busy:
             return func(*args, **kwargs)
         seq = self._seq
         self._seq = seq + 1
@@ -305,7 +305,10 @@ class Tracer(TorchDispatchMode):
         info, reads_storage, name, flags, library = known
         stack = self._stack
         frame = stack[-1] if stack else None
-        if self._filtered and self._filtered_out(info, frame.path if frame else "", args, kwargs):
+        if self.truncated is not None or (
+                self._filtered and self._filtered_out(info, frame.path if frame else "", args, kwargs)):
+            if info.mutated:  # not recorded, but it may write memory a pending shard still points at
+                self.writer.protect(self._written(info, args, kwargs))
             return func(*args, **kwargs)
         index = len(self.ops)
         if _current_step.get() is not self._step_token or not self.steps:  # a step opened, closed, or none yet
@@ -321,8 +324,7 @@ class Tracer(TorchDispatchMode):
             if library:
                 row += library
             if info.mutated:
-                written = [t for m in info.mutated
-                           for t in tensors_in(args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m))]
+                written = self._written(info, args, kwargs)
                 self.writer.protect(written)
                 self.objects.forget(written)  # resize_, t_, set_ change metadata too
         except StoreError:
@@ -348,6 +350,12 @@ class Tracer(TorchDispatchMode):
         if self._watch:
             self._after(index)
         return out
+
+    @staticmethod
+    def _written(info, args, kwargs) -> list[torch.Tensor]:
+        """The tensors an op writes in place (its schema's mutated arguments)."""
+        return [t for m in info.mutated
+                for t in tensors_in(args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m))]
 
     def _after(self, index: int) -> None:
         """The per-op checks only some carves ask for: ``--max-bytes``, a progress callback."""
