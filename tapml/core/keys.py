@@ -54,14 +54,15 @@ class HashMemo:
     def __init__(self) -> None:
         self._seen: dict[tuple, tuple] = {}
 
-    def key(self, t: torch.Tensor, flat: torch.Tensor, *, memo: bool = True) -> str:
+    def key(self, t: torch.Tensor, flat: torch.Tensor, *, memo: bool = True, view=None) -> str:
         """The content key of ``flat`` (``t``'s elements, flattened), memoized when it aliases ``t``.
 
         ``t`` must be the tensor the program holds, not a ``detach()`` of it: a detached
-        alias does not see the version bumps of later in-place writes."""
+        alias does not see the version bumps of later in-place writes. ``view``: ``flat``'s
+        bytes as a buffer, when the caller has them cheaper than ``byte_view``."""
         aliases = flat.numel() > 0 and flat.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
         if not (aliases and memo):
-            return content_key(flat)
+            return content_key(flat, view)
         geometry = (flat.data_ptr(), flat.numel(), flat.dtype)
         try:
             version = t._version
@@ -70,7 +71,7 @@ class HashMemo:
         hit = self._seen.get(geometry)
         if hit is not None and hit[0]() is not None and hit[1] == version:
             return hit[2]
-        key = content_key(flat)
+        key = content_key(flat, view)
         self._seen[geometry] = (weakref.ref(t.untyped_storage()), version, key)
         return key
 
