@@ -131,13 +131,6 @@ def _unseal(text: str) -> bool:
     return hashlib.sha256(body.encode()).hexdigest() == digest
 
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors carry no version counter
-        return None
-
-
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """``t`` as dense CPU memory with no lazy conjugate or negation, or ``UncarvableTensor``."""
     if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested:
@@ -171,7 +164,6 @@ class StoreWriter:
         self._packed_bytes = 0
         self._pending_bytes = 0
         self._pending_views: dict[int, list[str]] = {}  # storage ptr -> pending keys that alias it
-        self._held: dict[str, tuple[torch.Tensor, int]] = {}  # key -> (the program's tensor, its version then)
         self._memo = HashMemo()  # a tensor read by many ops is hashed once
 
     # -- writing -------------------------------------------------------------
@@ -237,9 +229,6 @@ class StoreWriter:
                 storage = flat.untyped_storage().data_ptr()
                 if storage == t.untyped_storage().data_ptr():  # the program's memory: copied if written in place
                     self._pending_views.setdefault(storage, []).append(key)
-                    version = _version(held)
-                    if version is not None:
-                        self._held[key] = (held, version)
                 self._stored(nbytes)
         # shape and stride as tuples (JSON arrays all the same): the tracer's signature tokens reuse them
         ref = {"key": key, "dtype": name, "shape": shape, "stride": stride}
@@ -286,14 +275,12 @@ class StoreWriter:
             for key in self._pending_views.pop(t.untyped_storage().data_ptr(), ()):
                 if key in self._pending:
                     self._pending[key] = self._pending[key].clone()
-                    self._held.pop(key, None)
 
     def flush(self) -> None:
         """Write the pending tensors as one shard; small ones packed into one blob."""
         if not self._pending and not self._pending_small:
             return
         name = f"shard-{len(self.shards):05d}.safetensors"
-        self._check_unchanged()
         for key in self._pending:
             self.index[key]["shard"] = name
         for key in self._pending_small:
@@ -309,21 +296,10 @@ class StoreWriter:
         self.shards[name] = {"bytes": size}
         self._pending.clear()
         self._pending_views.clear()
-        self._held.clear()
         self._pending_small.clear()
         self._packed.clear()
         self._packed_bytes = 0
         self._pending_bytes = 0
-
-    def _check_unchanged(self) -> None:
-        """Pending tensors are written from the program's memory: one written in place since it was recorded
-        (its version moved) by an op ``protect`` did not see is hashed again — bytes that no longer match their
-        key are refused, never stored under it."""
-        for key, (held, version) in self._held.items():
-            if _version(held) != version and content_key(self._pending[key]) != key:
-                raise StoreError(f"a tensor ({key}, {tuple(held.shape)}) was written in place after it was recorded "
-                                 "and before its shard was written, by an operation the carve did not see; "
-                                 "its recorded bytes are gone")
 
     def _save_file(self, target: Path) -> int:
         """The shard through ``safetensors.torch.save_file`` (a dtype ``write_shard`` has no name for)."""
