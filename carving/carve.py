@@ -103,5 +103,6 @@ def _carve(model, run, out, force, options, model_info, on_op, shard_bytes,
             "uses": tracer.objects.uses,
             "ops": tracer.ops,
         }
-        path = writer.commit(manifest, compacted=True)  # the tracer records schema 2's form as it goes
+        # the tracer records schema 2's form as it goes
+        path = writer.commit(manifest, compacted=True, floats_exact=tracer.floats_exact)
     return path, tracer, writer, output

@@ -37,7 +37,7 @@ class DataFlow:
     the tracer's ``Entry``s, which already know their storage, version and maker."""
 
     def __init__(self) -> None:
-        self._writer: dict[int, tuple[int, int, weakref.ref, int]] = {}  # storage ptr -> who wrote it last
+        self.written: dict[int, tuple[int, int, weakref.ref, int]] = {}  # storage ptr -> (op, slot, storage, version)
         self.edges: list[int] = []  # flat, 4 per edge (the manifest's form)
         self.flow: list[int] = []
 
@@ -46,7 +46,7 @@ class DataFlow:
         if e.maker is not None:
             self.flow += (e.maker[0], e.maker[1], op, position)
         if e.storage is not None:
-            hit = self._writer.get(e.storage)
+            hit = self.written.get(e.storage)
             if hit is not None and hit[3] == e.now and hit[2]() is not None:
                 self.edges += (hit[0], hit[1], op, position)
 
@@ -54,7 +54,7 @@ class DataFlow:
         """Op ``op`` wrote ``t`` (its output ``slot``). ``mutated``: written in place, whose version counter
         ATen bumps only after the dispatch mode returns (so the version a later reader sees is one more)."""
         if e.storage is not None:
-            self._writer[e.storage] = (op, slot, weakref.ref(t.untyped_storage()),
+            self.written[e.storage] = (op, slot, weakref.ref(t.untyped_storage()),
                                        e.now + (1 if mutated and e.now >= 0 else 0))
 
     def producers(self, tensors: list) -> list[list[int] | None]:
@@ -63,7 +63,7 @@ class DataFlow:
         for t in tensors:
             hit = None
             if isinstance(t, torch.Tensor) and t.numel() and t.layout == torch.strided:
-                hit = self._writer.get(t.untyped_storage().data_ptr())
+                hit = self.written.get(t.untyped_storage().data_ptr())
                 if hit is not None and (hit[2]() is None or hit[3] != _version(t)):
                     hit = None  # not written by a recorded op (a weight, an input), or written since
             out.append([hit[0], hit[1]] if hit is not None else None)

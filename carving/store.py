@@ -14,10 +14,11 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from ctypes import string_at
+from ctypes import c_char, string_at
 from pathlib import Path
 from typing import Any
 
+import orjson
 import safetensors
 import safetensors.torch
 import torch
@@ -29,6 +30,7 @@ from .atomic import AtomicDir, OutputError
 from .graph import Graph
 from .layout import TensorRef, _unit_stride, canonical, content_key, dtype_from_name, dtype_name, materialize
 from .manifest import SCHEMA_VERSION, compact, read_manifest
+from .shards import writable, write_shard
 
 __all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "FixtureStore", "MANIFEST", "UncarvableTensor"]
 
@@ -51,21 +53,38 @@ class UncarvableTensor(ValueError):
 
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _DIGEST_FIELD = ',"digest":"'
-_DTYPE_INFO: dict[torch.dtype, tuple[str, bytes, int]] = {}
+_DTYPE_INFO: dict[torch.dtype, tuple[str, bytes, int, bool]] = {}
 
 
-def _dtype_info(dtype: torch.dtype) -> tuple[str, bytes, int]:
-    """A dtype's name, what ``content_key`` hashes before the bytes, and its item size."""
+def _dtype_info(dtype: torch.dtype) -> tuple[str, bytes, int, bool]:
+    """A dtype's name, what ``content_key`` hashes before the bytes, its item size, and whether its tensors
+    need a closer look before their bytes are read (quantized: refused; complex: may be a conjugate view)."""
     info = _DTYPE_INFO.get(dtype)
     if info is None:
         name = dtype_name(dtype)
-        info = _DTYPE_INFO[dtype] = (name, name.encode() + b"\0", dtype.itemsize)
+        try:
+            odd = dtype.is_complex or not isinstance(dtype.is_signed, bool)
+        except RuntimeError:  # "not supported for quantized types"
+            odd = True
+        info = _DTYPE_INFO[dtype] = (name, name.encode() + b"\0", dtype.itemsize, odd)
     return info
+
+
+_PERMUTED: dict[tuple, bool] = {}  # (shape, stride) -> _permuted: a run repeats its layouts
 
 
 def _permuted(shape: tuple, stride: tuple) -> bool:
     """Whether the layout is a permutation of a contiguous one (a transpose, a permuted view): no gaps, no
     overlap, no broadcast — so its elements in storage order are the bytes from its first element on."""
+    hit = _PERMUTED.get((shape, stride))
+    if hit is None:
+        if len(_PERMUTED) > 1 << 16:
+            _PERMUTED.clear()
+        hit = _PERMUTED[(shape, stride)] = _permutation(shape, stride)
+    return hit
+
+
+def _permutation(shape: tuple, stride: tuple) -> bool:
     expected = 1
     for st, sz in sorted(zip(stride, shape, strict=True)):
         if sz == 1:
@@ -76,9 +95,33 @@ def _permuted(shape: tuple, stride: tuple) -> bool:
     return True
 
 
-def _seal(body: dict) -> str:
+# fields that hold no floats (ints, strings, tensor uses): orjson writes them as json.dumps would, ~10x faster
+_BULK = frozenset({"strings", "uses", "layers", "steps", "edges", "flow", "outputs", "returns", "tensors", "shards"})
+
+
+def _dumps(body: dict, *, floats_exact: bool = True) -> str:
+    """``body`` as compact JSON text. orjson encodes the bulk (a generate loop's ops and uses: ~7 ms with the
+    stdlib's C encoder, ~0.7 ms with orjson); ``json`` keeps what orjson would write differently: the small
+    fields a user may fill (``model``), and ``ops`` when ``floats_exact`` is False (a non-finite float inside a
+    complex scalar: orjson writes null), or any field whose text would not be ASCII (``json`` escapes)."""
+    parts = []
+    for name, value in body.items():
+        text = None
+        if name in _BULK or (name == "ops" and floats_exact):
+            try:
+                raw = orjson.dumps(value)
+                text = raw.decode("ascii") if raw.isascii() else None
+            except (orjson.JSONEncodeError, TypeError):  # ints beyond 64 bits, non-string keys: the stdlib's turn
+                text = None
+        if text is None:
+            text = json.dumps(value, separators=(",", ":"))
+        parts.append(f"{json.dumps(name)}:{text}")
+    return "{" + ",".join(parts) + "}"
+
+
+def _seal(body: dict, *, floats_exact: bool = True) -> str:
     """Serialize once and append the sha256 of those exact bytes as the last field."""
-    text = json.dumps(body, separators=(",", ":"))  # the C encoder; json.dump to a file is pure Python
+    text = _dumps(body, floats_exact=floats_exact)
     return f'{text[:-1]}{_DIGEST_FIELD}{hashlib.sha256(text.encode()).hexdigest()}"}}'
 
 
@@ -89,6 +132,18 @@ def _unseal(text: str) -> bool:
         return False
     body, digest = text[:cut] + "}", text[cut + len(_DIGEST_FIELD):].rstrip().removesuffix('"}')
     return hashlib.sha256(body.encode()).hexdigest() == digest
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as dense CPU memory with no lazy conjugate or negation, or ``UncarvableTensor``."""
+    if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested:
+        kind = "quantized" if t.is_quantized else ("meta" if t.is_meta else str(t.layout).removeprefix("torch."))
+        raise UncarvableTensor(f"a {kind} tensor {tuple(t.shape)} (tapml records dense strided tensors only)")
+    if not t.is_cpu:
+        t = t.cpu()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return t
 
 
 class StoreWriter:
@@ -127,34 +182,33 @@ class StoreWriter:
 
     def use(self, t: torch.Tensor, *, cached: bool = True) -> tuple[dict, int]:
         """``add``, also returning the bytes this use references (what ``reused`` counts again)."""
+        ref, nbytes, _ = self.describe(t, cached=cached)
+        return ref, nbytes
+
+    def describe(self, t: torch.Tensor, *, cached: bool = True) -> tuple[dict, int, tuple]:
+        """``use``, also returning the use's identity ``(key, dtype, shape, stride, offset, exact, storage)``:
+        what the tracer de-duplicates uses by, built here where every part is at hand."""
         held = t  # the caller's tensor: its version counter sees later in-place writes; a detach() would not
-        if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested:
-            kind = "quantized" if t.is_quantized else ("meta" if t.is_meta else str(t.layout).removeprefix("torch."))
-            raise UncarvableTensor(f"a {kind} tensor {tuple(t.shape)} (tapml records dense strided tensors only)")
-        if not t.is_cpu:
-            t = t.cpu()
-        if t.is_conj() or t.is_neg():
-            t = t.resolve_conj().resolve_neg()
-        dtype, shape, stride = t.dtype, tuple(t.shape), t.stride()
-        name, prefix, itemsize = _dtype_info(dtype)
+        dtype = t.dtype
+        name, prefix, itemsize, odd = _DTYPE_INFO.get(dtype) or _dtype_info(dtype)
+        if odd or t.layout != torch.strided or not t.is_cpu or t.is_nested or t.is_neg():  # all false, mostly
+            t = _plain(t)
+        shape, stride = tuple(t.shape), t.stride()
         numel = t.numel()
         nbytes = numel * itemsize
-        exact = True
+        offset = t.storage_offset()
         if nbytes < _PACK_BELOW and (t.is_contiguous() or _permuted(shape, stride)):
             # the elements in storage order are the bytes at data_ptr: hashed and copied without a torch op
             self.bytes_referenced += nbytes
             raw = string_at(t.data_ptr(), nbytes) if nbytes else b""
             key = xxh3_128_hexdigest(prefix + raw)
             if key not in self.index:
-                self.index[key] = {"dtype": name, "numel": numel, "nbytes": nbytes, "offset": self._packed_bytes}
-                self._packed.append(raw)  # joined once per shard: a growing bytearray would copy itself
-                self._packed_bytes += nbytes
-                self._pending_small.append(key)
-                self._stored(nbytes)
+                self._pack(key, name, numel, raw)
             ref = {"key": key, "dtype": name, "shape": shape, "stride": stride}
-            if t.storage_offset():
-                ref["offset"] = t.storage_offset()
-            return ref, nbytes
+            if offset:
+                ref["offset"] = offset
+            return ref, nbytes, (key, name, shape, stride, offset, True, False)
+        exact = True
         if t.is_contiguous():
             flat = t
         else:
@@ -165,16 +219,13 @@ class StoreWriter:
             raw = string_at(flat.data_ptr(), nbytes) if nbytes else b""
             key = xxh3_128_hexdigest(prefix + raw)
             if key not in self.index:
-                self.index[key] = {"dtype": name, "numel": flat.numel(), "nbytes": nbytes,
-                                   "offset": self._packed_bytes}
-                self._packed.append(raw)
-                self._packed_bytes += nbytes
-                self._pending_small.append(key)
-                self._stored(nbytes)
+                self._pack(key, name, flat.numel(), raw)
         else:
             if flat is t:
                 flat = _unit_stride(t.detach().reshape(-1))
-            key = self._memo.key(held if held.device == t.device else t, flat, memo=cached)
+            # flat is contiguous CPU memory: its bytes read through ctypes, not a uint8 view and numpy (~20 us)
+            raw = (c_char * nbytes).from_address(flat.data_ptr())
+            key = self._memo.key(held if held.device == t.device else t, flat, memo=cached, view=raw)
             if key not in self.index:
                 self.index[key] = {"dtype": dtype_name(flat.dtype), "numel": flat.numel(), "nbytes": nbytes}
                 self._pending[key] = flat
@@ -184,11 +235,19 @@ class StoreWriter:
                 self._stored(nbytes)
         # shape and stride as tuples (JSON arrays all the same): the tracer's signature tokens reuse them
         ref = {"key": key, "dtype": name, "shape": shape, "stride": stride}
-        if t.storage_offset():
-            ref["offset"] = t.storage_offset()
+        if offset:
+            ref["offset"] = offset
         if not exact:
             ref["exact"] = False
-        return ref, nbytes
+        return ref, nbytes, (key, name, shape, stride, offset, exact, False)
+
+    def _pack(self, key: str, name: str, numel: int, raw: bytes) -> None:
+        """A new small tensor's bytes into the shard's packed blob."""
+        self.index[key] = {"dtype": name, "numel": numel, "nbytes": len(raw), "offset": self._packed_bytes}
+        self._packed.append(raw)  # joined once per shard: a growing bytearray would copy itself
+        self._packed_bytes += len(raw)
+        self._pending_small.append(key)
+        self._stored(len(raw))
 
     def reused(self, nbytes: int) -> None:
         """Count one more use of bytes already recorded (a caller that remembers the ref)."""
@@ -225,26 +284,19 @@ class StoreWriter:
         if not self._pending and not self._pending_small:
             return
         name = f"shard-{len(self.shards):05d}.safetensors"
-        tensors, owners = {}, set()
-        for key, flat in self._pending.items():
+        for key in self._pending:
             self.index[key]["shard"] = name
-            ptr = flat.untyped_storage().data_ptr()
-            if ptr in owners:  # safetensors refuses tensors that share memory
-                flat = flat.clone()
-            owners.add(flat.untyped_storage().data_ptr())
-            tensors[key] = flat
         for key in self._pending_small:
             self.index[key]["shard"] = name
-        packed = bytearray(b"".join(self._packed))  # writable: frombuffer warns on read-only memory
-        if self._pending_small:
-            tensors[_PACKED] = torch.frombuffer(packed, dtype=torch.uint8) if packed else \
-                torch.empty(0, dtype=torch.uint8)
         target = self._tmp / _SHARD_DIR / name
         try:
-            safetensors.torch.save_file(tensors, str(target))
+            if writable(self._pending):
+                size = write_shard(target, self._pending, _PACKED, self._packed if self._pending_small else None)
+            else:
+                size = self._save_file(target)
         except OSError as e:
             raise StoreError(f"cannot write {target}: {e.strerror or e}") from None
-        self.shards[name] = {"bytes": target.stat().st_size}
+        self.shards[name] = {"bytes": size}
         self._pending.clear()
         self._pending_views.clear()
         self._pending_small.clear()
@@ -252,15 +304,32 @@ class StoreWriter:
         self._packed_bytes = 0
         self._pending_bytes = 0
 
-    def commit(self, manifest: dict, *, compacted: bool = False) -> Path:
+    def _save_file(self, target: Path) -> int:
+        """The shard through ``safetensors.torch.save_file`` (a dtype ``write_shard`` has no name for)."""
+        tensors, owners = {}, set()
+        for key, flat in self._pending.items():
+            ptr = flat.untyped_storage().data_ptr()
+            if ptr in owners:  # safetensors refuses tensors that share memory
+                flat = flat.clone()
+            owners.add(flat.untyped_storage().data_ptr())
+            tensors[key] = flat
+        if self._pending_small:
+            packed = bytearray(b"".join(self._packed))  # writable: frombuffer warns on read-only memory
+            tensors[_PACKED] = torch.frombuffer(packed, dtype=torch.uint8) if packed else \
+                torch.empty(0, dtype=torch.uint8)
+        safetensors.torch.save_file(tensors, str(target))
+        return target.stat().st_size
+
+    def commit(self, manifest: dict, *, compacted: bool = False, floats_exact: bool = True) -> Path:
         """Write the manifest and move the finished store into place atomically. The manifest comes in
-        memory's shape (ops and layers as records, tensor refs inline), or ``compacted`` (schema 2's form)."""
+        memory's shape (ops and layers as records, tensor refs inline), or ``compacted`` (schema 2's form).
+        ``floats_exact``: no op value holds a non-finite float inside a complex (see ``_dumps``)."""
         self.flush()
         body = dict(manifest if compacted else compact(manifest), schema=SCHEMA_VERSION, tensors=self.index,
                     shards=self.shards)
         target = self._tmp / MANIFEST
         try:
-            target.write_text(_seal(body))
+            target.write_text(_seal(body, floats_exact=floats_exact and compacted))
             return self._dir.commit()
         except OSError as e:
             raise StoreError(f"cannot write {target}: {e.strerror or e}") from None

@@ -175,6 +175,8 @@ class Tracer(TorchDispatchMode):
         self.strings = Table()  # op names, module paths and source lines, each once (the manifest's strings)
         self._root_module = self.strings("")
         self.dataflow = DataFlow()
+        self.floats_exact = True  # no non-finite float inside a complex recorded (see store._dumps)
+        self._watch = self.options.max_bytes is not None or on_op is not None
 
     # -- lifecycle ----------------------------------------------------------------
     def __enter__(self):
@@ -273,7 +275,7 @@ class Tracer(TorchDispatchMode):
 
     def _source(self) -> int | None:
         """The user's line that led to the op in flight (an index into strings): the innermost frame outside
-        torch and tapml."""
+        torch and tapml. Cached by (code object, instruction offset): ``f_lineno`` decodes the line table."""
         f = sys._getframe(2)
         internal = self._internal
         while f is not None:
@@ -283,7 +285,7 @@ class Tracer(TorchDispatchMode):
                 fn = code.co_filename
                 inside = internal[code] = fn.startswith(_INTERNAL_DIRS) or fn.startswith("<")
             if not inside:
-                where = (code, f.f_lineno)
+                where = (code, f.f_lasti)
                 line = self._lines.get(where)
                 if line is None:
                     line = self._lines[where] = self.strings(f"{code.co_filename}:{f.f_lineno}")
@@ -293,50 +295,74 @@ class Tracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._busy or self.truncated is not None:
+        if self._busy:
             return func(*args, **kwargs)
         seq = self._seq
-        self._seq += 1
+        self._seq = seq + 1
         known = self._funcs.get(id(func))  # OpOverload hashes in Python: its id is cheaper (overloads live forever)
         if known is None:
             known = self._funcs[id(func)] = self._know(func)
-        info = known[0]
-        frame = self._stack[-1] if self._stack else None
-        path = frame.path if frame else ""
-        if self._filtered and self._filtered_out(info, path, args, kwargs):
+        info, reads_storage, name, flags, library = known
+        stack = self._stack
+        frame = stack[-1] if stack else None
+        if self.truncated is not None or (
+                self._filtered and self._filtered_out(info, frame.path if frame else "", args, kwargs)):
+            if info.mutated:  # not recorded, but it may write memory a pending shard still points at
+                self.writer.protect(self._written(info, args, kwargs))
             return func(*args, **kwargs)
         index = len(self.ops)
-        self._sync_step(root_call=False)
+        if _current_step.get() is not self._step_token or not self.steps:  # a step opened, closed, or none yet
+            self._sync_step(root_call=False)
         try:  # tapml's own failures are tapml's, named with the op: never "the model raised"
-            encoded, encoded_kwargs, sig = self._record_inputs(known[1], info, index, args, kwargs)
-            row = [seq, known[2], frame.module if frame else self._root_module, frame.call if frame else 0,
-                   frame.enclosing if frame else None, len(self.steps) - 1, self._source(), sig, encoded,
-                   {"dict": encoded_kwargs}, None, known[3]] + known[4]  # OP_COLUMNS
+            encoded, encoded_kwargs, sig = self._record_inputs(reads_storage, info, index, args, kwargs)
+            if frame is None:
+                row = [seq, name, self._root_module, 0, None, len(self.steps) - 1, self._source(), sig,
+                       encoded, {"dict": encoded_kwargs}, None, flags]  # OP_COLUMNS
+            else:
+                row = [seq, name, frame.module, frame.call, frame.enclosing, len(self.steps) - 1, self._source(),
+                       sig, encoded, {"dict": encoded_kwargs}, None, flags]
+            if library:
+                row += library
             if info.mutated:
-                written = [t for m in info.mutated
-                           for t in tensors_in(args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m))]
+                written = self._written(info, args, kwargs)
                 self.writer.protect(written)
                 self.objects.forget(written)  # resize_, t_, set_ change metadata too
         except StoreError:
             raise
         except Exception as e:
-            raise CarveError(f"op {info.name} in {path or '(model)'}: {_why(e)}") from e
+            raise CarveError(f"op {info.name} in {frame.path if frame else '(model)'}: {_why(e)}") from e
         out = func(*args, **kwargs)
         if info.undeclared:
             bump_undeclared(info, args, kwargs)
         try:
-            self._out = (index, info, [0])
-            row[10] = {"tensor": self._output(out)} if type(out) is torch.Tensor else encode(out, self._output)
+            if type(out) is torch.Tensor:
+                row[10] = self._output(out, index, info, 0).enc
+            else:
+                self._out = (index, info, [0])
+                row[10] = encode(out, self._output_use)
+                if not self._floats_exact(out):
+                    self.floats_exact = False
         except StoreError:
             raise
         except Exception as e:
-            raise CarveError(f"op {info.name} in {path or '(model)'}: output: {_why(e)}") from e
+            raise CarveError(f"op {info.name} in {frame.path if frame else '(model)'}: output: {_why(e)}") from e
         self.ops.append(row)
+        if self._watch:
+            self._after(index)
+        return out
+
+    @staticmethod
+    def _written(info, args, kwargs) -> list[torch.Tensor]:
+        """The tensors an op writes in place (its schema's mutated arguments)."""
+        return [t for m in info.mutated
+                for t in tensors_in(args[m] if isinstance(m, int) and m < len(args) else kwargs.get(m))]
+
+    def _after(self, index: int) -> None:
+        """The per-op checks only some carves ask for: ``--max-bytes``, a progress callback."""
         if self.options.max_bytes is not None and self.writer.bytes_stored >= self.options.max_bytes:
             self.truncated = f"--max-bytes {self.options.max_bytes} reached after op {index}"
         if self.on_op is not None:
             self.on_op(len(self.ops))
-        return out
 
     def _know(self, func) -> tuple:
         """What every call of ``func`` shares: (OpInfo, reads its input's storage, op name string, flags,
@@ -363,15 +389,42 @@ class Tracer(TorchDispatchMode):
 
     def _record_inputs(self, reads_storage: bool, info, index: int, args, kwargs) -> tuple[list, dict, str]:
         """The op's encoded args and kwargs (as ``encode`` writes them), its signature from the same walk, and
-        the data flow into it — one pass, since this runs for every op."""
+        the data flow into it — one pass, since this runs for every op. A tensor argument seen before and
+        unchanged (a weight, an activation: most of them) takes the inlined path: one dict hit."""
         key = [info.name, "["]
         encoded, position = [], 0
+        seen, objects, flow = self.objects.seen, self.objects, self.dataflow
+        written = flow.written
+        referenced = 0
         for i, v in enumerate(args):
-            if i == 0 and reads_storage and isinstance(v, torch.Tensor):
-                encoded.append({"tensor": self.objects.add_use(self.writer.add_storage(v))})  # reads beyond the view
-                key.append(_tensor_token(v))
-                self.dataflow.read(index, 0, self.objects.observe(v))
-                position = 1
+            if isinstance(v, torch.Tensor):
+                if i == 0 and reads_storage:
+                    encoded.append({"tensor": objects.add_use(self.writer.add_storage(v))})  # reads beyond the view
+                    key.append(_tensor_token(v))
+                    flow.read(index, 0, objects.observe(v))
+                    position = 1
+                    continue
+                e = seen.get(id(v))
+                if e is not None and e.version is not None and e.obj() is v and e.version == v._version:
+                    referenced += e.nbytes  # the inlined hit path of Objects.entry and DataFlow.read
+                    e.now = e.version
+                    if e.maker is not None:
+                        flow.flow += (e.maker[0], e.maker[1], index, position)
+                    if e.storage is not None:
+                        hit = written.get(e.storage)
+                        if hit is not None and hit[3] == e.now and hit[2]() is not None:
+                            flow.edges += (hit[0], hit[1], index, position)
+                else:
+                    e = objects.entry(v)
+                    if e.maker is not None or e.storage is not None:
+                        flow.read(index, position, e)
+                key.append(e.token)
+                encoded.append(e.enc)
+                position += 1
+                continue
+            if v is None or type(v) is int:  # the common scalars, as _value has them
+                key.append(v)
+                encoded.append(v)
                 continue
             enc, position = self._value(v, key, index, position)
             encoded.append(enc)
@@ -381,10 +434,12 @@ class Tracer(TorchDispatchMode):
             key.append(("k", k))
             encoded_kwargs[k], position = self._value(v, key, index, position)
         key.append("}")
+        self.writer.bytes_referenced += referenced
         key = tuple(key)
         sig = self._sigs.get(key)
         if sig is None:
-            sig = self._sigs[key] = _digest(list(key))
+            token_of = self.objects.token_of
+            sig = self._sigs[key] = _digest([token_of.get(x, x) if type(x) is str else x for x in key])
         return encoded, encoded_kwargs, sig
 
     def _value(self, v, key: list, index: int, position: int) -> tuple:
@@ -395,7 +450,7 @@ class Tracer(TorchDispatchMode):
             key.append(e.token)
             if e.maker is not None or e.storage is not None:
                 self.dataflow.read(index, position, e)
-            return {"tensor": e.use}, position + 1
+            return e.enc, position + 1
         tp = type(v)
         if v is None or tp is int:
             key.append(v)
@@ -424,21 +479,42 @@ class Tracer(TorchDispatchMode):
             refs = iter(entries)
             _token(v, lambda _: next(refs).token, key)
             refs = iter(entries)
+            if not self._floats_exact(v):
+                self.floats_exact = False
             return encode(v, lambda _: next(refs).use), position
         key.append(_scalar_token(v))
+        if not self._floats_exact(v):
+            self.floats_exact = False
         return encode(v, None), position
 
-    def _output(self, t: torch.Tensor) -> int:
-        """One output tensor of the op in flight: recorded, marked as its output, its memory as written."""
+    @staticmethod
+    def _floats_exact(value) -> bool:
+        """False when ``encode(value)`` holds a non-finite float (inside a complex: plain floats are encoded
+        as text) that only the stdlib JSON encoder writes as itself (see ``store._dumps``)."""
+        if type(value) is complex:
+            return math.isfinite(value.real) and math.isfinite(value.imag)
+        if isinstance(value, (list, tuple)):
+            return all(Tracer._floats_exact(v) for v in value)
+        if isinstance(value, dict):
+            return all(Tracer._floats_exact(v) for v in value.values())
+        return True
+
+    def _output(self, t: torch.Tensor, index: int, info, k: int):
+        """Output ``k`` of op ``index``: recorded, marked as its output, its memory as written. Returns its
+        entry."""
+        e = self.objects.entry(t, cached=not info.mutated)
+        e.maker = (index, k)
+        if not info.view and e.storage is not None:  # a view's memory was written by whoever wrote its base
+            self.dataflow.wrote(index, k, t, e, bool(info.mutated) and k < len(info.returned)
+                                and info.returned[k] is not None)
+        return e
+
+    def _output_use(self, t: torch.Tensor) -> int:
+        """``_output`` for ``encode``'s walk over a non-tensor result (a tuple, a list)."""
         index, info, slot = self._out
         k = slot[0]
         slot[0] += 1
-        e = self.objects.entry(t, cached=not info.mutated)
-        e.maker = (index, k)
-        if not info.view:  # a view's memory was written by whoever wrote its base
-            mutated = bool(info.mutated) and k < len(info.returned) and info.returned[k] is not None
-            self.dataflow.wrote(index, k, t, e, mutated)
-        return e.use
+        return self._output(t, index, info, k).use
 
     def producers(self, tensors: list) -> list[list[int] | None]:
         """For each model output tensor, ``[op, slot]`` of the op that wrote its memory last, or None."""

@@ -141,3 +141,46 @@ def test_schema_1_stores_still_load(tmp_path):
     old = FixtureStore(store.path)
     assert old.manifest["schema"] == 1 and old.ops == store.ops and old.layers == store.layers
     assert replay(old).ok and old.graph.consumers == store.graph.consumers
+
+
+def test_shards_written_from_tensor_memory_read_back_by_safetensors(tmp_path, monkeypatch):
+    """write_shard: every dtype aligned, tensors sharing memory, the packed blob, writev's partial writes."""
+    import os
+
+    import safetensors
+
+    from tapml.carving import shards
+
+    base = torch.arange(64, dtype=torch.float64)
+    tensors = {"f64": base, "alias": base[8:24], "bf16": torch.randn(7).bfloat16(), "b": torch.tensor([True, False]),
+               "c64": torch.randn(3, dtype=torch.complex64), "i8": torch.arange(5, dtype=torch.int8),
+               "empty": torch.empty(0, dtype=torch.int32)}
+    packed = [b"abc", b"", bytes(range(200))]
+    real = os.writev
+    monkeypatch.setattr(shards, "_IOV_MAX", 3)  # several calls, each cut short: every byte still lands once
+    monkeypatch.setattr(shards.os, "writev", lambda fd, bufs: real(fd, [bytes(memoryview(bufs[0])[:5])]))
+    assert shards.writable(tensors)
+    size = shards.write_shard(tmp_path / "s.safetensors", tensors, "__packed__", packed)
+    assert size == (tmp_path / "s.safetensors").stat().st_size
+    with safetensors.safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t)
+        assert bytes(f.get_tensor("__packed__").tolist()) == b"".join(packed)
+    assert not shards.writable({"t": torch.randn(4, 4).t()})  # not contiguous: the save_file path
+
+
+def test_in_place_writes_after_truncation_leave_the_stored_bytes_alone(tmp_path):
+    from tapml.carving import CarveOptions
+
+    w = torch.randn(256, 256)
+
+    def run():
+        y = w @ w  # recorded, then --max-bytes is reached
+        y.add_(1)  # not recorded, but its memory is still pending: copied first
+        w.mul_(2)
+        return y
+
+    carve(nn.Identity(), run, tmp_path / "s", options=CarveOptions(max_bytes=1))
+    store = FixtureStore(tmp_path / "s")
+    store.verify()
+    assert store.manifest["truncated"] and replay(store).ok

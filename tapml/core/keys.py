@@ -72,7 +72,7 @@ class HashMemo:
 
     def key(self, t: torch.Tensor, flat: torch.Tensor, *, memo: bool = True, view: memoryview | None = None) -> str:
         """The content key of ``flat`` (``t``'s elements, flattened), memoized when it aliases ``t``
-        (``view``: ``flat``'s ``byte_view``, when the caller has it).
+        (``view``: ``flat``'s bytes as a buffer, when the caller has them cheaper than ``byte_view``).
 
         ``t`` must be the tensor the program holds, not a ``detach()`` of it: a detached
         alias does not see the version bumps of later in-place writes."""

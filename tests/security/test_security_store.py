@@ -173,7 +173,10 @@ def test_a_full_disk_while_carving_blames_the_disk_not_the_model(tmp_path, monke
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    from tapml.carving import shards
+
     monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(shards.os, "writev", full)  # shards are written from tensor memory by writev
     factory = tmp_path / "m.py"
     factory.write_text("import torch\ndef build():\n    return torch.nn.Linear(2, 2), (torch.randn(1, 2),)\n")
     code = main(["carve", f"{factory}:build", "-o", str(tmp_path / "out")])
