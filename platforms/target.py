@@ -69,6 +69,17 @@ class Target:
     def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def _unit_support(self, unit: UnitCall, build: Callable[[], Support]) -> Support:
+        """Whether ``unit`` runs here, built once per unit signature (``build``) and remembered, refusals too;
+        for targets that keep ``_support`` and ``_stats``."""
+        key = "unit:" + unit.signature
+        known = self._support.get(key)
+        if known is not None:
+            self._stats["unit_cache_hits"] += 1
+            return known
+        support = self._support[key] = build()
+        return support
+
     def runner(self, op: OpCall) -> Callable[[OpCall, list[torch.Tensor]], list[torch.Tensor]] | None:
         """``execute`` for every call of ``op``'s signature (called with the op at each call's place), bound
         once; None when the target refuses the op. The default is ``execute`` itself."""
@@ -166,21 +177,17 @@ class LocalTarget(Target):
         return outputs
 
     def prepare_unit(self, unit: UnitCall) -> Support:
-        key = "unit:" + unit.signature
-        known = self._support.get(key)
-        if known is not None:
-            self._stats["unit_cache_hits"] += 1
-            return known
-        support = Support.yes()
+        return self._unit_support(unit, lambda: self._compile_unit(unit))
+
+    def _compile_unit(self, unit: UnitCall) -> Support:
         try:
-            self._kernels[key] = _in_fresh_thread(lambda: self.platform.compile_graph(unit))
-            self._stats["unit_compiles"] += 1
+            self._kernels["unit:" + unit.signature] = _in_fresh_thread(lambda: self.platform.compile_graph(unit))
         except Unsupported as e:
-            support = Support.no(e.reason)
+            return Support.no(e.reason)
         except Exception as e:  # a compiler that crashes on a unit: the engine descends into its children
-            support = Support.no(f"compiling the unit raised {_one_line(e)}")
-        self._support[key] = support
-        return support
+            return Support.no(f"compiling the unit raised {_one_line(e)}")
+        self._stats["unit_compiles"] += 1
+        return Support.yes()
 
     def _unit_kernel(self, unit: UnitCall) -> Any:
         support = self.prepare_unit(unit)

@@ -257,15 +257,12 @@ class RemoteTarget(Target):
 
     # -- compiled units: prepared over rpyc like an op, run by a run_unit frame ------------
     def prepare_unit(self, unit: UnitCall) -> Support:
-        key = "unit:" + unit.signature
-        known = self._support.get(key)
-        if known is not None:
-            self._stats["unit_cache_hits"] += 1
-            return known
+        return self._unit_support(unit, lambda: self._prepare_unit(unit))
+
+    def _prepare_unit(self, unit: UnitCall) -> Support:
         with self._lock:
             reply = self._call("prepare_unit", unit.dumps(), timeout=self.compile_timeout)
-        support = self._support[key] = Support(reply["ok"], reply.get("reason", ""))
-        return support
+        return Support(reply["ok"], reply.get("reason", ""))
 
     def execute_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         with self._lock:

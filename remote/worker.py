@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import rpyc
@@ -231,12 +232,7 @@ class _Worker:
         admitted = self.admit(op)
         if not admitted:
             return admitted
-        with self.lock:
-            self.beat("B")
-            try:
-                return self.platform.prepare(op)
-            finally:
-                self.beat("E")
+        return self._busy(lambda: self.platform.prepare(op))
 
 
     def prepare_unit(self, unit: UnitCall) -> Support:
@@ -246,10 +242,14 @@ class _Worker:
             admitted = self.admit(call)
             if not admitted:
                 return Support.no(f"node {call.index} ({call.op}): {admitted.reason}")
+        return self._busy(lambda: self.platform.prepare_unit(unit))
+
+    def _busy(self, work: Callable[[], Support]) -> Support:
+        """``work`` under the worker's lock, bracketed for the supervisor's watchdog (B: begun, E: ended)."""
         with self.lock:
             self.beat("B")
             try:
-                return self.platform.prepare_unit(unit)
+                return work()
             finally:
                 self.beat("E")
 

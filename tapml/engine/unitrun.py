@@ -60,10 +60,12 @@ def _plan(op: dict) -> tuple[str, object]:
     op (its carved outputs); ``("in place", returned)`` for an op that writes its arguments — it returns them
     unwritten (its arguments may be stand-ins: an index it would follow is not a real one), the write is
     the target's, or the reference's on a recompute; ``("run", None)`` for what runs as it is: views
-    (their results alias what the model holds), factories (cheap; nothing says which device), outputs not
-    laid out from offset 0."""
+    (their results alias what the model holds), outputs not laid out from offset 0; ``("fresh", None)``
+    for a factory (no tensor input): it runs as it is and its result is already true."""
     info = op_info_by_name(op["op"], op.get("library") or "")
-    if op["view"] or _fresh(op):
+    if not list(iter_specs([op["args"], op["kwargs"]])):
+        return "fresh", None
+    if op["view"]:
         return "run", None
     if info.mutated:
         return ("in place", info.returned) if all(m is not None for m in info.returned) else ("run", None)
@@ -73,11 +75,6 @@ def _plan(op: dict) -> tuple[str, object]:
             return "run", None
         specs.append((tuple(s["shape"]), tuple(s["stride"]), dtype_from_name(s["dtype"])))
     return "stand-in", specs
-
-
-def _fresh(op: dict) -> bool:
-    """An op with no tensor input (a factory): it runs as it is, its result is already true."""
-    return not list(iter_specs([op["args"], op["kwargs"]]))
 
 
 def _stand_in(shape: tuple, stride: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -102,7 +99,6 @@ class _Active:
         for n, (i, k) in enumerate(span.outputs):
             self.makes.setdefault(i, []).append((k, n))
         self.plans = {i: _plan(store.ops[i]) for i in range(span.first, span.end)}
-        self.fresh = {i for i in range(span.first, span.end) if _fresh(store.ops[i])}
         self.ops: list[tuple] = []  # (func, args, kwargs, result) of the ops run so far
 
     def reset(self) -> None:
@@ -153,7 +149,7 @@ class UnitRunner:
                     return reference(func, args, kwargs)
                 active.inputs[n] = live[p]
         kind, how = active.plans[index]
-        if kind == "run":
+        if kind in ("run", "fresh"):
             out = reference(func, args, kwargs)
         else:
             if kind == "stand-in":
@@ -162,7 +158,7 @@ class UnitRunner:
             else:  # in place: the arguments it writes, as they are
                 made = iter([args[m] if isinstance(m, int) else kwargs[m] for m in how])
             out = decode_value(self.store.ops[index]["outputs"], lambda _: next(made))
-        if index not in active.fresh:
+        if kind != "fresh":  # a factory's result is already true: nothing to recompute
             active.ops.append((func, args, kwargs, [weakref.ref(t) for t in tensors_in(out)]))
         if active.makes.get(index):
             made = tensors_in(out)
