@@ -50,6 +50,7 @@ _LEN = struct.Struct("<I")
 _MAX_HEADER = 16 << 20
 # binary call/outputs frames (remote/calls.py), as a client writes and reads them
 CALL_MAGIC, OUTPUTS_MAGIC = 0xFFFF_0000 + 0xCA11, 0xFFFF_0000 + 0x0A75
+NAMED_MAGIC = 0xFFFF_0000 + 0xCA12  # a call frame whose outputs the client names (pipelined runs)
 _CALL = struct.Struct("<IIqqHH")  # magic, handle, index, call, module bytes, inputs
 _INPUT = struct.Struct("<B16sQ")  # kind (0 held, 1 inline), key, payload bytes
 _OUT_HEAD = struct.Struct("<dH")
@@ -253,7 +254,7 @@ def simulate(raw: bytes, max_payload: int) -> tuple[str, int]:
         if len(raw) - pos < 4:
             return "incomplete", replies
         (n,) = _LEN.unpack_from(raw, pos)
-        if n == CALL_MAGIC:
+        if n in (CALL_MAGIC, NAMED_MAGIC):
             pos, state = _simulate_call(raw, pos)
             if state != "complete":
                 return state, replies
@@ -290,7 +291,7 @@ def _simulate_call(raw: bytes, pos: int) -> tuple[int, str]:
     entry (a refused payload is read past); only an unknown input kind loses the framing."""
     if len(raw) - pos < _CALL.size:
         return pos, "incomplete"
-    *_, module_len, n = _CALL.unpack_from(raw, pos)
+    magic, *_, module_len, n = _CALL.unpack_from(raw, pos)
     pos += _CALL.size + module_len
     for _ in range(n):
         if len(raw) - pos < _INPUT.size:
@@ -301,16 +302,22 @@ def _simulate_call(raw: bytes, pos: int) -> tuple[int, str]:
             return pos, "closes"
         if kind == 1:
             pos += nbytes
+    if magic == NAMED_MAGIC:
+        if len(raw) - pos < 2:
+            return pos, "incomplete"
+        pos += 2 + 16 * struct.unpack_from("<H", raw, pos)[0]
     return pos, "complete" if pos <= len(raw) else "incomplete"
 
 
 def call_frame(handle: int, inputs: list[tuple[int, bytes, bytes]], index: int = 0, call: int = 0,
-               module: bytes = b"", count: int | None = None) -> bytes:
-    """A binary call frame; each input ``(kind, key bytes, payload)`` (the payload only for kind 1)."""
-    raw = _CALL.pack(CALL_MAGIC, handle, index, call, len(module), len(inputs) if count is None else count) + module
+               module: bytes = b"", count: int | None = None, names: bytes | None = None) -> bytes:
+    """A binary call frame; each input ``(kind, key bytes, payload)`` (the payload only for kind 1);
+    ``names``: the raw output-names section of a named call frame."""
+    magic = CALL_MAGIC if names is None else NAMED_MAGIC
+    raw = _CALL.pack(magic, handle, index, call, len(module), len(inputs) if count is None else count) + module
     for kind, key, payload in inputs:
         raw += _INPUT.pack(kind, key, len(payload) if kind == 1 else 0) + (payload if kind == 1 else b"")
-    return raw
+    return raw + (names or b"")
 
 
 @dataclass
@@ -554,6 +561,10 @@ def gen_frames(rng: random.Random, n: int, ops: list[ValidOp], canary: str) -> l
     add("call.entry", "over-cap inline input, sent", call_frame(0, [(1, k1, bytes(MAX_PAYLOAD + 8))]))
     add("call.entry", "inline of an odd size", call_frame(0, [(1, k1, bytes(7))]))
     add("call.entry", "64 inputs, mixed", call_frame(0, [(i % 2, bytes([i]) * 16, bytes(4 * i)) for i in range(64)]))
+    for count, body in ((1, k2), (3, k1 * 3), (0, b""), (5000, bytes(16 * 5000)), (65535, bytes(16 * 65535)),
+                        (2, k1)):  # the last declares two names and sends one: the frame is incomplete
+        add("call.names", f"{count} output names", call_frame(0, inline, names=struct.pack("<H", count) + body))
+    add("call.names", "a named call whose held input was never uploaded", call_frame(0, [(0, k1, b"")], names=b"\0\0"))
     # random byte mutations of valid frames fill the rest
     n_mut = max(n - len(fixed), n // 3)
     chosen = fixed if len(fixed) <= n - n_mut else rng.sample(fixed, n - n_mut)

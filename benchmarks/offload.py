@@ -92,7 +92,7 @@ def bytes_and_time(workload, store, repeats: int) -> dict:
             k0 = target.stats["kernel_us"]
             _, off, wall = run_step(workload.run, store, target, everything, Judge())
             kernel = (target.stats["kernel_us"] - k0) / 1e6
-            rows.append({"wall": wall, "target": off.target_s, "kernel": kernel, "compare": off.compare_s,
+            rows.append({"wall": wall, "target": off.target_seconds, "kernel": kernel, "compare": off.compare_s,
                          "forward": forward, "ratio": wall / forward})
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"bytes_sent": sent, "crossing": wrapped.crossing, **med}

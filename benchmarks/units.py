@@ -95,7 +95,7 @@ def forwards(workload, store: FixtureStore, target, td, repeats: int) -> dict:
             delta = Counter(target.stats)
             delta.subtract(before)
             unit_s = mixed.units.target_s if mixed.units is not None else 0.0
-            rows[mode].append({"wall": wall, "target": mixed.target_s + unit_s, "compare": mixed.compare_s,
+            rows[mode].append({"wall": wall, "target": mixed.target_seconds + unit_s, "compare": mixed.compare_s,
                                "trips": delta["runs"] + delta["unit_runs"], "units": delta["unit_runs"]})
     with torch.no_grad():
         plain = []

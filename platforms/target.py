@@ -89,6 +89,27 @@ class Target:
         """Compile a whole unit once per signature; ``Support.no(reason)`` when the target cannot."""
         return Support.no(f"{self.name} does not compile whole modules")
 
+    # pipelined runs (``pipelines``): a target across a socket takes a run before answering the last
+    pipelines: bool = False
+
+    def send_run(self, op: OpCall, inputs: list[torch.Tensor], named: Callable[[torch.Tensor], str | None]
+                 ) -> list[str] | None:
+        """Send a run of prepared ``op`` without waiting; inputs ``named`` are outputs still on their way.
+        Returns its outputs' names, or None when nothing was sent (answer what is in flight first)."""
+        return None
+
+    def receive_run(self) -> tuple[list[torch.Tensor] | None, OpFailed | Unsupported | None, float]:
+        """The oldest run in flight's answer: ``(outputs, None, kernel seconds)``, ``(None, error, 0)``, or
+        ``(None, None, 0)`` when no answer will come (run it again)."""
+        raise NotImplementedError(f"{self.name} does not pipeline runs")
+
+    def answer_ready(self) -> bool:
+        """Whether the oldest run in flight's answer has (begun to) come: reading it will not wait long."""
+        return False
+
+    def adopt(self, live: torch.Tensor, received: torch.Tensor) -> None:
+        """``live`` was filled with ``received``'s values (for targets that cache what they hold)."""
+
     def execute_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         raise Unsupported(f"{self.name} does not compile whole modules")
 

@@ -12,6 +12,8 @@ Layout (little-endian; ``magic`` is the length word of ``wire``, above its heade
 
     call     u32 CALL | u32 handle | i64 index | i64 call | u16 module bytes | u16 inputs | module (UTF-8)
              then per input: u8 kind (0 held, 1 inline) | 16 bytes key | u64 payload bytes | payload
+             (u32 CALL_NAMED: the same, then u16 names | 16 bytes × names: the worker also holds output k
+             under name k, so a call sent before this one's answer can take it as a held input)
     outputs  u32 OUTPUTS | f64 kernel seconds | u16 outputs
              then per output: u8 dtype | u8 ndim | u64 payload bytes | 16 bytes key | i64 × ndim shape | payload
 
@@ -32,10 +34,11 @@ from tapml.core import byte_view, dtype_name
 
 from .wire import BINARY_MIN, FrameReader, WireError
 
-__all__ = ["CALL", "OUTPUTS", "DTYPES", "MAX_INPUTS", "MAX_MODULE", "call_head", "input_entry", "read_call",
-           "output_buffers", "read_outputs"]
+__all__ = ["CALL", "CALL_NAMED", "OUTPUTS", "DTYPES", "MAX_INPUTS", "MAX_MODULE", "call_head", "input_entry",
+           "names_entry", "read_call", "output_buffers", "read_outputs"]
 
 CALL = BINARY_MIN + 0xCA11
+CALL_NAMED = BINARY_MIN + 0xCA12
 OUTPUTS = BINARY_MIN + 0x0A75
 MAX_INPUTS = 4096
 MAX_MODULE = 0xFFFF  # bytes of a module name (u16)
@@ -47,6 +50,7 @@ _INPUT = struct.Struct("<B16sQ")
 _OUTPUTS_REST = struct.Struct("<dH")
 _OUTPUTS = struct.Struct("<I" + _OUTPUTS_REST.format[1:])
 _OUTPUT = struct.Struct("<BBQ16s")
+_COUNT = struct.Struct("<H")
 _DIMS = [struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1)]
 
 # dtype codes on the wire: a fixed table (a code outside it is refused, never looked up in torch)
@@ -57,8 +61,14 @@ DTYPES: tuple[torch.dtype, ...] = (
 _CODES = {d: i for i, d in enumerate(DTYPES)}
 
 
-def call_head(handle: int, index: int, call: int, module: bytes, n_inputs: int) -> bytes:
-    return _CALL.pack(CALL, handle, index, call, len(module), n_inputs) + module
+def call_head(handle: int, index: int, call: int, module: bytes, n_inputs: int, named: bool = False) -> bytes:
+    """A call frame's head; ``named``: its input entries are followed by ``names_entry``."""
+    return _CALL.pack(CALL_NAMED if named else CALL, handle, index, call, len(module), n_inputs) + module
+
+
+def names_entry(names: list[bytes]) -> bytes:
+    """The names (16 bytes each) a ``CALL_NAMED`` frame gives its outputs, after its inputs."""
+    return _COUNT.pack(len(names)) + b"".join(names)
 
 
 def input_entry(held: bool, key: bytes, nbytes: int) -> bytes:
@@ -70,8 +80,9 @@ def read_call(reader: FrameReader, magic: int, max_payload: int | None, plans: l
     """A call frame (after its magic): ``{"kind": "call", "plan", "index", "call", "module", "inputs"}``, each
     input ``(key bytes, tensor or None when held)``; an inline payload lands in a tensor of the layout its
     plan (``plans[handle].layout``: ``(dtype, shape, numel, nbytes)`` per input) gives it. ``"error"`` and
-    ``"message"`` say why a call is not runnable (unknown handle, over the payload cap, malformed)."""
-    if magic != CALL:
+    ``"message"`` say why a call is not runnable (unknown handle, over the payload cap, malformed). A
+    ``CALL_NAMED`` frame adds ``"names"``: the output names, as hex keys."""
+    if magic not in (CALL, CALL_NAMED):
         raise WireError(f"binary frame {magic:#x} is not a call")
     handle, index, call, module_len, n = reader.unpack(_CALL_REST)
     header = {"kind": "call", "index": index, "call": call}
@@ -111,6 +122,12 @@ def read_call(reader: FrameReader, magic: int, max_payload: int | None, plans: l
         if nbytes:
             reader.read_into(byte_view(t))
         inputs.append((key, t))
+    if magic == CALL_NAMED:
+        (count,) = reader.unpack(_COUNT)
+        raw = bytes(reader.take(16 * count))  # at most 1 MiB: u16 names
+        if count > MAX_INPUTS:
+            _refuse(header, "malformed", f"call: {count} output names")
+        header["names"] = [raw[16 * k:16 * k + 16].hex() for k in range(count)]
     return header
 
 

@@ -12,11 +12,15 @@ local worker or reconnects to the remote one and carries on.
 
 from __future__ import annotations
 
+import itertools
 import json
+import secrets
+import select
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 import rpyc
@@ -26,13 +30,20 @@ from rpyc.core.async_ import AsyncResultTimeout
 from tapml.core import HashMemo, OpCall, OpFailed, Status, UnitCall, byte_view
 from tapml.platforms import Capabilities, PlatformError, Support, Target, Unsupported
 
-from .calls import MAX_INPUTS, MAX_MODULE, call_head, input_entry, read_outputs
+from .calls import MAX_INPUTS, MAX_MODULE, call_head, input_entry, names_entry, read_outputs
 from .spawn import SpawnedWorker, spawn_worker
 from .wire import FrameReader, WireError, frame_buffers, send_buffers, tensor_buffers
 
 __all__ = ["RemoteTarget", "TargetLost", "WorkerCrashed", "WorkerTimeout", "PayloadTooLarge", "parse_address"]
 
 CLIENT_CONFIG = {"allow_public_attrs": False, "allow_pickle": False, "sync_request_timeout": 30}
+# runs sent and not yet answered: their frames stay under what the worker's receive buffer takes unread
+# (so sending never blocks while the worker is blocked sending answers no one reads yet: no deadlock);
+# their answers under what the client is willing to hold at once
+FLIGHT_REQUEST_BYTES = 32 << 10
+FLIGHT_ANSWER_BYTES = 64 << 20
+
+Named = Callable[[torch.Tensor], "str | None"]  # the name of a pending output a tensor is (a view of), or None
 
 
 class WorkerCrashed(OpFailed):
@@ -75,10 +86,11 @@ class RemoteTarget(Target):
 
     def __init__(self, address: str | None = None, *, spawn: str | None = None, token: str | None = None,
                  timeout: float = 60.0, compile_timeout: float = 600.0, connect_timeout: float = 10.0,
-                 reconnect_s: float = 30.0, spawn_options: dict | None = None):
+                 reconnect_s: float = 30.0, spawn_options: dict | None = None, pipeline: bool = True):
         if (address is None) == (spawn is None):
             raise PlatformError("give either a worker address or a platform to spawn")
         self.timeout, self.compile_timeout = timeout, compile_timeout
+        self.pipelines = pipeline  # per-op runs sent before the last is answered (``send_run``)
         self.connect_timeout, self.reconnect_s = connect_timeout, reconnect_s
         self._spawn_name, self._spawn_options = spawn, spawn_options or {}
         self._worker: SpawnedWorker | None = None
@@ -89,6 +101,10 @@ class RemoteTarget(Target):
         self._support: dict[str, Support] = {}
         self._stats: Counter = Counter()
         self._conn = None
+        self._generation = 0  # bumped by every (re)connection: answers in flight on an older one never come
+        self._flight: deque = deque()  # (op, generation, sending, request bytes, answer bytes), oldest first
+        self._flight_bytes = [0, 0]  # requests, answers
+        self._name_prefix, self._name_count = secrets.token_bytes(8), itertools.count()
         self.restarts = 0
         self.events: list[dict] = []  # crashes, timeouts and what became of the worker after each
         self.lost: str | None = None
@@ -126,6 +142,8 @@ class RemoteTarget(Target):
         self._sent_ops: set[str] = set()  # signatures the worker has the OpCall for
         self._handles: dict[str, int] = {}  # signature -> the worker's plan for it (binary call frames)
         self._data_timeout: float | None = None
+        self._generation += 1
+        self._flight_bytes = [0, 0]
         self.name = info["platform"]
         self.description = info["description"]
 
@@ -287,6 +305,8 @@ class RemoteTarget(Target):
         """One run of ``op`` and its answer, on the data socket, under the op timeout: a binary call frame
         when the worker has a plan for it and every input is a whole tensor, else a JSON run frame."""
         self._check_alive()
+        if self._flight:
+            raise PlatformError("tapml: a run was sent while pipelined runs are unanswered (receive_run them first)")
         buffers: list = []
         sending: dict[str, int] = {}
         handle = self._handles.get(op.signature)
@@ -307,19 +327,24 @@ class RemoteTarget(Target):
         return outputs, reply
 
     def _call_frame(self, handle: int, op: OpCall, inputs: list[torch.Tensor], buffers: list,
-                    sending: dict[str, int]) -> bool:
-        """A binary call frame into ``buffers``: each input by key when the worker holds it, else inline.
-        False when an input is not a whole tensor (a view travels as its base: the JSON frames say how)."""
+                    sending: dict[str, int], named: Named | None = None, names: list[str] | None = None) -> bool:
+        """A binary call frame into ``buffers``: each input by key when the worker holds it (or by the name
+        of a pending output, ``named``), else inline; ``names`` for its outputs. False when an input is not a
+        whole tensor (a view travels as its base: the JSON frames say how)."""
         module = op.module.encode()
         if len(inputs) > MAX_INPUTS or len(module) > MAX_MODULE:
             return False
-        buffers.append(call_head(handle, op.index, op.call, module, len(inputs)))
+        buffers.append(call_head(handle, op.index, op.call, module, len(inputs), named=names is not None))
         reused = 0
         for t in inputs:  # not detached: the memo needs the caller's version counter
             nbytes = t.numel() * t.element_size()
             if (t.is_conj() or t.is_neg() or not t.is_contiguous() or t.storage_offset()
                     or (nbytes and t.untyped_storage().nbytes() != nbytes)):
                 return False
+            name = named(t) if named is not None else None
+            if name is not None:
+                buffers.append(input_entry(True, bytes.fromhex(name), 0))
+                continue
             view = byte_view(t) if nbytes else None  # hashed and sent from the same bytes
             key = self._memo.key(t, t, view=view)
             try:
@@ -337,6 +362,8 @@ class RemoteTarget(Target):
             if nbytes:
                 buffers.append(view)
             sending[key] = nbytes
+        if names is not None:
+            buffers.append(names_entry([bytes.fromhex(n) for n in names]))
         self._stats["bytes_reused"] += reused
         return True
 
@@ -346,29 +373,122 @@ class RemoteTarget(Target):
         a binary outputs frame, or output tensor frames and the reply."""
         start = time.monotonic()
         try:
-            if self._data_timeout != self.timeout:
-                self._data.settimeout(self.timeout)
-                self._data_timeout = self.timeout
-            # inputs and run frame in one write
-            send_buffers(self._data, buffers if header is None else buffers + frame_buffers(header))
-            self._known.update(sending)
-            self._stats["bytes_sent"] += sum(sending.values())
-            if op is not None and header is not None:
-                self._sent_ops.add(op.signature)
-            outputs = []
-            while True:
-                frame, t = self._reader.read(binary=read_outputs)
-                kind = frame.get("kind")
-                if kind == "outputs":
-                    for key, t in frame["outputs"]:
-                        outputs.append(self._received(key, t))
-                    break
-                if kind == "reply":
-                    break
-                outputs.append(self._received(frame["key"], t))
-            return outputs, frame
+            self._post(header, op, buffers, sending)
+            return self._answers()
         except (OSError, WireError, ValueError) as e:  # TimeoutError is an OSError
             raise self._failed(op, e, time.monotonic() - start) from None
+
+    def _post(self, header: dict | None, op: OpCall | None, buffers: list, sending: dict[str, int]) -> None:
+        """Inputs and run frame in one write."""
+        if self._data_timeout != self.timeout:
+            self._data.settimeout(self.timeout)
+            self._data_timeout = self.timeout
+        send_buffers(self._data, buffers if header is None else buffers + frame_buffers(header))
+        self._known.update(sending)
+        self._stats["bytes_sent"] += sum(sending.values())
+        if op is not None and header is not None:
+            self._sent_ops.add(op.signature)
+
+    def _answers(self) -> tuple[list[torch.Tensor], dict]:
+        """One run's answer: a binary outputs frame, or output tensor frames and the reply."""
+        outputs = []
+        while True:
+            frame, t = self._reader.read(binary=read_outputs)
+            kind = frame.get("kind")
+            if kind == "outputs":
+                for key, t in frame["outputs"]:
+                    outputs.append(self._received(key, t))
+                return outputs, frame
+            if kind == "reply":
+                return outputs, frame
+            outputs.append(self._received(frame["key"], t))
+
+    # -- pipelined runs: sent before the last one is answered ------------------------------
+    pipelines = True
+
+    def send_run(self, op: OpCall, inputs: list[torch.Tensor], named: Named) -> list[str] | None:
+        """Send a run of ``op`` without waiting for its answer (``receive_run`` reads answers in order).
+        Inputs that are (views of) outputs still on their way are taken by name (``named``); the names of
+        this run's outputs are returned. None — nothing sent — when the op has not been prepared here, or
+        the frame or its answer would take the runs in flight past their bounds: answer those first."""
+        support = self._support.get(op.signature)
+        if not support or self.lost is not None or self._conn is None:
+            return None
+        names = [(self._name_prefix + next(self._name_count).to_bytes(8, "little")).hex() for _ in op.output_specs]
+        buffers: list = []
+        sending: dict[str, int] = {}
+        handle = self._handles.get(op.signature)
+        header = None
+        if handle is None or not self._call_frame(handle, op, inputs, buffers, sending, named, names):
+            buffers.clear()
+            sending.clear()
+            header = {"kind": "run", "sig": op.signature, "index": op.index, "module": op.module, "call": op.call,
+                      "keys": self._upload(inputs, buffers, sending, named), "names": names}
+            if op.signature not in self._sent_ops:
+                header["op"] = op.to_json()
+            buffers += frame_buffers(header)
+        size = sum(memoryview(b).nbytes for b in buffers)
+        answer = sum(s.nbytes for s in op.output_specs)
+        if self._flight and (self._flight_bytes[0] + size > FLIGHT_REQUEST_BYTES
+                             or self._flight_bytes[1] + answer > FLIGHT_ANSWER_BYTES):
+            return None
+        with self._lock:
+            try:
+                self._post(None, op, buffers, sending)
+            except (OSError, WireError):  # the worker died on a run in flight: reading its answer says which
+                return None
+        if header is not None:
+            self._sent_ops.add(op.signature)
+        self._flight.append((op, self._generation, sending, size, answer))
+        self._flight_bytes[0] += size
+        self._flight_bytes[1] += answer
+        return names
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flight)
+
+    def receive_run(self) -> tuple[list[torch.Tensor] | None, OpFailed | Unsupported | None, float]:
+        """The answer to the oldest run in flight: ``(outputs, None, kernel seconds)``, ``(None, error, 0)``,
+        or ``(None, None, 0)`` when no answer will come (the worker was replaced since: run it again)."""
+        op, generation, sending, size, answer = self._flight.popleft()
+        self._flight_bytes[0] -= size
+        self._flight_bytes[1] -= answer
+        if generation != self._generation:
+            return None, None, 0.0
+        start = time.monotonic()
+        with self._lock:
+            try:
+                outputs, reply = self._answers()
+            except (OSError, WireError, ValueError) as e:
+                return None, self._failed(op, e, time.monotonic() - start), 0.0
+        if not reply["ok"]:  # inline inputs of a refused run may not have been kept; evicted ones are not held
+            self._known.difference_update(sending)
+            self._known.difference_update(k for k in reply.get("keys", ()) if isinstance(k, str))
+            if reply.get("error") in ("missing", "unknown-op", "unknown-handle", "malformed"):
+                return None, None, 0.0  # an input by name that never came (or was evicted): run it again
+        self._plan(op.signature, reply)
+        try:
+            return self._answer(outputs, reply, "runs"), None, float(reply.get("kernel_s", 0.0))
+        except (Unsupported, OpFailed) as e:
+            return None, e, 0.0
+
+    def answer_ready(self) -> bool:
+        if not self._flight:
+            return False
+        if self._flight[0][1] != self._generation or self._reader.pending():
+            return True
+        try:
+            return bool(select.select([self._data], [], [], 0)[0])
+        except (OSError, ValueError):  # a closed socket: reading it says what happened
+            return True
+
+    def adopt(self, live: torch.Tensor, received: torch.Tensor) -> None:
+        """``live`` now holds ``received``'s values (a filled placeholder): the worker holds them by this key."""
+        key = self._memo.peek(received, received)
+        if (key is not None and live.dtype == received.dtype and live.shape == received.shape
+                and live.is_contiguous() and not live.storage_offset()):
+            self._memo.remember(live, key)
 
     def _received(self, key: str, t: torch.Tensor) -> torch.Tensor:
         self._known.add(key)  # the worker keeps its outputs by this key
@@ -376,15 +496,23 @@ class RemoteTarget(Target):
         self._stats["bytes_received"] += t.numel() * t.element_size()
         return t
 
-    def _upload(self, inputs: list[torch.Tensor], buffers: list, sending: dict[str, int]) -> list:
+    def _upload(self, inputs: list[torch.Tensor], buffers: list, sending: dict[str, int],
+                named: Named | None = None) -> list:
         """Input references for a run frame; the tensor frames of what the worker lacks go into ``buffers``
         (their keys and sizes into ``sending``), to travel with the run frame.
 
         A strided view whose memory is (mostly) one storage travels as that storage
         plus shape/stride/offset, so a transposed weight or a view of a target output
-        is never copied, hashed or sent again."""
+        is never copied, hashed or sent again. A (view of a) pending output, ``named``, travels as its
+        name (and the view's geometry: the worker holds that output contiguous, as its placeholder is)."""
         refs = []
         for t in inputs:  # not detached: the memo needs the caller's version counter
+            name = named(t) if named is not None else None
+            if name is not None:
+                whole = t.is_contiguous() and not t.storage_offset() and t.nbytes == t.untyped_storage().nbytes()
+                refs.append(name if whole else {"base": name, "shape": list(t.shape), "stride": list(t.stride()),
+                                                "offset": t.storage_offset()})
+                continue
             if t.is_conj() or t.is_neg():  # the bit is not in the storage: send the values it stands for
                 t = t.resolve_conj().resolve_neg()
             storage_numel = t.untyped_storage().nbytes() // t.element_size() if t.numel() else 0

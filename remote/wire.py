@@ -303,3 +303,7 @@ def check_run(header: dict) -> None:
             raise FrameError(f"run: a view key: {e}") from None
     if "op" in header and not isinstance(header["op"], dict):
         raise FrameError("run: op must be an object")
+    names = header.get("names", [])
+    if (not isinstance(names, list) or len(names) > 4096
+            or not all(isinstance(n, str) and 0 < len(n) <= _MAX_KEY for n in names)):
+        raise FrameError("run: names must be a list of keys")

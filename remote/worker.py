@@ -105,9 +105,13 @@ class TensorCache:
         self.budget, self.used = budget, 0
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
 
-    def put(self, key: str, t: torch.Tensor) -> None:
+    def put(self, key: str, t: torch.Tensor, replace: bool = False) -> None:
+        """Hold ``t`` under ``key``; a content key already held keeps its tensor (same bytes), a name given
+        by the client (``replace``) is rebound."""
         if key in self._items:
-            return
+            if not replace:
+                return
+            self.used -= self._items.pop(key).nbytes
         self._items[key] = t
         self.used += t.nbytes
         while self.used > self.budget and len(self._items) > 1:
@@ -404,7 +408,7 @@ class _Session:
         op = plan.op
         if (header["index"], header["module"], header["call"]) != plan.place:
             op = _placed(op, header["index"], header["module"], header["call"])
-        return self._compute(lambda: plan.run(op, inputs), binary=True)
+        return self._compute(lambda: plan.run(op, inputs), binary=True, names=header.get("names"))
 
     def _inputs(self, header: dict, specs: list) -> tuple[list[torch.Tensor], dict | None]:
         inputs, missing = [], []
@@ -452,7 +456,7 @@ class _Session:
         admitted = self.worker.admit(op)
         if not admitted:
             return {"ok": False, "error": "unsupported", "message": admitted.reason}
-        reply = self._compute(lambda: self.worker.platform.execute(op, inputs))
+        reply = self._compute(lambda: self.worker.platform.execute(op, inputs), names=header.get("names"))
         handle = self.plan(op) if reply["ok"] else None
         if handle is not None:  # later runs of this op can be binary call frames
             reply["handle"] = handle
@@ -480,9 +484,10 @@ class _Session:
             return problem
         return self._compute(lambda: self.worker.platform.execute_unit(unit, inputs))
 
-    def _compute(self, call, binary: bool = False) -> dict | None:
-        """Run a kernel (or a unit) under the worker's lock; keep its outputs by key and queue them to send:
-        as one binary outputs frame (``binary``; returns None) or as tensor frames before a reply."""
+    def _compute(self, call, binary: bool = False, names: list[str] | None = None) -> dict | None:
+        """Run a kernel (or a unit) under the worker's lock; keep its outputs by key (and output k under
+        ``names[k]``, the client's name for it) and queue them to send: as one binary outputs frame
+        (``binary``; returns None) or as tensor frames before a reply."""
         try:
             with self.worker.lock:
                 self.worker.beat("B")
@@ -497,6 +502,8 @@ class _Session:
         except Exception as e:  # the kernel failed (OpFailed or a platform bug): the op is lost, not the worker
             return {"ok": False, "error": "failed", "message": f"{type(e).__name__}: {str(e)[:500]}"}
         kept = [self._keep(t) for t in outputs]  # kept under their key: an output the next op reads is not resent
+        for name, (_, _, t, _) in zip(names or (), kept, strict=False):
+            self.cache.put(name, t, replace=True)
         if binary:
             buffers = output_buffers([(digest, t, view) for _, digest, t, view in kept], kernel_s)
             if buffers is not None:

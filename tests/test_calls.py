@@ -189,3 +189,41 @@ def test_the_frames_check_every_field_they_read():
             FrameReader(b).read()
     finally:
         a.close(), b.close()
+
+
+def test_runs_in_flight_take_earlier_outputs_by_name(worker, binary_answers):
+    """Pipelined runs: a call sent before the last one's answer takes its output by the name the client
+    gave it (whole, or a view of it by JSON frames); answers come back in order."""
+    with RemoteTarget(worker.address, token=worker.token) as target:
+        assert target.prepare(ADD) and target.prepare(CLONE)
+        a, b = torch.randn(2, 3), torch.randn(2, 3)
+        target.execute(ADD, [a, b])  # the worker plans ADD; CLONE's first run makes its plan
+        target.execute(CLONE, [torch.randn(4)])
+        pending = torch.full((2, 3), float("nan"))  # what the client holds while ADD's answer is on its way
+        nothing = lambda t: None  # noqa: E731
+        (name,) = target.send_run(ADD, [a, b], nothing)
+        target.send_run(ADD, [pending, a], lambda t: name if t is pending else None)
+        window = pending.reshape(-1)[2:6]
+        target.send_run(CLONE, [window], lambda t: name if t is window else None)
+        target.send_run(CLONE, [torch.zeros(4)], lambda t: "ab" * 16)  # a name never given: run it again
+        assert target.in_flight == 4
+        answers = [target.receive_run() for _ in range(4)]
+        ((s,), e1, _), ((doubled,), e2, _), ((cut,), e3, _), last = answers
+        assert e1 is None and e2 is None and e3 is None and last == (None, None, 0.0)
+        assert torch.equal(s, a + b) and torch.equal(doubled, s + a) and torch.equal(cut, s.reshape(-1)[2:6])
+        assert target.in_flight == 0 and binary_answers[-2:] == [1, 1]  # the view's answer came by JSON frames
+        (out,) = target.execute(CLONE, [torch.zeros(4)])  # one at a time again, once nothing is in flight
+        assert torch.equal(out, torch.zeros(4))
+
+
+def test_too_many_output_names_are_refused_in_step(worker):
+    with RemoteTarget(worker.address, token=worker.token) as target:
+        x = torch.randn(4)
+        target.execute(CLONE, [x])
+        handle = target._handles[CLONE.signature]
+        names = struct.pack("<H", 5000) + bytes(16 * 5000)
+        head = call_head(handle, 0, 0, b"", 1, named=True)
+        send_buffers(target._data, [head, input_entry(True, content_digest(x), 0), names])
+        assert "output names" in _reply(target._data)["message"]
+        (out,) = target.execute(CLONE, [x])  # the channel is still in step
+        assert torch.equal(out, x)

@@ -23,6 +23,7 @@ from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
 from tapml.record import Metrics, OpRef
 
+from .inflight import InFlight, Sent
 from .localize import skip_reason
 from .unitrun import UnitRunner
 
@@ -65,32 +66,73 @@ class MixedRun(TorchDispatchMode):
         self.compare_s = 0.0
         self.first_nonfinite: OpRef | None = None
         self.lost: str | None = None  # the target is gone: nothing more was sent this step
+        # runs sent before the last is answered (a target across a socket): see ``inflight``
+        self.flight = InFlight(target, self._settle, self._rerun) if target.pipelines else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         rec = self.by_seq.get(self.seq)
         self.seq += 1
         if rec is not None and self.units is not None and self.units.owns(rec["index"]):
+            self.settle()  # a unit reads what it is given, and runs (or recomputes) one at a time
             if rec["op"] != str(func):
                 self._diverge(f"op {rec['index']}: the live run called {func} where the carve had {rec['op']}")
                 return _reference(func, args, kwargs)
             return self.units.on_op(rec["index"], func, args, kwargs, _reference)
         if rec is None or rec["index"] not in self.selected:
-            return _reference(func, args, kwargs)
+            return self._reference(func, args, kwargs)
         index = rec["index"]
         if rec["op"] != str(func):
             self._diverge(f"op {index}: the live run called {func} where the carve had {rec['op']}")
-            return _reference(func, args, kwargs)
+            return self._reference(func, args, kwargs)
         live = tensors_in([args, kwargs])
         device = live[0].device if live else torch.get_default_device()  # the live run's (the reference device)
-        live = [t.cpu() for t in live]  # the target and the judge see the store's device, the CPU
         op = self.store.op_call(index)
         if [tuple(t.shape) for t in live] != [s.shape for s in op.inputs]:
             self._diverge(f"op {index} ({rec['op']}): input shapes differ from the carve")
-            return _reference(func, args, kwargs)
+            return self._reference(func, args, kwargs)
+        if self.flight is not None and device.type == "cpu":
+            self.flight.poll()
+            out = self.flight.send(index, rec, func, args, kwargs, op, live)
+            if out is not None:
+                if self.on_op is not None:
+                    self.on_op()
+                return out
+            self.flight.drain()
+        live = [t.cpu() for t in live]  # the target and the judge see the store's device, the CPU
+        return self._offload(index, rec, func, args, kwargs, op, live, device)
+
+    def _reference(self, func, args, kwargs):
+        """A reference op: after the answers in flight when it reads a placeholder or writes in place."""
+        if self.flight is not None and self.flight.blocks(func, args, kwargs):
+            self.flight.drain()
+        return _reference(func, args, kwargs)
+
+    def settle(self) -> None:
+        """Every run in flight answered, judged, and its placeholders filled."""
+        if self.flight is not None:
+            self.flight.drain()
+
+    def _offload(self, index: int, rec: dict, func, args, kwargs, op, live: list[torch.Tensor], device):
+        """The op on the target, one run at a time: its outputs judged and handed back, else the reference's."""
         outputs = self._on_target(index, op, live)
         if outputs is None:
             return _reference(func, args, kwargs)
+        outputs = self._judged(index, rec, op, outputs, live)
+        if outputs is None:
+            return _reference(func, args, kwargs)
+        try:
+            return self._hand_back(func, rec, op, [o.to(device) for o in outputs], args, kwargs)
+        except Exception as e:  # tapml's own failure: the op falls back, the model is not blamed
+            result = self.results[index]
+            result.status = Status.FELL_BACK
+            result.reason = f"tapml could not hand the target's outputs back: {type(e).__name__}: {e}"
+            return _reference(func, args, kwargs)
+
+    def _judged(self, index: int, rec: dict, op, outputs: list[torch.Tensor], live: list[torch.Tensor]
+                ) -> list[torch.Tensor] | None:
+        """The target's outputs judged against the carve (into ``results[index]``); what flows on, or None
+        when they cannot (the op falls back)."""
         start = time.perf_counter()
         want = self.store.outputs(index, read_only=True)
         flows = [self.store.graph.live(index, k) for k in range(len(want))]
@@ -105,24 +147,46 @@ class MixedRun(TorchDispatchMode):
                                             if f):
             result.status = Status.FELL_BACK  # a wrong shape cannot flow on: the reference result does
             result.reason = metrics.problem or "output count differs"
-            return _reference(func, args, kwargs)
+            return None
         # an output nothing reads (layer norm's mean/rstd in inference) with a wrong shape: the carved value
         # stands in, so the op's live outputs still come from the target
-        outputs = [o if f or o.shape == w.shape else w.clone() for o, w, f in zip(outputs, want, flows, strict=True)]
-        try:
-            return self._hand_back(func, rec, op, [o.to(device) for o in outputs], want, args, kwargs)
-        except Exception as e:  # tapml's own failure: the op falls back, the model is not blamed
-            result.status = Status.FELL_BACK
-            result.reason = f"tapml could not hand the target's outputs back: {type(e).__name__}: {e}"
-            return _reference(func, args, kwargs)
+        return [o if f or o.shape == w.shape else w.clone() for o, w, f in zip(outputs, want, flows, strict=True)]
 
-    def _hand_back(self, func, rec: dict, op, outputs: list[torch.Tensor], want: list[torch.Tensor], args, kwargs):
+    def _settle(self, s: Sent, outputs: list[torch.Tensor] | None, error: BaseException | None, kernel_s: float
+                ) -> tuple[list[torch.Tensor] | None, bool]:
+        """A pipelined run's answer: ``(values for its placeholders, whether later answers stand)``; None
+        values: run it again one at a time (an error reply, no answer)."""
+        if outputs is None:
+            if not (isinstance(error, OpFailed) and error.status in (Status.CRASHED, Status.TIMEOUT)):
+                return None, False  # refused, failed or unanswered: one at a time says why, as it would have
+            self.results[s.index] = MixedResult(error.status, f"{type(error).__name__}: {error}")
+            if error.fatal:
+                self.lost, self.selected = str(error), set()
+            return self._flat(_reference(s.func, s.args, s.kwargs)), False
+        self.results[s.index] = MixedResult(Status.OFFLOADED, target_ms=kernel_s * 1e3)
+        judged = self._judged(s.index, s.rec, s.op, outputs, s.live)
+        if judged is None:
+            return self._flat(_reference(s.func, s.args, s.kwargs)), False
+        return judged, True
+
+    def _rerun(self, s: Sent) -> list[torch.Tensor]:
+        """A pipelined op again, one run at a time (the reference's when nothing more goes to the target)."""
+        if s.index not in self.selected:
+            self.results.pop(s.index, None)
+            return self._flat(_reference(s.func, s.args, s.kwargs))
+        return self._flat(self._offload(s.index, s.rec, s.func, s.args, s.kwargs, s.op, s.live, torch.device("cpu")))
+
+    @staticmethod
+    def _flat(value) -> list[torch.Tensor]:
+        return tensors_in(value)
+
+    def _hand_back(self, func, rec: dict, op, outputs: list[torch.Tensor], args, kwargs):
         """The target's outputs as the live model expects them: the carved dtypes and layouts (strides,
         storage offset — the reference's kernels chose them, and later ops take other paths for
         others), and written into the caller's tensors where the schema says the op writes them."""
         info = op_info(func)
-        laid = [relayout(o.to(w.dtype), spec, copy=False) for o, w, spec in zip(outputs, want, op.output_specs,
-                                                                                 strict=True)]
+        laid = [relayout(o.to(spec.torch_dtype), spec, copy=False) for o, spec in zip(outputs, op.output_specs,
+                                                                                     strict=True)]
         if info.mutated:
             if len(laid) != len(info.returned):
                 raise ValueError("an in-place op returning a list cannot be written back")
@@ -158,6 +222,11 @@ class MixedRun(TorchDispatchMode):
         self.results[index] = MixedResult(Status.OFFLOADED, target_ms=elapsed * 1e3)
         return outputs
 
+    @property
+    def target_seconds(self) -> float:
+        """Time spent on the target: runs one at a time and sending/answering pipelined ones."""
+        return self.target_s + (self.flight.target_s if self.flight is not None else 0.0)
+
     def _diverge(self, why: str) -> None:
         if self.diverged is None:
             self.diverged = why
@@ -180,8 +249,11 @@ def run_step(run: Callable[[], Any], store: FixtureStore, target: Target, select
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            with mixed:
-                output = run()
+            try:
+                with mixed:
+                    output = run()
+            finally:
+                mixed.settle()  # placeholders filled before anyone reads the output; the channel in step
             if runner is not None:
                 runner.abandon()  # a unit the run never finished: its ops on the reference, before anyone reads
     except TapmlError:

@@ -69,7 +69,7 @@ def run_steps(run: Callable[[], Any], store: FixtureStore, target: Target, plan:
         delta = Counter(target.stats)
         delta.subtract(before)
         counts = Counter(r.status for r in mixed.results.values())
-        target_s = mixed.target_s + (mixed.units.target_s if mixed.units is not None else 0.0)
+        target_s = mixed.target_seconds + (mixed.units.target_s if mixed.units is not None else 0.0)
         kernel_s = delta.get("kernel_us", 0) / 1e6 if "kernel_us" in target.stats else target_s
         e2e = end_to_end(output, reference_out, judge, excluded, exact)
         if not e2e.ok and outcome.suspects is None:

@@ -166,3 +166,27 @@ class TanhUlps(WrappedPlatform):
                     t = torch.nextafter(t, torch.full_like(t, 2.0))
                 outputs[k] = t
         return outputs
+
+
+class Raises(TorchPlatform):
+    """A kernel that raises on one op (a launch failure the worker survives)."""
+
+    name = "raises"
+
+    def run(self, kernel, op, inputs):
+        if _target(op):
+            raise RuntimeError("kernel launch failed")
+        return super().run(kernel, op, inputs)
+
+
+class Reshaped(TorchPlatform):
+    """One op's first output comes back in another shape with the same element count: a later op on the
+    worker that takes it by name would read it reshaped, so the engine must not keep that later answer."""
+
+    name = "reshaped"
+
+    def run(self, kernel, op, inputs):
+        outputs = super().run(kernel, op, inputs)
+        if _target(op):
+            outputs = [outputs[0].reshape(-1), *outputs[1:]]
+        return outputs

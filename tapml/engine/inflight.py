@@ -1,0 +1,194 @@
+"""Per-op offload, pipelined: selected ops sent to the target without waiting for each answer.
+
+Why: in per-op offload every op was a round trip, and across a socket the round trips were most
+of the offload's time. A target that takes a run before answering the last (``pipelines``)
+gets each selected op as the live run reaches it; the op's outputs become placeholders in the
+carved layout (NaN, as unit stand-ins are: a placeholder read by mistake can never look right),
+named for the worker so a later op takes them as held inputs, and the live run goes on. The
+answers are read, each op judged and its placeholders filled, when the reference is about to
+read a placeholder or write anything in place, when the bytes in flight reach their bound, and
+at the end of the step. An answer that cannot be used as it came (an error, a wrong shape, a
+worker replaced meanwhile) makes that op, and every later one in flight — they may have read
+it — run again one at a time, as they would have without pipelining.
+
+What is not pipelined (it runs one at a time, after the answers in flight): ops that write in
+place, ops with no tensor input (torch's factory bindings detach a result Python holds, which
+would change the live run), ops whose carved outputs are not contiguous from offset 0 or are
+empty, an op's first run (its signature is prepared first), and everything when the reference
+runs elsewhere than the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from tapml.core import OpCall, OpFailed, decode_value, op_info, tensors_in
+from tapml.platforms import Target
+
+__all__ = ["InFlight", "Sent"]
+
+
+class Sent:
+    """One op whose run is on its way: what it needs to be judged, filled, or run again."""
+
+    __slots__ = ("index", "rec", "func", "args", "kwargs", "op", "live", "outs")
+
+    def __init__(self, index: int, rec: dict, func, args, kwargs, op: OpCall, live: list[torch.Tensor],
+                 outs: list[torch.Tensor]):
+        self.index, self.rec, self.func, self.args, self.kwargs = index, rec, func, args, kwargs
+        self.op, self.live = op, live
+        # weak: a result Python holds changes what torch's bindings do; the storage is kept alive by any view
+        self.outs = [(weakref.ref(t), weakref.ref(t.untyped_storage()), t.shape, t.stride(), t.dtype) for t in outs]
+
+    def placeholders(self) -> list[torch.Tensor | None]:
+        """Each output's placeholder, or a tensor over its memory when only a view of it lives on (None:
+        nothing holds it, nothing will read it)."""
+        found = []
+        for ref, storage, shape, stride, dtype in self.outs:
+            t = ref()
+            if t is None and storage() is not None:
+                t = torch.empty(0, dtype=dtype).set_(storage(), 0, shape, stride)
+            found.append(t)
+        return found
+
+
+def _placeholder(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype)
+    if dtype.is_floating_point or dtype.is_complex:
+        return t.fill_(float("nan"))
+    return t.fill_(True if dtype == torch.bool else torch.iinfo(dtype).max)
+
+
+def _contiguous(shape: tuple, stride: tuple) -> bool:
+    expected = 1
+    for n, s in zip(reversed(shape), reversed(stride), strict=True):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _pipelinable(op: OpCall, func) -> bool:
+    if op_info(func).mutated or not op.inputs:
+        return False
+    return all(s.exact and not s.offset and _contiguous(s.shape, s.stride) and all(s.shape) for s in op.output_specs)
+
+
+Settle = Callable[[Sent, list[torch.Tensor] | None, BaseException | None, float], tuple[list | None, bool]]
+
+
+class InFlight:
+    """The ops sent and not yet answered, and the names of their placeholders' memory.
+
+    ``settle(sent, outputs, error, kernel_s)`` judges an answer and returns ``(values, clean)``:
+    what fills the placeholders (None: run the op again) and whether later ops may keep their
+    answers; ``rerun(sent)`` runs an op again one at a time and returns its values."""
+
+    def __init__(self, target: Target, settle: Settle, rerun: Callable[[Sent], list[torch.Tensor]]):
+        self.target, self.settle, self.rerun = target, settle, rerun
+        self.sent: deque[Sent] = deque()
+        self._names: dict[int, tuple[weakref.ref, str]] = {}  # storage address -> (that storage, its name)
+        self._fits: dict[int, bool] = {}  # op index -> pipelinable
+        self.target_s = 0.0
+        self.pipelined = 0  # ops sent without waiting
+
+    def name(self, t: torch.Tensor) -> str | None:
+        """The name of the pending output ``t`` is (a view of), or None."""
+        if not self._names or not t.numel():
+            return None
+        hit = self._names.get(t.untyped_storage().data_ptr())
+        return hit[1] if hit is not None and hit[0]() is not None else None
+
+    def blocks(self, func, args, kwargs) -> bool:
+        """Whether a reference op must wait for the answers: it reads a placeholder or writes in place."""
+        if not self.sent:
+            return False
+        info = op_info(func)
+        if info.view:  # a view reads nothing: it aliases the placeholder, filled in place later
+            return False
+        return bool(info.mutated) or any(self.name(t) is not None for t in tensors_in([args, kwargs]))
+
+    def send(self, index: int, rec: dict, func, args, kwargs, op: OpCall, live: list[torch.Tensor]) -> object:
+        """The op's outputs as placeholders once its run is sent; None when it was not (run it one at a time)."""
+        fits = self._fits.get(index)
+        if fits is None:
+            fits = self._fits[index] = _pipelinable(op, func)
+        if not fits or any((t.is_conj() or t.is_neg()) and self.name(t) is not None for t in live):
+            return None
+        start = time.perf_counter()
+        try:
+            names = self.target.send_run(op, live, self.name)
+        except OpFailed:  # the connection broke: the worker is replaced; what was in flight runs again
+            names = None
+        finally:
+            self.target_s += time.perf_counter() - start
+        if names is None:
+            return None
+        outs = [_placeholder(s.shape, s.torch_dtype) for s in op.output_specs]
+        for t, name in zip(outs, names, strict=True):
+            storage = t.untyped_storage()
+            self._names[storage.data_ptr()] = (weakref.ref(storage), name)
+        self.sent.append(Sent(index, rec, func, args, kwargs, op, live, outs))
+        self.pipelined += 1
+        made = iter(outs)
+        return decode_value(rec["outputs"], lambda _: next(made))
+
+    def poll(self) -> None:
+        """Judge and fill the answers that have already come: the comparison overlaps the target's work on
+        later ops instead of waiting for the end of the step."""
+        while self.sent and self.target.answer_ready():
+            self._settle_oldest(1)
+
+    def drain(self) -> None:
+        """Every run in flight answered, judged and filled, in order."""
+        if self.sent:
+            self._settle_oldest(len(self.sent))
+
+    def _settle_oldest(self, n: int) -> None:
+        batch = [self.sent.popleft() for _ in range(n)]
+        answers = self._receive(len(batch))
+        for k, (s, (outputs, error, kernel_s)) in enumerate(zip(batch, answers, strict=True)):
+            values, clean = self.settle(s, outputs, error, kernel_s)
+            if values is not None and clean:
+                self._forget(s)
+                _fill(self.target, s, values, outputs)
+                continue
+            # later runs may have read this op's outputs: each runs again one at a time, after every
+            # answer in flight is read (nothing else may be in flight then)
+            rest = batch[k + 1:] + list(self.sent)
+            self._receive(len(self.sent))
+            self.sent.clear()
+            self._names.clear()
+            _fill(self.target, s, values if values is not None else self.rerun(s), None)
+            for r in rest:
+                _fill(self.target, r, self.rerun(r), None)
+            return
+
+    def _receive(self, n: int) -> list[tuple]:
+        start = time.perf_counter()
+        try:
+            return [self.target.receive_run() for _ in range(n)]
+        finally:
+            self.target_s += time.perf_counter() - start
+
+    def _forget(self, s: Sent) -> None:
+        for _, storage, *_ in s.outs:
+            st = storage()
+            if st is not None:
+                self._names.pop(st.data_ptr(), None)
+
+
+def _fill(target: Target, s: Sent, values: list[torch.Tensor], received: list[torch.Tensor] | None) -> None:
+    """Write ``values`` into the op's placeholders (``received``: the target's outputs they came from, so
+    a remote target knows the worker holds the filled tensors)."""
+    for k, (t, v) in enumerate(zip(s.placeholders(), values, strict=True)):
+        if t is None:
+            continue
+        t.copy_(v)
+        if received is not None and v is received[k]:
+            target.adopt(t, v)

@@ -1,0 +1,84 @@
+"""Per-op offload, pipelined: runs sent before the last is answered give exactly what one at a time does.
+
+Real spawned workers on loopback; each test runs the same step both ways and compares every op's
+status, reason and metric, and the model's output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tapml.engine import run_step, skip_reason
+from tapml.judging import Judge
+from tapml.remote import RemoteTarget
+from tapml.workloads import load_workload
+
+HELPERS = Path(__file__).resolve().parent / "helpers" / "failing_platforms.py"
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_workload("zoo:minilm")
+
+
+def _step(workload, store, pipeline: bool, platform: str = "torch-cpu", env: dict | None = None, **kw):
+    every = {op["index"] for op in store.ops if not skip_reason(op)}
+    with RemoteTarget(spawn=platform, pipeline=pipeline, spawn_options={"env": env} if env else None, **kw) as t:
+        run_step(workload.run, store, t, every, Judge())  # the first forward prepares every op
+        output, mixed, _ = run_step(workload.run, store, t, every, Judge())
+        restarts = t.restarts
+    results = {i: (r.status, r.reason, None if r.propagated is None else (r.propagated.ok, r.propagated.max_abs))
+               for i, r in mixed.results.items()}
+    pipelined = mixed.flight.pipelined if mixed.flight is not None else 0
+    return output, results, pipelined, restarts
+
+
+def _same(a, b) -> None:
+    assert torch.equal(a[0].last_hidden_state, b[0].last_hidden_state)
+
+    def told(results):  # how a dead worker's socket reported it (reset or closed) is the kernel's choice
+        return {i: (st, r.split(" (")[0] if r and r.startswith("WorkerCrashed") else r, m)
+                for i, (st, r, m) in results.items()}
+
+    assert told(a[1]) == told(b[1])
+
+
+def test_pipelined_equals_one_at_a_time(minilm, minilm_store):
+    one = _step(minilm, minilm_store, pipeline=False)
+    many = _step(minilm, minilm_store, pipeline=True)
+    _same(one, many)
+    assert one[2] == 0 and many[2] >= 150  # nearly every op went without waiting for the one before
+    assert all(r[0].value == "offloaded" and r[2] == (True, 0.0) for r in many[1].values())
+
+
+def _victim(store, n: int) -> int:
+    """A compute op whose output later ops read (so a wrong answer would travel on)."""
+    compute = [op["index"] for op in store.ops if not skip_reason(op) and not op["view"]]
+    return compute[n]
+
+
+@pytest.mark.parametrize("platform,status", [("Raises", "crashed"), ("Reshaped", "fell back"),
+                                             ("KillSelf", "crashed")])
+def test_a_failure_in_flight_costs_what_it_costs_one_at_a_time(minilm, minilm_store, platform, status):
+    victim = _victim(minilm_store, 40)
+    env = dict(os.environ, TAPML_TEST_OP_INDEX=str(victim))
+    kw = {"env": env, "platform": f"{HELPERS}:{platform}"}
+    one = _step(minilm, minilm_store, False, **kw)
+    many = _step(minilm, minilm_store, True, **kw)
+    assert many[1][victim][0].value == status
+    _same(one, many)
+    assert many[3] == one[3]  # as many worker restarts (one for a worker that died on the op)
+    others = [r for i, r in many[1].items() if i != victim]
+    assert all(r[0].value == "offloaded" and r[2] == (True, 0.0) for r in others)
+
+
+def test_a_hung_kernel_in_flight_times_out_once(minilm, minilm_store):
+    victim = _victim(minilm_store, 30)
+    env = dict(os.environ, TAPML_TEST_OP_INDEX=str(victim))
+    many = _step(minilm, minilm_store, True, platform=f"{HELPERS}:Hang", env=env, timeout=3)
+    assert many[1][victim][0].value == "timeout"
+    assert all(r[0].value == "offloaded" for i, r in many[1].items() if i != victim)
+    assert many[3] == 2  # one per forward: the first (which prepares) and the second
