@@ -159,11 +159,13 @@ def compiles(store) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, help="torch threads in this process (default: torch's)")
+    parser.add_argument("--threads", type=int, help="torch threads in this process and in the spawned workers "
+                        "(default: torch's)")
     parser.add_argument("--skip-tvm", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the spawned workers' too: one thread each side
     workload = load_workload("zoo:minilm")
     with tempfile.TemporaryDirectory() as tmp:
         carve(workload.model, workload.run, f"{tmp}/store")

@@ -98,9 +98,11 @@ class Target:
         Returns its outputs' names, or None when nothing was sent (answer what is in flight first)."""
         return None
 
-    def receive_run(self) -> tuple[list[torch.Tensor] | None, OpFailed | Unsupported | None, float]:
+    def receive_run(self, into: list | None = None
+                    ) -> tuple[list[torch.Tensor] | None, OpFailed | Unsupported | None, float]:
         """The oldest run in flight's answer: ``(outputs, None, kernel seconds)``, ``(None, error, 0)``, or
-        ``(None, None, 0)`` when no answer will come (run it again)."""
+        ``(None, None, 0)`` when no answer will come (run it again). ``into``: tensors (or None) the outputs
+        may be received in, in place (the placeholders: no second copy)."""
         raise NotImplementedError(f"{self.name} does not pipeline runs")
 
     def answer_ready(self) -> bool:

@@ -153,9 +153,11 @@ def output_buffers(outputs: list[tuple[bytes, torch.Tensor, memoryview | None]],
     return buffers
 
 
-def read_outputs(reader: FrameReader, magic: int, max_payload: int | None) -> dict:
+def read_outputs(reader: FrameReader, magic: int, max_payload: int | None, into: list | None = None) -> dict:
     """An outputs frame (after its magic): ``{"kind": "outputs", "ok": True, "kernel_s", "outputs"}``, each
-    output ``(key, tensor)``. A worker that breaks the layout is a ``WireError``: the client recovers."""
+    output ``(key, tensor)``. A worker that breaks the layout is a ``WireError``: the client recovers.
+    ``into``: per output a contiguous tensor to receive it in place when it has that dtype and shape (a
+    pipelined run's placeholder), else None."""
     if magic != OUTPUTS:
         raise WireError(f"binary frame {magic:#x} is not an outputs frame")
     kernel_s, n = reader.unpack(_OUTPUTS_REST)
@@ -174,7 +176,9 @@ def read_outputs(reader: FrameReader, magic: int, max_payload: int | None) -> di
             numel *= s
         if numel * dtype.itemsize != nbytes or (max_payload is not None and nbytes > max_payload):
             raise WireError(f"outputs: {nbytes} bytes for {shape} {dtype_name(dtype)}")
-        t = torch.empty(shape, dtype=dtype)
+        t = into[len(outputs)] if into is not None and len(outputs) < len(into) else None
+        if t is None or t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.storage_offset():
+            t = torch.empty(shape, dtype=dtype)
         if nbytes:
             reader.read_into(byte_view(t))
         outputs.append((key.hex(), t))

@@ -389,11 +389,13 @@ class RemoteTarget(Target):
         if op is not None and header is not None:
             self._sent_ops.add(op.signature)
 
-    def _answers(self) -> tuple[list[torch.Tensor], dict]:
-        """One run's answer: a binary outputs frame, or output tensor frames and the reply."""
+    def _answers(self, into: list | None = None) -> tuple[list[torch.Tensor], dict]:
+        """One run's answer: a binary outputs frame (``into``: see ``read_outputs``), or output tensor frames
+        and the reply."""
         outputs = []
+        binary = read_outputs if into is None else lambda r, magic, cap: read_outputs(r, magic, cap, into)
         while True:
-            frame, t = self._reader.read(binary=read_outputs)
+            frame, t = self._reader.read(binary=binary)
             kind = frame.get("kind")
             if kind == "outputs":
                 for key, t in frame["outputs"]:
@@ -448,9 +450,11 @@ class RemoteTarget(Target):
     def in_flight(self) -> int:
         return len(self._flight)
 
-    def receive_run(self) -> tuple[list[torch.Tensor] | None, OpFailed | Unsupported | None, float]:
+    def receive_run(self, into: list | None = None
+                    ) -> tuple[list[torch.Tensor] | None, OpFailed | Unsupported | None, float]:
         """The answer to the oldest run in flight: ``(outputs, None, kernel seconds)``, ``(None, error, 0)``,
-        or ``(None, None, 0)`` when no answer will come (the worker was replaced since: run it again)."""
+        or ``(None, None, 0)`` when no answer will come (the worker was replaced since: run it again).
+        ``into``: tensors to receive the outputs in (its placeholders), where dtype and shape allow."""
         op, generation, sending, size, answer = self._flight.popleft()
         self._flight_bytes[0] -= size
         self._flight_bytes[1] -= answer
@@ -459,7 +463,7 @@ class RemoteTarget(Target):
         start = time.monotonic()
         with self._lock:
             try:
-                outputs, reply = self._answers()
+                outputs, reply = self._answers(into)
             except (OSError, WireError, ValueError) as e:
                 return None, self._failed(op, e, time.monotonic() - start), 0.0
         if not reply["ok"]:  # inline inputs of a refused run may not have been kept; evicted ones are not held

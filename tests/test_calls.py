@@ -51,8 +51,8 @@ def binary_answers(monkeypatch) -> list[int]:
     """How many answers came back as binary outputs frames (the client's parser, counted)."""
     seen: list[int] = []
 
-    def counted(reader, magic, max_payload):
-        frame = read_outputs(reader, magic, max_payload)
+    def counted(reader, magic, max_payload, into=None):
+        frame = read_outputs(reader, magic, max_payload, into)
         seen.append(len(frame["outputs"]))
         return frame
 

@@ -151,7 +151,7 @@ class InFlight:
 
     def _settle_oldest(self, n: int) -> None:
         batch = [self.sent.popleft() for _ in range(n)]
-        answers = self._receive(len(batch))
+        answers = self._receive(batch)
         for k, (s, (outputs, error, kernel_s)) in enumerate(zip(batch, answers, strict=True)):
             values, clean = self.settle(s, outputs, error, kernel_s)
             if values is not None and clean:
@@ -161,7 +161,7 @@ class InFlight:
             # later runs may have read this op's outputs: each runs again one at a time, after every
             # answer in flight is read (nothing else may be in flight then)
             rest = batch[k + 1:] + list(self.sent)
-            self._receive(len(self.sent))
+            self._receive([None] * len(self.sent))
             self.sent.clear()
             self._names.clear()
             _fill(self.target, s, values if values is not None else self.rerun(s), None)
@@ -169,10 +169,11 @@ class InFlight:
                 _fill(self.target, r, self.rerun(r), None)
             return
 
-    def _receive(self, n: int) -> list[tuple]:
+    def _receive(self, batch: list[Sent | None]) -> list[tuple]:
+        """The answers to ``batch`` (None: an answer read past), each received in its placeholders."""
         start = time.perf_counter()
         try:
-            return [self.target.receive_run() for _ in range(n)]
+            return [self.target.receive_run(s.placeholders() if s is not None else None) for s in batch]
         finally:
             self.target_s += time.perf_counter() - start
 
@@ -187,7 +188,7 @@ def _fill(target: Target, s: Sent, values: list[torch.Tensor], received: list[to
     """Write ``values`` into the op's placeholders (``received``: the target's outputs they came from, so
     a remote target knows the worker holds the filled tensors)."""
     for k, (t, v) in enumerate(zip(s.placeholders(), values, strict=True)):
-        if t is None:
+        if t is None or t is v:  # nothing holds it, or it was received in place
             continue
         t.copy_(v)
         if received is not None and v is received[k]:
