@@ -298,7 +298,12 @@ def _simulate_call(raw: bytes, pos: int) -> tuple[int, str]:
             return pos, "incomplete"
         kind, _, nbytes = _INPUT.unpack_from(raw, pos)
         pos += _INPUT.size
-        if kind > 1:
+        if kind == 2:  # a view of a held tensor: its rank, then that many strides
+            if len(raw) - pos < 1:
+                return pos, "incomplete"
+            pos += 1 + 8 * raw[pos]
+            continue
+        if kind > 2:
             return pos, "closes"
         if kind == 1:
             pos += nbytes
@@ -553,8 +558,12 @@ def gen_frames(rng: random.Random, n: int, ops: list[ValidOp], canary: str) -> l
         add("call.module", f"module {_short(module, 30)}", call_frame(0, inline, module=module))
     for count in (0, 2, 4096, 65535):
         add("call.count", f"{count} inputs declared, 1 sent", call_frame(0, inline, count=count))
-    for kind in (2, 7, 255):
+    for kind in (3, 7, 255):
         add("call.kind", f"input kind {kind}", call_frame(0, [(kind, k1, b"")]))
+    for offset, rank, strides in ((0, 1, (1,)), (2**40, 1, (1,)), (0, 1, (-5,)), (0, 3, (1, 1, 1)), (0, 200, ()),
+                                  (0, 2, (1,))):  # the last declares two strides and sends one
+        add("call.view", f"view +{offset} rank {rank}", call_frame(0, [], count=1) + _INPUT.pack(2, k1, offset)
+            + bytes([rank]) + struct.pack(f"<{len(strides)}q", *strides))
     add("call.entry", "held input with a size", call_frame(0, [], count=1) + _INPUT.pack(0, k1, 64))
     add("call.entry", "held input never uploaded", call_frame(0, [(0, k2, b"")]))
     add("call.entry", "inline 2^40 bytes, none sent", call_frame(0, [], count=1) + _INPUT.pack(1, k1, 1 << 40))

@@ -12,6 +12,9 @@ Layout (little-endian; ``magic`` is the length word of ``wire``, above its heade
 
     call     u32 CALL | u32 handle | i64 index | i64 call | u16 module bytes | u16 inputs | module (UTF-8)
              then per input: u8 kind (0 held, 1 inline) | 16 bytes key | u64 payload bytes | payload
+             or a strided view of a held tensor (a transposed weight, a slice of an output):
+                            u8 2 | 16 bytes key | u64 storage offset | u8 rank | i64 × rank strides
+                            (the shape is the plan's)
              (u32 CALL_NAMED: the same, then u16 names | 16 bytes × names: the worker also holds output k
              under name k, so a call sent before this one's answer can take it as a held input)
     outputs  u32 OUTPUTS | f64 kernel seconds | u16 outputs
@@ -34,8 +37,8 @@ from tapml.core import byte_view, dtype_name
 
 from .wire import BINARY_MIN, FrameReader, WireError
 
-__all__ = ["CALL", "CALL_NAMED", "OUTPUTS", "DTYPES", "MAX_INPUTS", "MAX_MODULE", "call_head", "input_entry",
-           "names_entry", "read_call", "output_buffers", "read_outputs"]
+__all__ = ["CALL", "CALL_NAMED", "OUTPUTS", "DTYPES", "MAX_INPUTS", "MAX_MODULE", "MAX_NDIM", "call_head",
+           "input_entry", "view_entry", "names_entry", "read_call", "output_buffers", "read_outputs"]
 
 CALL = BINARY_MIN + 0xCA11
 CALL_NAMED = BINARY_MIN + 0xCA12
@@ -43,7 +46,8 @@ OUTPUTS = BINARY_MIN + 0x0A75
 MAX_INPUTS = 4096
 MAX_MODULE = 0xFFFF  # bytes of a module name (u16)
 MAX_NDIM = 64
-HELD, INLINE = 0, 1
+HELD, INLINE, VIEW = 0, 1, 2
+_RANK = struct.Struct("<B")
 _CALL_REST = struct.Struct("<IqqHH")  # a frame's fields after its magic
 _CALL = struct.Struct("<I" + _CALL_REST.format[1:])
 _INPUT = struct.Struct("<B16sQ")
@@ -66,6 +70,11 @@ def call_head(handle: int, index: int, call: int, module: bytes, n_inputs: int, 
     return _CALL.pack(CALL_NAMED if named else CALL, handle, index, call, len(module), n_inputs) + module
 
 
+def view_entry(key: bytes, offset: int, stride: tuple[int, ...]) -> bytes:
+    """An input that is a strided view of the tensor the worker holds under ``key`` (its shape: the plan's)."""
+    return _INPUT.pack(VIEW, key, offset) + _RANK.pack(len(stride)) + _DIMS[len(stride)].pack(*stride)
+
+
 def names_entry(names: list[bytes]) -> bytes:
     """The names (16 bytes each) a ``CALL_NAMED`` frame gives its outputs, after its inputs."""
     return _COUNT.pack(len(names)) + b"".join(names)
@@ -78,7 +87,8 @@ def input_entry(held: bool, key: bytes, nbytes: int) -> bytes:
 
 def read_call(reader: FrameReader, magic: int, max_payload: int | None, plans: list) -> dict:
     """A call frame (after its magic): ``{"kind": "call", "plan", "index", "call", "module", "inputs"}``, each
-    input ``(key bytes, tensor or None when held)``; an inline payload lands in a tensor of the layout its
+    input ``(key bytes, tensor or None when held, or (offset, strides) for a view of a held tensor)``; an
+    inline payload lands in a tensor of the layout its
     plan (``plans[handle].layout``: ``(dtype, shape, numel, nbytes)`` per input) gives it. ``"error"`` and
     ``"message"`` say why a call is not runnable (unknown handle, over the payload cap, malformed). A
     ``CALL_NAMED`` frame adds ``"names"``: the output names, as hex keys."""
@@ -105,6 +115,15 @@ def read_call(reader: FrameReader, magic: int, max_payload: int | None, plans: l
             if nbytes:
                 _refuse(header, "malformed", "call: a held input carries no payload")
             inputs.append((key, None))
+            continue
+        if kind == VIEW:
+            (rank,) = reader.unpack(_RANK)
+            raw = bytes(reader.take(8 * rank))  # read before judging it: the channel stays in step
+            if rank > MAX_NDIM or layout is None or i >= len(layout) or rank != len(layout[i][1]):
+                _refuse(header, "malformed", f"call: a view input of rank {rank} for input {i}")
+                inputs.append((key, None))
+            else:
+                inputs.append((key, (nbytes, _DIMS[rank].unpack(raw))))
             continue
         if kind != INLINE:
             raise WireError(f"call: input kind {kind} is unknown")

@@ -30,7 +30,7 @@ from rpyc.core.async_ import AsyncResultTimeout
 from tapml.core import HashMemo, OpCall, OpFailed, Status, UnitCall, byte_view
 from tapml.platforms import Capabilities, PlatformError, Support, Target, Unsupported
 
-from .calls import MAX_INPUTS, MAX_MODULE, call_head, input_entry, names_entry, read_outputs
+from .calls import MAX_INPUTS, MAX_MODULE, MAX_NDIM, call_head, input_entry, names_entry, read_outputs, view_entry
 from .spawn import SpawnedWorker, spawn_worker
 from .wire import FrameReader, WireError, frame_buffers, send_buffers, tensor_buffers
 
@@ -329,8 +329,9 @@ class RemoteTarget(Target):
     def _call_frame(self, handle: int, op: OpCall, inputs: list[torch.Tensor], buffers: list,
                     sending: dict[str, int], named: Named | None = None, names: list[str] | None = None) -> bool:
         """A binary call frame into ``buffers``: each input by key when the worker holds it (or by the name
-        of a pending output, ``named``), else inline; ``names`` for its outputs. False when an input is not a
-        whole tensor (a view travels as its base: the JSON frames say how)."""
+        of a pending output, ``named``), a view of a held tensor by its key and geometry, else inline;
+        ``names`` for its outputs. False when an input is a view of memory the worker lacks (the JSON frames
+        send the window or its base)."""
         module = op.module.encode()
         if len(inputs) > MAX_INPUTS or len(module) > MAX_MODULE:
             return False
@@ -338,10 +339,16 @@ class RemoteTarget(Target):
         reused = 0
         for t in inputs:  # not detached: the memo needs the caller's version counter
             nbytes = t.numel() * t.element_size()
-            if (t.is_conj() or t.is_neg() or not t.is_contiguous() or t.storage_offset()
-                    or (nbytes and t.untyped_storage().nbytes() != nbytes)):
+            if t.is_conj() or t.is_neg():
                 return False
             name = named(t) if named is not None else None
+            if (not t.is_contiguous() or t.storage_offset()
+                    or (nbytes and t.untyped_storage().nbytes() != nbytes)):
+                entry = self._view_entry(t, name)
+                if entry is None:
+                    return False
+                buffers.append(entry)
+                continue
             if name is not None:
                 buffers.append(input_entry(True, bytes.fromhex(name), 0))
                 continue
@@ -366,6 +373,26 @@ class RemoteTarget(Target):
             buffers.append(names_entry([bytes.fromhex(n) for n in names]))
         self._stats["bytes_reused"] += reused
         return True
+
+    def _view_entry(self, t: torch.Tensor, name: str | None) -> bytes | None:
+        """``t`` as a view of a tensor the worker holds (a pending output ``name``, else the storage it views
+        when the worker holds that by key), or None."""
+        if t.dim() > MAX_NDIM or not t.numel():
+            return None
+        if name is None:
+            numel = t.untyped_storage().nbytes() // t.element_size()
+            base = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (numel,), (1,))
+            name = self._memo.peek(t, base)
+            if name is None or name not in self._known:
+                return None
+        try:
+            digest = bytes.fromhex(name)
+        except ValueError:
+            return None
+        if len(digest) != 16:
+            return None
+        self._stats["bytes_reused"] += t.numel() * t.element_size()
+        return view_entry(digest, t.storage_offset(), t.stride())
 
     def _exchange(self, header: dict | None, op: OpCall | None, buffers: list, sending: dict[str, int]
                   ) -> tuple[list[torch.Tensor], dict]:

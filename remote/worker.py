@@ -391,7 +391,16 @@ class _Session:
         inputs, missing = [], []
         for (digest, t), (dtype, shape, numel, _) in zip(header["inputs"], plan.layout, strict=True):
             key = digest.hex()
-            if t is not None:  # inline: read into its planned layout
+            if isinstance(t, tuple):  # a view of a held tensor
+                base = self.cache.get(key)
+                if base is None:
+                    missing.append(key)
+                    continue
+                t = _window(base, shape, t[1], t[0]) if base.dtype == dtype else None
+                if t is None:
+                    return {"ok": False, "error": "malformed", "message": f"input {key}: not a view of a held "
+                            f"{dtype} tensor in its bounds"}
+            elif t is not None:  # inline: read into its planned layout
                 self.cache.put(key, t)
             else:
                 t = self.cache.get(key)
@@ -423,8 +432,11 @@ class _Session:
                 missing.append(key)
                 continue
             try:
-                if isinstance(ref, dict):  # a view into a tensor the worker holds (as_strided checks the bounds)
-                    inputs.append(t.reshape(-1).as_strided(ref["shape"], ref["stride"], ref["offset"]))
+                if isinstance(ref, dict):  # a view into a tensor the worker holds
+                    view = _window(t, tuple(ref["shape"]), tuple(ref["stride"]), ref["offset"])
+                    if view is None:
+                        raise ValueError(f"a view {ref['shape']} {ref['stride']} +{ref['offset']} outside it")
+                    inputs.append(view)
                 else:
                     inputs.append(t if t.shape == spec.shape else t.reshape(spec.shape))
             except (RuntimeError, ValueError, TypeError, OverflowError) as e:
@@ -536,6 +548,19 @@ class _Session:
                 self.sock.close()
             except OSError:
                 pass
+
+
+def _window(base: torch.Tensor, shape: tuple, stride: tuple, offset: int) -> torch.Tensor | None:
+    """A strided view into held ``base`` (offset and strides in its elements, from its first), or None when
+    it would reach outside ``base``: a client sees only what it sent or was sent."""
+    if len(shape) != len(stride) or offset < 0 or any(s < 0 for s in stride) or any(n < 0 for n in shape):
+        return None
+    if any(n == 0 for n in shape):
+        return base.reshape(-1)[:0].as_strided(shape, stride, base.storage_offset())
+    last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    if last >= base.numel() or not base.is_contiguous():
+        return None
+    return base.as_strided(shape, stride, base.storage_offset() + offset)
 
 
 def _reply(**fields) -> str:

@@ -19,6 +19,7 @@ from tapml.remote.calls import (
     input_entry,
     output_buffers,
     read_outputs,
+    view_entry,
 )
 from tapml.remote.wire import FrameReader, WireError, recv_frame, send_buffers
 
@@ -211,7 +212,7 @@ def test_runs_in_flight_take_earlier_outputs_by_name(worker, binary_answers):
         ((s,), e1, _), ((doubled,), e2, _), ((cut,), e3, _), last = answers
         assert e1 is None and e2 is None and e3 is None and last == (None, None, 0.0)
         assert torch.equal(s, a + b) and torch.equal(doubled, s + a) and torch.equal(cut, s.reshape(-1)[2:6])
-        assert target.in_flight == 0 and binary_answers[-2:] == [1, 1]  # the view's answer came by JSON frames
+        assert target.in_flight == 0 and binary_answers == [1] * 5  # the view too: a view of a held tensor
         (out,) = target.execute(CLONE, [torch.zeros(4)])  # one at a time again, once nothing is in flight
         assert torch.equal(out, torch.zeros(4))
 
@@ -226,4 +227,27 @@ def test_too_many_output_names_are_refused_in_step(worker):
         send_buffers(target._data, [head, input_entry(True, content_digest(x), 0), names])
         assert "output names" in _reply(target._data)["message"]
         (out,) = target.execute(CLONE, [x])  # the channel is still in step
+        assert torch.equal(out, x)
+
+
+def test_a_view_of_a_held_tensor_travels_as_its_key_and_geometry(worker, binary_answers):
+    with RemoteTarget(worker.address, token=worker.token) as target:
+        base = torch.randn(3, 2)
+        target.execute(ADD, [base.t(), torch.ones(2, 3)])  # by JSON frames: the worker now holds base
+        (out,) = target.execute(ADD, [base.t(), torch.zeros(2, 3)])
+        assert torch.equal(out, base.t()) and binary_answers == [1]  # one binary frame: nothing resent
+        sent = target.stats["bytes_sent"]
+        (out,) = target.execute(CLONE, [base.reshape(-1)[1:5]])
+        assert torch.equal(out, base.reshape(-1)[1:5]) and target.stats["bytes_sent"] == sent + 0
+
+
+def test_a_view_reaching_outside_its_held_tensor_is_refused_in_step(worker):
+    with RemoteTarget(worker.address, token=worker.token) as target:
+        x = torch.randn(4)
+        target.execute(CLONE, [x])
+        handle = target._handles[CLONE.signature]
+        for offset, stride in ((1, (1,)), (0, (2,)), (2**62, (1,)), (0, (-1,))):
+            send_buffers(target._data, [call_head(handle, 0, 0, b"", 1), view_entry(content_digest(x), offset, stride)])
+            assert "in its bounds" in _reply(target._data)["message"]
+        (out,) = target.execute(CLONE, [x])
         assert torch.equal(out, x)
