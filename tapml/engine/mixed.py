@@ -1,6 +1,9 @@
 """Mixed execution: the model runs eagerly on the reference while the ops a step
 selects run on the target, and their outputs flow on into the rest of the model.
 
+A target across a socket gets the selected ops without waiting for each answer (``inflight``: their
+outputs are placeholders until the answers are read); everything below holds for both ways.
+
 Carved ops are matched to the live run by dispatch order (the ``seq`` the
 tracer recorded) and checked by overload and input shapes; if the live run
 takes another path (data-dependent control flow reacting to the target's
@@ -37,7 +40,7 @@ class MixedResult:
     status: Status  # offloaded, fell back, unsupported, crashed, timeout
     reason: str | None = None
     propagated: Metrics | None = None
-    target_ms: float | None = None
+    target_ms: float | None = None  # one run at a time: its round trip; pipelined: the worker's kernel time
 
 
 def _reference(func, args, kwargs):
