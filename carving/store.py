@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from xxhash import xxh3_128_hexdigest
 
-from tapml.core import HashMemo, OpCall, iter_specs
+from tapml.core import HashMemo, OpCall, iter_specs, mark_content
 
 from .atomic import AtomicDir, OutputError
 from .graph import Graph
@@ -384,6 +384,10 @@ class FixtureStore:
                     f"{shard} is truncated or altered (size {shard.stat().st_size}, expected {meta['bytes']})"
                 )
         self._handles: dict[str, Any] = {}
+        # read-only uses, per open shard (dropped with its handle: no memory beyond what the open shards
+        # hold), and each op's parsed output refs: a per-op offload reads every offloaded op's outputs
+        self._views: dict[str, dict[TensorRef, torch.Tensor]] = {}
+        self._output_refs: dict[int, list[TensorRef]] = {}
         self._calls: dict[int, OpCall] = {}
         self._verified: set[str] = set()
         self._graph: Graph | None = None
@@ -433,7 +437,9 @@ class FixtureStore:
                 handle = safetensors.safe_open(str(self._shard_path(shard)), "pt")
             self._handles[shard] = handle  # the most recently read last; the oldest is closed past OPEN_SHARDS
             if len(self._handles) > OPEN_SHARDS:
-                del self._handles[next(iter(self._handles))]
+                oldest = next(iter(self._handles))
+                del self._handles[oldest]
+                self._views.pop(oldest, None)
             if "offset" in meta:
                 start = meta["offset"]
                 raw = handle.get_slice(_PACKED)[start:start + meta["nbytes"]].clone()  # own, aligned memory
@@ -460,7 +466,15 @@ class FixtureStore:
         where no copy is needed to lay it out — for comparisons, never to be written)."""
         if isinstance(ref, dict):
             ref = TensorRef.from_json(ref)
-        return materialize(self.flat(ref.key), ref, copy=not read_only)
+        if not read_only:
+            return materialize(self.flat(ref.key), ref)
+        meta = self.tensors.get(ref.key)
+        views = self._views.get(meta["shard"]) if meta is not None else None
+        hit = views.get(ref) if views is not None else None
+        if hit is None:  # marked: a comparison caches what it learns of it per content (carved.py)
+            hit = mark_content(materialize(self.flat(ref.key), ref, copy=False), ref)
+            self._views.setdefault(meta["shard"], {})[ref] = hit  # after flat(): the shard is open
+        return hit
 
     def op_call(self, index: int) -> OpCall:
         """Carved op ``index`` as a platform sees it."""
@@ -492,7 +506,10 @@ class FixtureStore:
 
     def outputs(self, index: int, *, read_only: bool = False) -> list[torch.Tensor]:
         """The recorded outputs of op ``index`` (``read_only``: see ``load``; what a comparison reads)."""
-        return [self.load(ref, read_only=read_only) for ref in iter_specs(self.ops[index]["outputs"])]
+        refs = self._output_refs.get(index)
+        if refs is None:
+            refs = self._output_refs[index] = [TensorRef.from_json(r) for r in iter_specs(self.ops[index]["outputs"])]
+        return [self.load(ref, read_only=read_only) for ref in refs]
 
     def iter_problems(self) -> Iterator[str]:
         """Re-hash every stored tensor; yield one line per mismatch."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
+import pytest
 import torch
 
 from tapml.core import OpCall
@@ -114,3 +116,108 @@ def test_float64_results_of_a_gather_and_magnitudes_match_the_widened_computatio
     x = torch.randn(5, dtype=torch.float64)
     assert torch.equal(_widened_abs(x), x.abs()) and (x < 0).any()  # the input itself left as it was
     assert torch.equal(_widened_abs(x.float()), x.float().double().abs())
+
+
+def _cases():
+    """Pairs the cheap tier decides and pairs it must hand to the torch path: every dtype it reads,
+    NaN/Inf on either side, in and out of tolerance, empty, 0-d, broadcast and transposed views."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        w = torch.randn(6, 7, generator=g).to(dtype)
+        up = torch.nextafter(w, torch.full_like(w, math.inf))
+        yield w.clone(), w  # exact
+        yield torch.where(torch.arange(42).reshape(6, 7) % 3 == 0, up, w), w  # one ULP: within float32's
+        yield w + 1e-2, w  # out of tolerance
+        yield (w.double() + 1.5e-5).to(dtype), w  # just past atol + rtol·|w| (float32)
+        yield (w * (1 + 2e-7)).to(dtype), w
+        nan = w.clone()
+        nan[1, 2] = math.nan
+        yield nan, w  # a NaN on the target's side only
+        yield nan.clone(), nan  # on both
+        inf = w.clone()
+        inf[0, 0] = math.inf
+        yield inf, w
+        yield inf.clone(), inf
+        yield w.clone(), inf
+        yield w[:0].clone(), w[:0]
+        yield torch.tensor(1.5, dtype=dtype), torch.tensor(1.5 + 2**-10, dtype=dtype)
+        yield w.t().clone(), w.t()  # a transposed (non-contiguous) view
+        yield torch.ones(1, 7, dtype=dtype).expand(6, 7).clone(), torch.ones(1, 7, dtype=dtype).expand(6, 7)
+    big = torch.tensor([1e308, -1e308], dtype=torch.float64)
+    yield -big, big  # differences that overflow float64
+    yield torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4])
+    yield torch.tensor([True, False]), torch.tensor([True, False])
+    yield torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 2.0])  # a dtype problem
+
+
+@pytest.mark.parametrize("rtol", [0.0, 1.3e-6])
+@pytest.mark.parametrize("full", [False, True])
+def test_the_numpy_tier_reports_exactly_what_the_torch_path_reports(monkeypatch, full, rtol):
+    compare_module = importlib.import_module("tapml.judging.compare")
+    tol = Tolerance(atol=1e-5, rtol=rtol, origin="test")
+    fast = [compare(g, w, tol, full=full) for g, w in _cases()]
+    monkeypatch.setattr(compare_module, "arrays", lambda got, want: None)  # the torch path alone
+    slow = [compare(g, w, tol, full=full) for g, w in _cases()]
+    assert len(fast) > 50 and sum(m.ok for m in fast) > 10 and sum(not m.ok for m in fast) > 10
+    assert [repr(m) for m in fast] == [repr(m) for m in slow]
+
+
+def test_a_content_mark_names_one_tensor_object_until_it_is_written():
+    import gc
+
+    from tapml.core import content_mark, keys, mark_content
+
+    t = torch.ones(3)
+    assert mark_content(t, "k") is t and content_mark(t) == "k"
+    assert content_mark(t.view(3)) is None and content_mark(t.clone()) is None  # other objects: no mark
+    t.add_(1)  # an in-place write voids it
+    assert content_mark(t) is None
+    u = mark_content(torch.zeros(2), "u")
+    ident = id(u)
+    assert ident in keys._MARKS
+    del u
+    gc.collect()
+    assert ident not in keys._MARKS  # forgotten with the tensor
+    with torch.inference_mode():
+        i = torch.ones(2)
+    assert content_mark(mark_content(i, "i")) is None  # no version counter to guard it: not marked
+
+
+def test_nonfinite_counts_are_cached_per_content_mark_and_bounded(monkeypatch):
+    from tapml.judging import carved
+
+    carved.clear()
+    finite, nan = torch.ones(4), torch.tensor([1.0, math.nan, math.inf, math.inf])
+    assert carved.nonfinite_counts(nan) == (1, 2) and carved.nonfinite_counts(finite) == (0, 0)
+    assert carved.nonfinite_counts(nan, None, "a") == (1, 2)
+    # a mark names one content for good: the second read of mark "a" is not recounted
+    assert carved.nonfinite_counts(finite, None, "a") == (1, 2)
+    assert carved.nonfinite_counts(torch.tensor([1, 2]), None, "ints") == (0, 0)  # integers: none, not cached
+    assert "ints" not in carved._COUNTS
+    monkeypatch.setattr(carved, "LIMIT", 2)
+    carved.nonfinite_counts(finite, finite.numpy(), "b")
+    carved.nonfinite_counts(finite, finite.numpy(), "c")  # past the limit: the oldest ("a") goes
+    assert list(carved._COUNTS) == ["b", "c"]
+    carved.clear()
+
+
+def test_judging_a_carved_output_reads_its_counts_from_the_cache(tmp_path):
+    """The mixed run's call: the carved output's NaN/Inf counts are computed on the first read of its
+    content, then read from the cache; the verdict and the numbers do not change."""
+    from tapml.carving import FixtureStore, carve
+    from tapml.judging import carved
+
+    model = torch.nn.Linear(8, 8).eval()
+    x = torch.randn(2, 8)
+    carve(model, lambda: model(x), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    index = next(op["index"] for op in store.ops if op["op"] == "aten.addmm.default")
+    op, want = store.op_call(index), store.outputs(index, read_only=True)
+    carved.clear()
+    first = Judge().judge(op, [w.clone() for w in want], want, oracle=False)
+    assert first.ok and first.exact and list(carved._COUNTS) == [store._output_refs[index][0]]
+    carved._COUNTS[store._output_refs[index][0]] = (0, 3)  # what a cached read would say, made visible
+    second = Judge().judge(op, [w.clone() for w in want], store.outputs(index, read_only=True), oracle=False)
+    assert second.inf == [3, 3]
+    carved.clear()
+    assert Judge().judge(op, [w.clone() for w in want], want, oracle=False) == first

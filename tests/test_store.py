@@ -184,3 +184,27 @@ def test_in_place_writes_after_truncation_leave_the_stored_bytes_alone(tmp_path)
     store = FixtureStore(tmp_path / "s")
     store.verify()
     assert store.manifest["truncated"] and replay(store).ok
+
+
+def test_read_only_uses_are_kept_per_open_shard_and_marked_with_their_content(tmp_path):
+    """A comparison's reads: one tensor object per use while its shard is open (no memory beyond the open
+    shards'), marked with its ref so what a comparison learns of it is cached per content."""
+    from tapml.carving import store as store_module
+    from tapml.core import content_mark
+
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)]).eval()
+    x = torch.randn(4, 256)
+    carve(model, lambda: model(x), tmp_path / "s", shard_bytes=256 * 1024)
+    store = FixtureStore(tmp_path / "s")
+    ops = [op["index"] for op in store.ops if op["op"] == "aten.addmm.default"]
+    first = store.outputs(ops[0], read_only=True)
+    assert store.outputs(ops[0], read_only=True)[0] is first[0]
+    ref = store._output_refs[ops[0]][0]
+    assert content_mark(first[0]) == ref and ref.key == store.ops[ops[0]]["outputs"]["tensor"]["key"]
+    copy = store.outputs(ops[0])[0]
+    assert copy is not first[0] and content_mark(copy) is None and torch.equal(copy, first[0])
+    for i in ops[1:]:  # more shards than OPEN_SHARDS: the first op's shard closes, its uses go with it
+        store.outputs(i, read_only=True)
+    assert len(store._views) <= store_module.OPEN_SHARDS and set(store._views) <= set(store._handles)
+    again = store.outputs(ops[0], read_only=True)[0]
+    assert again is not first[0] and torch.equal(again, first[0]) and content_mark(again) == ref

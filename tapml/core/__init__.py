@@ -8,7 +8,7 @@ and the error and status roots. It imports nothing else of tapml.
 
 from .errors import CheckFailed, OpFailed, OpRefused, TapmlError
 from .imports import import_object
-from .keys import HashMemo, byte_view, content_digest, content_key
+from .keys import HashMemo, byte_view, content_digest, content_key, content_mark, mark_content
 from .opcall import OpCall, bind_args, flatten_outputs, place_device
 from .ops import (
     ALLOWED_NAMESPACES,
@@ -72,11 +72,13 @@ __all__ = [
     "check_value",
     "content_digest",
     "content_key",
+    "content_mark",
     "decode_value",
     "dtype_from_name",
     "dtype_name",
     "encode",
     "flatten_outputs",
+    "mark_content",
     "place_device",
     "from_json",
     "import_object",

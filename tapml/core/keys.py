@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Hashable
 
 import torch
 import xxhash
 
 from .tensors import dtype_name
 
-__all__ = ["content_key", "content_digest", "byte_view", "HashMemo"]
+__all__ = ["content_key", "content_digest", "byte_view", "HashMemo", "mark_content", "content_mark"]
 
 _PREFIXES: dict[torch.dtype, xxhash.xxh3_128] = {}  # the hash state after each dtype's name: copied, not redone
 
@@ -108,3 +109,40 @@ class HashMemo:
             return
         if t.numel():  # contiguous: its flattening starts at the same address with the same count
             self._seen[(t.data_ptr(), t.numel(), t.dtype)] = (weakref.ref(t.untyped_storage()), version, key)
+
+
+_MARKS: dict[int, tuple[weakref.ref, int, Hashable]] = {}  # id(tensor) -> (the tensor, its version, its mark)
+
+
+def mark_content(t: torch.Tensor, mark: Hashable) -> torch.Tensor:
+    """Say that ``t`` holds exactly the content ``mark`` names (a store's content key and layout), for as
+    long as this Python object lives unmodified; returns ``t``.
+
+    Why: what is computed from a carved tensor's values (is it all finite? how many NaNs?) holds for
+    every read of the same content, so a comparison can remember it per mark instead of per read. The
+    tensor object is not touched (no attribute that pickling or copying would carry); an in-place write
+    bumps the version and voids the mark."""
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors carry no version counter: not marked
+        return t
+    ident = id(t)
+    _MARKS[ident] = (weakref.ref(t, lambda _, ident=ident: _forget(ident)), version, mark)
+    return t
+
+
+def content_mark(t: torch.Tensor) -> Hashable | None:
+    """The mark ``mark_content`` gave this very tensor, while it is unmodified; None otherwise."""
+    hit = _MARKS.get(id(t))
+    if hit is None or hit[0]() is not t:
+        return None
+    try:
+        return hit[2] if t._version == hit[1] else None
+    except RuntimeError:
+        return None
+
+
+def _forget(ident: int) -> None:
+    hit = _MARKS.get(ident)
+    if hit is not None and hit[0]() is None:  # not a newer object's entry under a reused id
+        del _MARKS[ident]

@@ -122,8 +122,21 @@ class Judge:
     table: ToleranceTable = field(default_factory=ToleranceTable)
     compute_dtype: str | None = None  # the dtype the target computes floats in, if not their own
     rule: str = "bound"
+    _tolerances: dict = field(default_factory=dict, repr=False, compare=False)
 
     def tolerance(self, op: OpCall) -> Tolerance:
+        """The op's tolerance, memoized per op object (a store hands out one per carved op; the table and
+        the compute dtype are set before judging starts)."""
+        hit = self._tolerances.get(id(op))
+        if hit is not None and hit[0] is op:
+            return hit[1]
+        if len(self._tolerances) >= 1 << 14:
+            self._tolerances.clear()
+        tol = self._tolerance(op)
+        self._tolerances[id(op)] = (op, tol)
+        return tol
+
+    def _tolerance(self, op: OpCall) -> Tolerance:
         specs = op.output_specs
         dtype = next((s.dtype for s in specs if s.dtype.startswith(("float", "bfloat"))), None)
         if dtype is not None and self.compute_dtype:
