@@ -31,13 +31,15 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# Every figure of the README's Figures section (carve: ~1 min; scale: ~15 min, most of it the 1.1B model)
+# Every figure of the README's Figures section (~8 min on 2 cores, most of it the 1.1B model in scale.py)
 bench: setup
 	$(BIN)/python benchmarks/carve.py
 	$(BIN)/python benchmarks/carve.py --threads 1
 	$(BIN)/python benchmarks/scale.py --offload
 	$(BIN)/python benchmarks/transport.py
 	$(BIN)/python benchmarks/offload.py
+	$(BIN)/python benchmarks/offload.py --skip-tvm --threads 1
+	$(BIN)/python benchmarks/compare.py --threads 1
 
 bench-carve: setup
 	$(BIN)/python benchmarks/carve.py --threads 1
