@@ -221,3 +221,53 @@ def test_judging_a_carved_output_reads_its_counts_from_the_cache(tmp_path):
     assert second.inf == [3, 3]
     carved.clear()
     assert Judge().judge(op, [w.clone() for w in want], want, oracle=False) == first
+
+
+def _call(name: str, tensors: list, *rest, out_shape=None) -> tuple[OpCall, list]:
+    """An OpCall of ``name`` on ``tensors`` (then ``rest``, plain values), as a store would record it."""
+    from tapml.core.values import encode
+
+    def spec(t: torch.Tensor) -> dict:
+        return {"dtype": str(t.dtype)[6:], "shape": list(t.shape), "stride": list(t.stride())}
+
+    args = encode([*tensors, *rest], lambda t: spec(t) if t is not None else None)
+    out = getattr(torch.ops.aten, name.split(".")[1]).default(*tensors, *rest)
+    return OpCall(op=name, args=args, kwargs={"dict": {}}, outputs={"tensor": spec(out)}), tensors
+
+
+def test_a_big_weight_is_widened_a_column_block_at_a_time(monkeypatch):
+    """The float64 exact result and |A|·|B| of a contraction whose widened weight exceeds the block size are
+    computed in column blocks: the same shapes, values equal to the whole call's to float64 rounding, the same
+    on every run; below the block size the result is bit-for-bit the whole call's."""
+    import tapml.judging.blocked as blocked
+    import tapml.judging.bounds as bounds
+    import tapml.judging.judge as judge
+    from tapml.judging import fp64_outputs
+
+    g = torch.Generator().manual_seed(0)
+    bf = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16)  # noqa: E731
+    w = bf(700, 64)  # a weight laid out as lm_head's: [N, K], used transposed
+    cases = [_call("aten.mm.default", [bf(3, 64), w.t()]), _call("aten.addmm.default", [bf(700), bf(3, 64), w.t()]),
+             _call("aten.addmm.default", [bf(3, 700), bf(3, 64), w.t()]),
+             _call("aten.bmm.default", [bf(1, 3, 64), bf(1, 64, 700)]),
+             _call("aten.baddbmm.default", [bf(1, 3, 700), bf(1, 3, 64), bf(1, 64, 700)]),
+             _call("aten.linear.default", [bf(2, 3, 64), w, bf(700)]), _call("aten.linear.default", [bf(3, 64), w]),
+             _call("aten.matmul.default", [bf(2, 3, 64), w.t()]), _call("aten.matmul.default", [bf(64), w.t()])]
+    whole = [(fp64_outputs(op, x)[0], bounds._magnitude(op, x)[0]) for op, x in cases]
+    for (op, x), (exact, mag) in zip(cases, whole, strict=True):  # unsplit: exactly one widened call
+        assert torch.equal(exact, op.func(*[t.double() for t in x])), op.op
+        assert torch.equal(mag, op.func(*[t.double().abs() for t in x])), op.op
+    calls = []
+    for module, name in ((judge, "_widen"), (bounds, "_widened_abs")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda v, *a, real=real: (calls.append(1) if isinstance(v, list) else None,
+                                                                    real(v, *a))[1])
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", 64 * 8 * 100)  # 100 columns of 64 float64 values: 7 blocks
+    for (op, x), (exact, mag) in zip(cases, whole, strict=True):
+        calls.clear()
+        e, m = fp64_outputs(op, x)[0], bounds._magnitude(op, x)[0]
+        assert len(calls) == 14, op.op  # 7 blocks, each widened on its own, for each of the two
+        assert e.dtype == m.dtype == torch.float64 and e.shape == exact.shape and m.shape == mag.shape
+        torch.testing.assert_close(e, exact, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(m, mag, rtol=1e-13, atol=1e-13)
+        assert torch.equal(e, fp64_outputs(op, x)[0]) and torch.equal(m, bounds._magnitude(op, x)[0])

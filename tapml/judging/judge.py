@@ -29,6 +29,7 @@ import torch
 from tapml.core import OpCall, bind_args, flatten_outputs
 from tapml.record import BoundCheck, DeadOutput, Metrics, Oracle
 
+from .blocked import call_widened
 from .bounds import op_bounds, op_class, unit_roundoff
 from .compare import as_real, compare, has_nonfinite, output_label, rmse, saturated
 from .tolerance import Tolerance, ToleranceTable
@@ -66,7 +67,7 @@ def fp64_outputs(op: OpCall, inputs: list[torch.Tensor], rounded: torch.dtype | 
         with torch.no_grad():
             if op.op.split(".")[1] in _GATHERS:  # exact in any dtype: widen the rows taken, not the whole table
                 return [_widen(t, rounded) for t in flatten_outputs(op.func(*args, **kwargs))]
-            return flatten_outputs(op.func(*_widen(args, rounded), **_widen(kwargs, rounded)))
+            return flatten_outputs(call_widened(op, args, kwargs, lambda v: _widen(v, rounded)))
     except Exception:
         return None
 
@@ -84,7 +85,7 @@ def _like_tf32(op: OpCall, inputs: list[torch.Tensor], got: torch.Tensor, exact:
     the target's: a dropped term or a wrong scale can fit TF32's looser bound, but not this."""
     d_exact = rmse(got, exact)
     for truncate in (False, True):
-        emulated = fp64_outputs(op, [_tf32(t, truncate).double() if t.dtype == torch.float32 else t for t in inputs])
+        emulated = fp64_outputs(op, [_tf32(t, truncate) if t.dtype == torch.float32 else t for t in inputs])
         if emulated is not None and output < len(emulated) and emulated[output].shape == got.shape \
                 and rmse(got, emulated[output]) < 0.25 * d_exact:
             return True
@@ -105,7 +106,7 @@ def consistent_with(op: OpCall, inputs: list[torch.Tensor], got: torch.Tensor, e
     if not d_exact or not math.isfinite(d_exact):
         return None
     for name, rounding in _PRECISIONS:
-        rounded = [rounding(t).double() if t.dtype in _FLOATS else t for t in inputs]
+        rounded = [rounding(t) if t.dtype in _FLOATS else t for t in inputs]  # widened by fp64_outputs, blocked
         emulated = fp64_outputs(op, rounded)
         if emulated is None or output >= len(emulated) or emulated[output].shape != got.shape:
             continue
