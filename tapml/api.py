@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -114,7 +115,8 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
     The live reference runs on ``reference_device``. A reused ``store`` is the reference: its outputs
     stand for the model's wherever the live run repeats the carve (a store carved on CUDA judges a run
     here). With ``out``, ``run.json``, ``report.html``, ``model-explorer.json``, the culprit's standalone
-    ``repro/`` and (when carved here) ``store/`` are written there atomically. ``on_event`` gets the
+    ``repro/`` and (when carved here) ``store/`` are written there atomically; without ``out`` a store carved
+    here lies in a temporary folder (``run.store``), removed when the call fails. ``on_event`` gets the
     engine's events, ``on_progress`` the same as ``Progress`` with totals."""
     settings = settings or Settings(platform=platform or "torch-cpu")
     if platform is not None and settings.platform != platform:
@@ -125,7 +127,10 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
     live = _on_reference(workload, device)
     state = ModelState(workload.model, workload.inputs)  # before the carve: each live run starts as it did
     outdir = AtomicDir(out, force=force) if out is not None else None
-    scratch = Path(outdir.tmp if outdir else tempfile.mkdtemp(prefix="tapml-run-"))
+    # without OUT a carve goes to a temporary folder: kept when the run returns (the Run's store), removed on
+    # any failure; a reused store needs no folder at all
+    scratch = Path(outdir.tmp) if outdir else Path(tempfile.mkdtemp(prefix="tapml-run-")) if store is None else None
+    returned = False
     try:
         if store is None:
             opened = carve(workload, out=scratch / "store", generate=generate, model_info=info,
@@ -161,10 +166,13 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
             (outdir.tmp / "report.html").write_text(reports.render_report(run))
             reports.write_model_explorer(run, outdir.tmp / "model-explorer.json")
             outdir.commit()
+        returned = True
         return run
     finally:
         if outdir is not None:
             outdir.abort()
+        elif scratch is not None and not returned:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _write_culprit_repro(run: Run, store: FixtureStore, out: Path) -> None:

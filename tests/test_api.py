@@ -101,3 +101,32 @@ def test_offload_through_the_api_keeps_the_targets_crash_record(minilm_store, mo
     assert run.verdict == "incomplete" and run.ops[gelu].status == "crashed"
     assert run.target_events and run.target_events[0].what == "crashed"
     assert all(s.timing.compile_s is not None for s in run.steps)
+
+
+def test_offload_without_out_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """A reused store needs no folder; a failing carve takes its folder with it; a store carved here stays
+    where ``run.store`` says (the Run's store) and nothing else."""
+    import tempfile
+
+    import torch
+
+    import tapml
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    left = lambda: sorted(p.name for p in (tmp_path / "temp").glob("tapml-run-*"))  # noqa: E731
+
+    class Raises(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("the model's own failure")
+
+    model, inputs = torch.nn.Linear(4, 4).eval(), (torch.randn(2, 4),)
+    settings = tapml.Settings(platform="torch-cpu", in_process=True)
+    store = tapml.carve(model, inputs, tmp_path / "store")
+    assert tapml.offload(model, inputs, settings=settings, store=store).verdict == "ok"
+    assert left() == []
+    with pytest.raises(tapml.TapmlError, match="the model's own failure"):
+        tapml.offload(Raises(), inputs, settings=settings)
+    assert left() == []
+    run = tapml.offload(model, inputs, settings=settings)
+    assert Path(run.store).parent.parent == tmp_path / "temp" and left() == [Path(run.store).parent.name]
