@@ -6,6 +6,12 @@ into a writable one and wrapped as a tensor, and every tensor goes through numpy
 the header is built once and every piece — each tensor's memory, each small tensor's bytes —
 goes to ``os.writev`` as it lies: the kernel's copy into the page cache is the only copy.
 The file is a plain safetensors file: ``safetensors.safe_open`` reads it (and checks it).
+
+Why not ``safe_open`` to read: it maps the file, and every page read through the map stays in the
+reader's RSS while the shard is open (the offload client's largest cost at 1B parameters: the weight
+an op reads, mapped, beside the copy the op gets); and every read of a tensor returns the same mapped
+memory, so a caller that writes into it changes what the next read returns. ``ShardReader`` reads each
+tensor with ``preadv`` into fresh memory: the page cache holds the file, the reader holds one copy.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import weakref
 from pathlib import Path
 
 import torch
 
-__all__ = ["write_shard", "writable"]
+__all__ = ["ShardReader", "write_shard", "writable"]
 
 try:  # safetensors' own names for the dtypes it stores
     from safetensors.torch import _TYPES as _BY_NAME
@@ -27,6 +34,7 @@ except ImportError:  # a safetensors without the table: every shard goes through
     _NAMES = {}
 
 _IOV_MAX = 1024  # buffers per writev call (POSIX minimum, Linux's value)
+_HEADER_MAX = 100 << 20  # safetensors' own limit on the header's size
 
 
 def writable(tensors: dict[str, torch.Tensor]) -> bool:
@@ -78,3 +86,57 @@ def _writev_all(fd: int, buffers: list) -> None:
         views = views[done:]
         if written:
             views[0] = views[0][written:]
+
+
+class ShardReader:
+    """Tensors of one safetensors shard, each read into fresh memory (module docstring: why not a map).
+
+    The header is data: its size and every offset read are checked against the file's size before any
+    read; a problem is a ``ValueError`` naming it."""
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            n = int.from_bytes(_pread(fd, 8, 0), "little") if size >= 8 else -1
+            if not 0 <= n <= min(size - 8, _HEADER_MAX):
+                raise ValueError(f"header size {n} does not fit a file of {size} bytes")
+            header = json.loads(_pread(fd, n, 8))
+            if not isinstance(header, dict):
+                raise ValueError("header is not an object")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._entries, self._start, self._size = fd, header, 8 + n, size
+        self._close = weakref.finalize(self, os.close, fd)
+
+    def read(self, name: str, start: int = 0, nbytes: int | None = None) -> torch.Tensor:
+        """Bytes ``start:start + nbytes`` of tensor ``name`` (all of it by default) as a new uint8 tensor."""
+        entry = self._entries.get(name) if name != "__metadata__" else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"no valid entry for {name[:80]!r}")
+        length = offsets[1] - offsets[0]
+        nbytes = length - start if nbytes is None else nbytes
+        if not (0 <= start and 0 <= nbytes and start + nbytes <= length
+                and self._start + offsets[1] <= self._size):
+            raise ValueError(f"{name[:80]!r} lies outside the file")
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        view, at = memoryview(out.numpy()), self._start + offsets[0] + start
+        while view.nbytes:  # a read may return less than asked (Linux caps one call near 2 GiB)
+            got = os.preadv(self._fd, [view], at)
+            if got <= 0:
+                raise ValueError(f"{name[:80]!r}: the file ended early")
+            view, at = view[got:], at + got
+        return out
+
+    def close(self) -> None:
+        self._close()
+
+
+def _pread(fd: int, n: int, at: int) -> bytes:
+    data = os.pread(fd, n, at)
+    if len(data) != n:
+        raise ValueError("the file ended early")
+    return data

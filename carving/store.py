@@ -16,7 +16,6 @@ import re
 from collections.abc import Iterator
 from ctypes import c_char, string_at
 from pathlib import Path
-from typing import Any
 
 import orjson
 import safetensors
@@ -30,16 +29,18 @@ from .atomic import AtomicDir, OutputError
 from .graph import Graph
 from .layout import TensorRef, _unit_stride, canonical, content_key, dtype_from_name, dtype_name, materialize
 from .manifest import SCHEMA_VERSION, compact, read_manifest
-from .shards import writable, write_shard
+from .shards import ShardReader, writable, write_shard
 
 __all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "FixtureStore", "MANIFEST", "UncarvableTensor"]
 
 MANIFEST = "manifest.json"
 _SHARD_DIR = "tensors"
 _PACKED = "__packed__"  # one uint8 tensor per shard holding the small tensors back to back
-# shards kept open (memory-mapped) for reading: every page read through an open map counts in the reader's
-# RSS until it closes, so a reader that kept every shard open grew by the whole store (3 GB at 1B parameters)
-OPEN_SHARDS = 2
+# shards kept open for reading (a file descriptor and the parsed header each)
+OPEN_SHARDS = 4
+# read-only uses kept for the next read of them (a per-op offload's carved outputs, ~20 MB per MiniLM
+# forward); bounded because they are owned memory: at 1B parameters every use kept would be the store, 3 GB
+VIEW_BYTES = 32 << 20
 _PACK_BELOW = 64 << 10  # per-tensor header and bookkeeping would dominate below this size
 
 
@@ -383,10 +384,11 @@ class FixtureStore:
                 raise StoreError(
                     f"{shard} is truncated or altered (size {shard.stat().st_size}, expected {meta['bytes']})"
                 )
-        self._handles: dict[str, Any] = {}
-        # read-only uses, per open shard (dropped with its handle: no memory beyond what the open shards
-        # hold), and each op's parsed output refs: a per-op offload reads every offloaded op's outputs
-        self._views: dict[str, dict[TensorRef, torch.Tensor]] = {}
+        self._readers: dict[str, ShardReader] = {}
+        # read-only uses (at most VIEW_BYTES of them, the most recently read) and each op's parsed output
+        # refs: a per-op offload reads every offloaded op's outputs on every forward
+        self._views: dict[TensorRef, torch.Tensor] = {}
+        self._view_bytes = 0
         self._output_refs: dict[int, list[TensorRef]] = {}
         self._calls: dict[int, OpCall] = {}
         self._verified: set[str] = set()
@@ -426,32 +428,29 @@ class FixtureStore:
         return self._inside(self.path / _SHARD_DIR / name)
 
     def flat(self, key: str) -> torch.Tensor:
-        """The stored bytes of one tensor, as a flat tensor of its dtype."""
+        """The stored bytes of one tensor, as a flat tensor of its dtype, in fresh memory of its own."""
         meta = self.tensors.get(key)
         if meta is None:
             raise StoreError(f"{self.path / MANIFEST} references unknown tensor {key}")
         shard = meta["shard"]
         try:
-            handle = self._handles.pop(shard, None)
-            if handle is None:
-                handle = safetensors.safe_open(str(self._shard_path(shard)), "pt")
-            self._handles[shard] = handle  # the most recently read last; the oldest is closed past OPEN_SHARDS
-            if len(self._handles) > OPEN_SHARDS:
-                oldest = next(iter(self._handles))
-                del self._handles[oldest]
-                self._views.pop(oldest, None)
+            reader = self._readers.pop(shard, None)
+            if reader is None:
+                reader = ShardReader(self._shard_path(shard))
+            self._readers[shard] = reader  # the most recently read last; the oldest is closed past OPEN_SHARDS
+            if len(self._readers) > OPEN_SHARDS:
+                oldest = next(iter(self._readers))
+                self._readers.pop(oldest).close()
             if "offset" in meta:
-                start = meta["offset"]
-                raw = handle.get_slice(_PACKED)[start:start + meta["nbytes"]].clone()  # own, aligned memory
-                flat = raw.view(dtype_from_name(meta["dtype"])) if meta["nbytes"] else torch.empty(0)
+                raw = reader.read(_PACKED, meta["offset"], meta["nbytes"])
             else:
-                flat = handle.get_tensor(key)
+                raw = reader.read(key)
+            dtype = dtype_from_name(meta["dtype"])
+            flat = raw.view(dtype) if raw.numel() and raw.numel() % dtype.itemsize == 0 else torch.empty(0, dtype=dtype)
         except StoreError:
             raise
-        except Exception as e:  # safetensors raises its own error types
+        except Exception as e:  # a malformed header, an entry outside the file
             raise StoreError(f"{self._shard_path(shard)} is corrupt: {e}") from None
-        if flat.numel() == 0:
-            flat = flat.to(dtype_from_name(meta["dtype"]))
         if flat.dtype != dtype_from_name(meta["dtype"]) or flat.numel() != meta["numel"]:
             raise StoreError(f"{self._shard_path(shard)} holds {key} with the wrong dtype or size")
         if key not in self._verified:  # every tensor is checked against its content key once, when first read
@@ -462,18 +461,23 @@ class FixtureStore:
         return flat
 
     def load(self, ref: dict | TensorRef, *, read_only: bool = False) -> torch.Tensor:
-        """Rebuild one recorded tensor use with its exact layout (``read_only``: the store's own memory
-        where no copy is needed to lay it out — for comparisons, never to be written)."""
+        """Rebuild one recorded tensor use with its exact layout, in memory of its own (``read_only``: the
+        same memory for every read of it while it is among the recently read — for comparisons, never to be
+        written)."""
         if isinstance(ref, dict):
             ref = TensorRef.from_json(ref)
-        if not read_only:
-            return materialize(self.flat(ref.key), ref)
-        meta = self.tensors.get(ref.key)
-        views = self._views.get(meta["shard"]) if meta is not None else None
-        hit = views.get(ref) if views is not None else None
+        if not read_only:  # flat() is fresh memory: laid out in place where the layout allows, not copied again
+            return materialize(self.flat(ref.key), ref, copy=False)
+        hit = self._views.pop(ref, None)
         if hit is None:  # marked: a comparison caches what it learns of it per content (carved.py)
             hit = mark_content(materialize(self.flat(ref.key), ref, copy=False), ref)
-            self._views.setdefault(meta["shard"], {})[ref] = hit  # after flat(): the shard is open
+            size = hit.untyped_storage().nbytes()
+            if size > VIEW_BYTES:  # read again when needed, rather than push out everything else
+                return hit
+            self._view_bytes += size
+        self._views[ref] = hit  # the most recently read last
+        while self._view_bytes > VIEW_BYTES:
+            self._view_bytes -= self._views.pop(next(iter(self._views))).untyped_storage().nbytes()
         return hit
 
     def op_call(self, index: int) -> OpCall:
@@ -510,6 +514,12 @@ class FixtureStore:
         if refs is None:
             refs = self._output_refs[index] = [TensorRef.from_json(r) for r in iter_specs(self.ops[index]["outputs"])]
         return [self.load(ref, read_only=read_only) for ref in refs]
+
+    def op_bytes(self, index: int) -> int:
+        """The stored bytes op ``index`` reads and writes (each distinct tensor once): what replaying it moves."""
+        rec, tensors = self.ops[index], self.tensors
+        keys = {ref["key"] for ref in iter_specs([rec["args"], rec["kwargs"], rec["outputs"]])}
+        return sum(tensors[k]["nbytes"] for k in keys if k in tensors)
 
     def iter_problems(self) -> Iterator[str]:
         """Re-hash every stored tensor; yield one line per mismatch."""

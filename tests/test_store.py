@@ -169,6 +169,66 @@ def test_shards_written_from_tensor_memory_read_back_by_safetensors(tmp_path, mo
     assert not shards.writable({"t": torch.randn(4, 4).t()})  # not contiguous: the save_file path
 
 
+def test_shard_reader_reads_what_either_writer_wrote_into_fresh_memory(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from tapml.carving import shards
+
+    tensors = {"f64": torch.arange(64, dtype=torch.float64), "bf16": torch.randn(7).bfloat16(),
+               "b": torch.tensor([True, False]), "empty": torch.empty(0, dtype=torch.int32)}
+    shards.write_shard(tmp_path / "ours.safetensors", tensors, "__packed__", [b"abc", bytes(range(200))])
+    safetensors.torch.save_file(tensors, str(tmp_path / "theirs.safetensors"))  # stores written by the fallback
+    real = shards.os.preadv
+    monkeypatch.setattr(shards.os, "preadv", lambda fd, bufs, at: real(fd, [bufs[0][:5]], at))  # short reads
+    for name in ("ours", "theirs"):
+        reader = shards.ShardReader(tmp_path / f"{name}.safetensors")
+        for key, t in tensors.items():
+            got = reader.read(key)
+            assert torch.equal(got.view(t.dtype) if got.numel() else got, t.view(torch.uint8).view(t.dtype))
+            got.fill_(7)  # fresh memory: writing into one read leaves the next alone
+            assert torch.equal(reader.read(key).view(t.dtype), t) or not t.numel()
+        reader.close()
+    reader = shards.ShardReader(tmp_path / "ours.safetensors")
+    assert bytes(reader.read("__packed__", 2, 3).tolist()) == b"c\x00\x01"
+    for name, start, n in (("__packed__", 200, 4), ("__packed__", -1, 1), ("nope", 0, None), ("__metadata__", 0, 1)):
+        with pytest.raises(ValueError):
+            reader.read(name, start, n)
+
+
+@pytest.mark.parametrize("header", [b"\xff" * 8, (10**6).to_bytes(8, "little"), (2).to_bytes(8, "little") + b"[]",
+                                    (30).to_bytes(8, "little") + b'{"t":{"data_offsets":[0,999]}}'])
+def test_shard_headers_are_checked_before_any_read(tmp_path, header):
+    from tapml.carving import shards
+
+    (tmp_path / "s").write_bytes(header)
+    try:
+        reader = shards.ShardReader(tmp_path / "s")
+    except ValueError:
+        return
+    with pytest.raises(ValueError, match="outside the file"):
+        reader.read("t")
+
+
+def test_loads_are_fresh_memory_and_no_mapped_pages_stay_behind(tmp_path):
+    def rss_file() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssFile"))
+
+    w = torch.randn(4096, 2048)  # 32 MiB: its own entry in its shard, not packed
+    model = nn.Linear(2048, 4096, bias=False)
+    model.weight.data = w
+    carve(model, lambda: model(torch.randn(2, 2048)), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    index = next(op["index"] for op in store.ops if any(t.numel() == w.numel() for t in store.inputs(op["index"])))
+    expect = lambda t: w if t.shape == w.shape else w.t()  # noqa: E731  the op read the weight or its transpose
+    before = rss_file()
+    big = next(t for t in store.inputs(index) if t.numel() == w.numel())
+    assert torch.equal(big, expect(big)) and rss_file() - before < (8 << 20)  # one copy held, no mapped pages
+    big.fill_(0)
+    again = next(t for t in store.inputs(index) if t.numel() == w.numel())
+    assert torch.equal(again, expect(again)) and again.data_ptr() != big.data_ptr()
+
+
 def test_in_place_writes_after_truncation_leave_the_stored_bytes_alone(tmp_path):
     from tapml.carving import CarveOptions
 
@@ -186,9 +246,9 @@ def test_in_place_writes_after_truncation_leave_the_stored_bytes_alone(tmp_path)
     assert store.manifest["truncated"] and replay(store).ok
 
 
-def test_read_only_uses_are_kept_per_open_shard_and_marked_with_their_content(tmp_path):
-    """A comparison's reads: one tensor object per use while its shard is open (no memory beyond the open
-    shards'), marked with its ref so what a comparison learns of it is cached per content."""
+def test_read_only_uses_are_kept_up_to_a_byte_budget_and_marked_with_their_content(tmp_path, monkeypatch):
+    """A comparison's reads: one tensor object per use while it is among the recently read (no memory beyond
+    VIEW_BYTES), marked with its ref so what a comparison learns of it is cached per content."""
     from tapml.carving import store as store_module
     from tapml.core import content_mark
 
@@ -203,8 +263,11 @@ def test_read_only_uses_are_kept_per_open_shard_and_marked_with_their_content(tm
     assert content_mark(first[0]) == ref and ref.key == store.ops[ops[0]]["outputs"]["tensor"]["key"]
     copy = store.outputs(ops[0])[0]
     assert copy is not first[0] and content_mark(copy) is None and torch.equal(copy, first[0])
-    for i in ops[1:]:  # more shards than OPEN_SHARDS: the first op's shard closes, its uses go with it
+    monkeypatch.setattr(store_module, "VIEW_BYTES", 3 * 4 * 256 * 4)  # three outputs' worth
+    for i in ops[1:]:  # more than the budget holds: the first op's use goes, the latest three stay
         store.outputs(i, read_only=True)
-    assert len(store._views) <= store_module.OPEN_SHARDS and set(store._views) <= set(store._handles)
+    assert list(store._views) == [store._output_refs[i][0] for i in ops[-3:]]
+    assert store._view_bytes == sum(t.untyped_storage().nbytes() for t in store._views.values())
+    assert len(store._readers) <= store_module.OPEN_SHARDS
     again = store.outputs(ops[0], read_only=True)[0]
     assert again is not first[0] and torch.equal(again, first[0]) and content_mark(again) == ref

@@ -22,6 +22,7 @@ from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
 from tapml.record import Candidate, Finding, Metrics, RandomCheck, RandomDraw
 
+from .heap import HeapTrimmer
 from .reference import Reference
 
 __all__ = ["LocalResult", "Localization", "localize", "local_pass", "run_local", "select_ops", "find_culprit",
@@ -121,13 +122,14 @@ def local_pass(store: FixtureStore, target: Target, judge: Judge, *, indices: It
     signature unless ``all_calls``). Returns results by op index."""
     if indices is None:
         indices = select_ops(store, all_calls=all_calls)
-    results = {}
+    results, heap = {}, HeapTrimmer()
     for i in indices:
         if target.lost is not None:  # nothing can run any more: say so instead of trying each op
             rec = store.ops[i]
             results[i] = LocalResult(i, rec["op"], rec["module"], Status.SKIPPED, f"not run: {target.lost}")
         else:
             results[i] = run_local(store, target, judge, i, reference=reference)
+            heap.moved(store.op_bytes(i))
         if on_result is not None:
             on_result(results[i])
     return results

@@ -1,0 +1,43 @@
+"""Giving memory the program freed back to the system between the steps of a long run.
+
+Why: glibc serves allocations below its mmap threshold from the heap, and that threshold rises to the
+size of every large block freed (up to 32 MiB). At scale the isolated pass loads, judges and frees
+tensors of tens of MiB per op; the freed blocks stayed in the client's RSS and piled up (290M
+parameters: +190 MiB of free heap by ``lm_head``'s op, a peak of +377 MiB over the client's start;
+trimmed after each op that moved ``TRIM_AFTER`` bytes: +27 and +156 MiB, 0.2 s for 347 trims).
+``malloc_trim`` hands the free pages back; without glibc this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+__all__ = ["TRIM_AFTER", "HeapTrimmer"]
+
+TRIM_AFTER = 4 << 20  # bytes moved since the last trim: below this, a trim costs more than it returns
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
+        return None
+
+
+class HeapTrimmer:
+    """Count the bytes a run moves; trim the heap once they reach ``TRIM_AFTER``."""
+
+    _trim = None
+    _looked = False
+
+    def __init__(self) -> None:
+        if not HeapTrimmer._looked:
+            HeapTrimmer._trim, HeapTrimmer._looked = _malloc_trim(), True
+        self._moved = 0
+
+    def moved(self, nbytes: int) -> None:
+        self._moved += nbytes
+        if self._moved >= TRIM_AFTER and self._trim is not None:
+            self._trim(0)
+            self._moved = 0
