@@ -20,7 +20,7 @@ from .registry import (
     open_local,
     platform_class,
 )
-from .target import LocalTarget, Target
+from .target import LocalTarget, Target, TargetWrapper
 from .torch_eager import TorchCUDA, TorchCUDATF32, TorchPlatform
 from .wrapped import WrappedPlatform
 
@@ -38,6 +38,7 @@ __all__ = [
     "ReducedPrecision",
     "Support",
     "Target",
+    "TargetWrapper",
     "TorchCUDA",
     "TorchCUDATF32",
     "TorchPlatform",

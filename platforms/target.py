@@ -19,7 +19,7 @@ from tapml.core import OpCall, OpFailed, UnitCall
 
 from .base import Capabilities, KernelTrace, Platform, Support, Unsupported
 
-__all__ = ["Target", "LocalTarget"]
+__all__ = ["Target", "LocalTarget", "TargetWrapper"]
 
 
 def _one_line(e: BaseException) -> str:
@@ -91,6 +91,9 @@ class Target:
 
     # pipelined runs (``pipelines``): a target across a socket takes a run before answering the last
     pipelines: bool = False
+    # the inputs of ``execute`` are read into another process (a socket): this process's tensors are never
+    # written or kept, so the caller may pass memory that must not change (a live model's weight)
+    copies_inputs: bool = False
 
     def send_run(self, op: OpCall, inputs: list[torch.Tensor], named: Callable[[torch.Tensor], str | None]
                  ) -> list[str] | None:
@@ -134,6 +137,79 @@ class Target:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class TargetWrapper(Target):
+    """A target seen through another (quarantine, compile timing): every call and attribute is the wrapped
+    target's unless a subclass changes it. Why explicit: ``Target`` defines defaults as class attributes
+    (``pipelines``, ``send_run``, ...), which ``__getattr__`` alone would never reach — a wrapper that
+    forgot one silently turned the wrapped target's pipelining off."""
+
+    def __init__(self, target: Target):
+        self.target, self.name, self.description = target, target.name, target.description
+
+    def __getattr__(self, name: str) -> Any:  # address, ...: the wrapped target's
+        if name == "target":  # not set yet (unpickling, a failed __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.target, name)
+
+    @property
+    def lost(self) -> str | None:
+        return self.target.lost
+
+    @property
+    def events(self) -> list[dict]:
+        return self.target.events
+
+    @property
+    def stats(self) -> Counter:
+        return self.target.stats
+
+    @property
+    def pipelines(self) -> bool:
+        return self.target.pipelines
+
+    @property
+    def copies_inputs(self) -> bool:
+        return self.target.copies_inputs
+
+    def capabilities(self) -> Capabilities:
+        return self.target.capabilities()
+
+    def prepare(self, op: OpCall) -> Support:
+        return self.target.prepare(op)
+
+    def execute(self, op: OpCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.target.execute(op, inputs)
+
+    def prepare_unit(self, unit: UnitCall) -> Support:
+        return self.target.prepare_unit(unit)
+
+    def execute_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.target.execute_unit(unit, inputs)
+
+    def trace_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> KernelTrace:
+        return self.target.trace_unit(unit, inputs)
+
+    def send_run(self, op: OpCall, inputs: list[torch.Tensor], named: Callable[[torch.Tensor], str | None]
+                 ) -> list[str] | None:
+        return self.target.send_run(op, inputs, named)
+
+    def receive_run(self, into: list | None = None
+                    ) -> tuple[list[torch.Tensor] | None, OpFailed | Unsupported | None, float]:
+        return self.target.receive_run(into)
+
+    def answer_ready(self) -> bool:
+        return self.target.answer_ready()
+
+    def adopt(self, live: torch.Tensor, received: torch.Tensor) -> None:
+        self.target.adopt(live, received)
+
+    def describe(self) -> dict:
+        return self.target.describe()
+
+    def close(self) -> None:
+        self.target.close()
 
 
 class LocalTarget(Target):

@@ -471,6 +471,7 @@ class RemoteTarget(Target):
         self._flight.append((op, self._generation, sending, size, answer))
         self._flight_bytes[0] += size
         self._flight_bytes[1] += answer
+        self._stats["runs_pipelined"] += 1
         return names
 
     @property

@@ -15,7 +15,7 @@ from typing import Any
 
 from .carving import FixtureStore
 from .engine import make_plan, select_ops, skip_reason
-from .platforms import Target
+from .platforms import Target, TargetWrapper
 
 __all__ = ["Progress", "ProgressEvents", "CompileClock"]
 
@@ -74,31 +74,13 @@ def _stays(store: FixtureStore, index: int) -> bool:
     return skip_reason(store.ops[index]) is not None
 
 
-class CompileClock(Target):
+class CompileClock(TargetWrapper):
     """The target with the time spent preparing (compiling) kernels counted, so step timing can show
     compile time apart from transfer; the engine sees the same target otherwise."""
 
     def __init__(self, target: Target):
-        self.target, self.name, self.description = target, target.name, target.description
+        super().__init__(target)
         self.compile_s = 0.0
-
-    def __getattr__(self, name: str) -> Any:  # address, ...: the wrapped target's
-        return getattr(self.target, name)
-
-    @property
-    def lost(self) -> str | None:  # Target defines these as class attributes: delegate them explicitly
-        return self.target.lost
-
-    @property
-    def events(self) -> list[dict]:
-        return self.target.events
-
-    @property
-    def stats(self):
-        return self.target.stats
-
-    def capabilities(self):
-        return self.target.capabilities()
 
     def _timed(self, prepare, what):
         start = time.perf_counter()
@@ -110,20 +92,6 @@ class CompileClock(Target):
     def prepare(self, op):
         return self._timed(self.target.prepare, op)
 
-    def execute(self, op, inputs):
-        return self.target.execute(op, inputs)
-
     def prepare_unit(self, unit):
         return self._timed(self.target.prepare_unit, unit)
 
-    def execute_unit(self, unit, inputs):
-        return self.target.execute_unit(unit, inputs)
-
-    def trace_unit(self, unit, inputs):
-        return self.target.trace_unit(unit, inputs)
-
-    def describe(self) -> dict:
-        return self.target.describe()
-
-    def close(self) -> None:
-        self.target.close()

@@ -84,3 +84,33 @@ def test_a_hung_kernel_in_flight_times_out_once(minilm, minilm_store):
     assert many[1][victim][0].value == "timeout"
     assert all(r[0].value == "offloaded" for i, r in many[1].items() if i != victim)
     assert many[3] == 2  # one per forward: the first (which prepares) and the second
+
+
+def test_the_engine_s_wrappers_pipeline_and_quarantine_a_crash_in_flight(minilm, minilm_store):
+    """migrate sees a target through ``Quarantine`` (and the API through ``CompileClock``): both pass the
+    pipelined runs on, and a crash answered in flight quarantines its signature like one run alone."""
+    from tapml.engine.quarantine import Quarantine
+    from tapml.progress import CompileClock
+
+    seen, repeats = set(), []  # calls whose signature ran before: the first forward sends them in flight
+    for i in sorted(i for i in (op["index"] for op in minilm_store.ops) if not skip_reason(minilm_store.ops[i])):
+        sig = minilm_store.op_call(i).signature
+        if sig in seen and not minilm_store.ops[i]["view"]:
+            repeats.append(i)
+        seen.add(sig)
+    victim = repeats[40]
+    signature = minilm_store.op_call(victim).signature
+    env = dict(os.environ, TAPML_TEST_OP_INDEX=str(victim))
+    every = {op["index"] for op in minilm_store.ops if not skip_reason(op)}
+    with RemoteTarget(spawn=f"{HELPERS}:Raises", spawn_options={"env": env}) as raw:
+        target = Quarantine(CompileClock(raw))
+        assert target.pipelines
+        _, first, _ = run_step(minilm.run, minilm_store, target, every, Judge())
+        assert first.flight.pipelined > 0 and first.results[victim].status.value == "crashed"
+        assert target.failed[signature][1] == victim
+        _, second, _ = run_step(minilm.run, minilm_store, target, every, Judge())
+    same = [i for i in every if minilm_store.op_call(i).signature == signature]
+    assert len(same) > 1 and all(second.results[i].status.value == "skipped" and "quarantined" in
+                                 second.results[i].reason for i in same if i != victim)
+    assert second.results[victim].status.value == "crashed" and "not sent again" in second.results[victim].reason
+    assert second.flight.pipelined >= 150 and raw.stats["runs_pipelined"] >= first.flight.pipelined + 150

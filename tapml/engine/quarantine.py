@@ -7,39 +7,24 @@ of MiniLM. The first failure is the finding; repeating it only costs time.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import deque
 
 import torch
 
 from tapml.core import OpCall, OpFailed, Status, UnitCall
-from tapml.platforms import Capabilities, KernelTrace, Support, Target
+from tapml.platforms import Support, Target, TargetWrapper
 
 __all__ = ["Quarantine"]
 
 
-class Quarantine(Target):
+class Quarantine(TargetWrapper):
     """The engine's view of a target, remembering which signatures crashed or timed out on it."""
 
     def __init__(self, target: Target):
-        self.target = target
-        self.name, self.description = target.name, target.description
+        super().__init__(target)
         self.failed: dict[str, tuple[OpFailed, int]] = {}  # signature -> (the failure, the op it happened on)
         self.spared = 0  # calls not sent because their signature is quarantined
-
-    @property
-    def lost(self) -> str | None:
-        return self.target.lost
-
-    @property
-    def events(self) -> list[dict]:
-        return self.target.events
-
-    @property
-    def stats(self) -> Counter:
-        return self.target.stats
-
-    def capabilities(self) -> Capabilities:
-        return self.target.capabilities()
+        self._flight: deque[OpCall] = deque()  # runs sent and not yet answered, oldest first
 
     def _check(self, op: OpCall) -> None:
         hit = self.failed.get(op.signature)
@@ -67,10 +52,24 @@ class Quarantine(Target):
             self._remember(op, e)
             raise
 
-    # units: a signature that crashed or hung is not sent again either (keyed apart from op signatures)
-    def prepare_unit(self, unit: UnitCall) -> Support:
-        return self.target.prepare_unit(unit)
+    def send_run(self, op: OpCall, inputs: list[torch.Tensor], named) -> list[str] | None:
+        """Not sent when quarantined: the op then runs one at a time, where ``execute`` says why."""
+        if op.signature in self.failed:
+            return None
+        names = self.target.send_run(op, inputs, named)
+        if names is not None:
+            self._flight.append(op)
+        return names
 
+    def receive_run(self, into: list | None = None) -> tuple[list[torch.Tensor] | None, BaseException | None, float]:
+        """The answer, with a crash or a hang remembered against the op it answers (runs come back in order)."""
+        answer = self.target.receive_run(into)
+        op = self._flight.popleft() if self._flight else None
+        if op is not None and isinstance(answer[1], OpFailed):
+            self._remember(op, answer[1])
+        return answer
+
+    # units: a signature that crashed or hung is not sent again either (keyed apart from op signatures)
     def execute_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         hit = self.failed.get("unit:" + unit.signature)
         if hit is not None:
@@ -84,15 +83,6 @@ class Quarantine(Target):
                 self.failed.setdefault("unit:" + unit.signature, (e, unit.index))
             raise
 
-    def trace_unit(self, unit: UnitCall, inputs: list[torch.Tensor]) -> KernelTrace:
-        return self.target.trace_unit(unit, inputs)
-
     def _remember(self, op: OpCall, e: OpFailed) -> None:
         if not e.fatal and e.status.failed:
             self.failed.setdefault(op.signature, (e, op.index))
-
-    def describe(self) -> dict:
-        return self.target.describe()
-
-    def close(self) -> None:
-        self.target.close()
