@@ -393,6 +393,7 @@ class FixtureStore:
         self._calls: dict[int, OpCall] = {}
         self._verified: set[str] = set()
         self._graph: Graph | None = None
+        self._resident: dict[str, torch.Tensor] = {}
 
     # -- contents ----------------------------------------------------------------
     @property
@@ -503,10 +504,34 @@ class FixtureStore:
         ref = self.manifest.get("rng_state")
         return self.load(ref) if ref else None
 
-    def inputs(self, index: int) -> list[torch.Tensor]:
-        """The recorded input tensors of op ``index``, in ``OpCall.inputs`` order, exact layout."""
+    def share(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors this process already holds, by the content key they had when given (a live model's
+        weights): ``inputs(shared=True)`` lays out a view of one instead of reading a copy, if it still
+        holds that content. Why: at 1B parameters the isolated pass read ``lm_head``'s and the embedding's
+        weights (125 MiB each) beside the model's own, the largest part of the client's peak."""
+        self._resident.update(tensors)
+
+    def _shared(self, ref: TensorRef) -> torch.Tensor | None:
+        t = self._resident.get(ref.key)
+        meta = self.tensors.get(ref.key)
+        if t is None or meta is None or t.device.type != "cpu" or not t.is_contiguous():
+            return None
+        if dtype_name(t.dtype) != meta["dtype"] or t.numel() != meta["numel"] or t.is_conj() or t.is_neg():
+            return None
+        flat = t.detach().reshape(-1)
+        return flat if content_key(flat) == ref.key else None  # hashed at every use: the model may have changed it
+
+    def inputs(self, index: int, *, shared: bool = False) -> list[torch.Tensor]:
+        """The recorded input tensors of op ``index``, in ``OpCall.inputs`` order, exact layout (``shared``:
+        views of tensors given to ``share`` where they hold the recorded content — for a caller that writes
+        none of them and keeps none past the op)."""
         rec = self.ops[index]
-        return [self.load(ref) for ref in iter_specs([rec["args"], rec["kwargs"]])]
+        loaded = []
+        for ref in iter_specs([rec["args"], rec["kwargs"]]):
+            ref = TensorRef.from_json(ref) if isinstance(ref, dict) else ref
+            flat = self._shared(ref) if shared and self._resident else None
+            loaded.append(materialize(flat, ref, copy=False) if flat is not None else self.load(ref))
+        return loaded
 
     def outputs(self, index: int, *, read_only: bool = False) -> list[torch.Tensor]:
         """The recorded outputs of op ``index`` (``read_only``: see ``load``; what a comparison reads)."""

@@ -434,6 +434,7 @@ class RemoteTarget(Target):
 
     # -- pipelined runs: sent before the last one is answered ------------------------------
     pipelines = True
+    copies_inputs = True  # inputs are sent (or found on the worker by key): never written, kept only weakly
 
     def send_run(self, op: OpCall, inputs: list[torch.Tensor], named: Named) -> list[str] | None:
         """Send a run of ``op`` without waiting for its answer (``receive_run`` reads answers in order).

@@ -140,6 +140,7 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
             opened = open_store(store)
             _check_same_model(opened, info)
             store_path = str(opened.path)
+        opened.share(state.resident())  # the isolated pass may read the model's own weights (probe.py)
         events = ProgressEvents(opened, plan, layers, settings.all_calls, on_progress, on_event)
         target = CompileClock(settings.open_target())
         compile_marks: list[float] = []  # compile seconds so far at each step's start and at the isolated pass

@@ -229,6 +229,29 @@ def test_loads_are_fresh_memory_and_no_mapped_pages_stay_behind(tmp_path):
     assert torch.equal(again, expect(again)) and again.data_ptr() != big.data_ptr()
 
 
+def test_shared_inputs_are_views_of_the_live_weight_while_it_holds_the_carved_content(tmp_path):
+    from tapml.engine import ModelState
+
+    model = nn.Linear(512, 256, bias=False)
+    x = torch.randn(2, 512)
+    state = ModelState(model)
+    carve(model, lambda: model(x), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    store.share(state.resident())
+    n = model.weight.numel()
+    index = next(op["index"] for op in store.ops if any(t.numel() == n for t in store.inputs(op["index"])))
+    storage = model.weight.untyped_storage().data_ptr()
+    weight = lambda ts: next(t for t in ts if t.numel() == n)  # noqa: E731
+    shared, copied = weight(store.inputs(index, shared=True)), weight(store.inputs(index))
+    assert shared.untyped_storage().data_ptr() == storage and copied.untyped_storage().data_ptr() != storage
+    assert torch.equal(shared, copied) and shared.stride() == copied.stride()
+    carved = copied.clone()
+    with torch.no_grad():
+        model.weight.mul_(2)  # the live weight no longer holds what the op read: the store's bytes again
+    again = weight(store.inputs(index, shared=True))
+    assert again.untyped_storage().data_ptr() != storage and torch.equal(again, carved)
+
+
 def test_in_place_writes_after_truncation_leave_the_stored_bytes_alone(tmp_path):
     from tapml.carving import CarveOptions
 

@@ -38,6 +38,11 @@ class HeapTrimmer:
 
     def moved(self, nbytes: int) -> None:
         self._moved += nbytes
-        if self._moved >= TRIM_AFTER and self._trim is not None:
+        if self._moved >= TRIM_AFTER:
+            self.trim()
+
+    def trim(self) -> None:
+        """Hand the free pages back now (a phase that freed much is over)."""
+        if self._trim is not None:
             self._trim(0)
-            self._moved = 0
+        self._moved = 0

@@ -163,6 +163,10 @@ class ModelState:
             self._file.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
         return out
 
+    def resident(self) -> dict[str, torch.Tensor]:
+        """The CPU tensors kept, by the content key they had when taken (``FixtureStore.share``)."""
+        return {kept[3]: t for t, kept in self.saved if isinstance(kept, tuple)}
+
     def restore(self) -> None:
         with torch.no_grad():
             for t, kept in self.saved:
