@@ -88,7 +88,7 @@ def one_pass(store, judge, calls, fresh: bool) -> tuple[float, list]:
     """mixed.py's timed block over every call: (seconds, the metrics)."""
     if fresh:  # the first forward: every use read from its shard, every count computed
         carved.clear()
-        store._views.clear()
+        store.forget_uses()
     out = []
     start = time.perf_counter()
     for op, got, inputs, kwargs in calls:

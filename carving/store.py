@@ -481,6 +481,11 @@ class FixtureStore:
             self._view_bytes -= self._views.pop(next(iter(self._views))).untyped_storage().nbytes()
         return hit
 
+    def forget_uses(self) -> None:
+        """Drop the read-only uses kept for the next read (a benchmark's first-forward case)."""
+        self._views.clear()
+        self._view_bytes = 0
+
     def op_call(self, index: int) -> OpCall:
         """Carved op ``index`` as a platform sees it."""
         op = self._calls.get(index)

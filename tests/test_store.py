@@ -290,6 +290,8 @@ def test_read_only_uses_are_kept_up_to_a_byte_budget_and_marked_with_their_conte
     for i in ops[1:]:  # more than the budget holds: the first op's use goes, the latest three stay
         store.outputs(i, read_only=True)
     assert list(store._views) == [store._output_refs[i][0] for i in ops[-3:]]
+    store.forget_uses()
+    assert not store._views and store._view_bytes == 0 and store.outputs(ops[0], read_only=True)[0] is not first[0]
     assert store._view_bytes == sum(t.untyped_storage().nbytes() for t in store._views.values())
     assert len(store._readers) <= store_module.OPEN_SHARDS
     again = store.outputs(ops[0], read_only=True)[0]
