@@ -122,6 +122,7 @@ def measure(name: str, repeats: int, offload: bool, platforms: list[str], rule: 
     from floor import empty_mode  # benchmarks/floor.py, beside this script
 
     from tapml.carving import FixtureStore, carve
+    from tapml.engine import HeapTrimmer
 
     model, workload = build(name)
     run = lambda: workload.run(NEW_TOKENS)  # noqa: E731
@@ -157,6 +158,7 @@ def measure(name: str, repeats: int, offload: bool, platforms: list[str], rule: 
             empty.append(_timed(under_empty_mode))
             write.append(_timed(lambda i=i, u=unique: safetensors.torch.save_file(u, str(tmp / f"w{i}.safetensors"))))
             del unique
+            HeapTrimmer().trim()  # the copies' freed heap is not the offload's (its rise is measured below)
             (tmp / f"w{i}.safetensors").unlink()
             carving.append(_timed(lambda i=i: carve(model, run, tmp / f"c{i}", model_info=info)))
             opening.append(_timed(lambda i=i: FixtureStore(tmp / f"c{i}")))

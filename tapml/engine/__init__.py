@@ -7,6 +7,7 @@ strings them together; the reference is a parameter (``Reference``).
 """
 
 from .build import OP_STATUSES, build_run, summary_line
+from .heap import HeapTrimmer
 from .localize import (
     DRAWS,
     Localization,
@@ -31,8 +32,8 @@ from .topdown import plan_top_down
 from .unitcheck import select_units, unit_alone
 from .units import Units, carved_outputs, unit_inputs
 
-__all__ = ["DRAWS", "OP_STATUSES", "PLANS", "LocalResult", "Localization", "MixedResult", "MixedRun", "ModelState",
-           "OffCarvedPath", "Reference",
+__all__ = ["DRAWS", "OP_STATUSES", "PLANS", "HeapTrimmer", "LocalResult", "Localization", "MixedResult", "MixedRun",
+           "ModelState", "OffCarvedPath", "Reference",
            "Units", "build_run", "carved_outputs", "check_store", "end_to_end", "find_blocks", "find_culprit",
            "find_victims", "groups_for", "local_pass", "localize", "make_plan", "migrate", "plan_top_down",
            "random_input_check", "reference_info", "reference_noise", "run_local", "run_step", "run_steps",
