@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import stat
 import weakref
 from pathlib import Path
 
@@ -94,14 +95,21 @@ class ShardReader:
     The header is data: its size and every offset read are checked against the file's size before any
     read; a problem is a ``ValueError`` naming it."""
 
-    def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def __init__(self, path: Path, header_max: int = _HEADER_MAX) -> None:
+        # non-blocking: a FIFO swapped in for the shard must not hang the open; then refused as not a file
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("not a regular file")
+            size = info.st_size
             n = int.from_bytes(_pread(fd, 8, 0), "little") if size >= 8 else -1
-            if not 0 <= n <= min(size - 8, _HEADER_MAX):
-                raise ValueError(f"header size {n} does not fit a file of {size} bytes")
-            header = json.loads(_pread(fd, n, 8))
+            if not 0 <= n <= min(size - 8, header_max, _HEADER_MAX):
+                raise ValueError(f"header size {n} does not fit a file of {size} bytes (at most {header_max})")
+            try:
+                header = json.loads(_pread(fd, n, 8))
+            except (RecursionError, MemoryError) as e:  # nested too deeply, or too large to hold
+                raise ValueError(f"header cannot be parsed ({type(e).__name__})") from None
             if not isinstance(header, dict):
                 raise ValueError("header is not an object")
         except BaseException:
@@ -110,14 +118,18 @@ class ShardReader:
         self._fd, self._entries, self._start, self._size = fd, header, 8 + n, size
         self._close = weakref.finalize(self, os.close, fd)
 
-    def read(self, name: str, start: int = 0, nbytes: int | None = None) -> torch.Tensor:
-        """Bytes ``start:start + nbytes`` of tensor ``name`` (all of it by default) as a new uint8 tensor."""
+    def read(self, name: str, start: int = 0, nbytes: int | None = None, *, whole: int | None = None
+             ) -> torch.Tensor:
+        """Bytes ``start:start + nbytes`` of tensor ``name`` (all of it by default) as a new uint8 tensor;
+        ``whole``: the entry must be exactly this long (what the manifest says), checked before allocating."""
         entry = self._entries.get(name) if name != "__metadata__" else None
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
             raise ValueError(f"no valid entry for {name[:80]!r}")
         length = offsets[1] - offsets[0]
+        if whole is not None and length != whole:
+            raise ValueError(f"{name[:80]!r} is {length} bytes long, not {whole}")
         nbytes = length - start if nbytes is None else nbytes
         if not (0 <= start and 0 <= nbytes and start + nbytes <= length
                 and self._start + offsets[1] <= self._size):

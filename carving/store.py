@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from ctypes import c_char, string_at
 from pathlib import Path
@@ -394,6 +395,7 @@ class FixtureStore:
         self._verified: set[str] = set()
         self._graph: Graph | None = None
         self._resident: dict[str, torch.Tensor] = {}
+        self._per_shard: Counter | None = None
 
     # -- contents ----------------------------------------------------------------
     @property
@@ -436,8 +438,8 @@ class FixtureStore:
         shard = meta["shard"]
         try:
             reader = self._readers.pop(shard, None)
-            if reader is None:
-                reader = ShardReader(self._shard_path(shard))
+            if reader is None:  # a real header holds ~100 bytes per entry: a larger one is not parsed at all
+                reader = ShardReader(self._shard_path(shard), header_max=(64 << 10) + 512 * self._entries(shard))
             self._readers[shard] = reader  # the most recently read last; the oldest is closed past OPEN_SHARDS
             if len(self._readers) > OPEN_SHARDS:
                 oldest = next(iter(self._readers))
@@ -445,7 +447,7 @@ class FixtureStore:
             if "offset" in meta:
                 raw = reader.read(_PACKED, meta["offset"], meta["nbytes"])
             else:
-                raw = reader.read(key)
+                raw = reader.read(key, whole=meta["nbytes"])
             dtype = dtype_from_name(meta["dtype"])
             flat = raw.view(dtype) if raw.numel() and raw.numel() % dtype.itemsize == 0 else torch.empty(0, dtype=dtype)
         except StoreError:
@@ -516,10 +518,23 @@ class FixtureStore:
         weights (125 MiB each) beside the model's own, the largest part of the client's peak."""
         self._resident.update(tensors)
 
+    def unshare(self) -> None:
+        """Forget the tensors given to ``share`` (the run that lent them is over)."""
+        self._resident.clear()
+
+    def _entries(self, shard: str) -> int:
+        """How many tensors the manifest places in ``shard`` (its header has one entry each, at most)."""
+        if self._per_shard is None:
+            self._per_shard = Counter(m["shard"] for m in self.tensors.values())
+        return self._per_shard[shard]
+
     def _shared(self, ref: TensorRef) -> torch.Tensor | None:
         t = self._resident.get(ref.key)
         meta = self.tensors.get(ref.key)
         if t is None or meta is None or t.device.type != "cpu" or not t.is_contiguous():
+            return None
+        # its own whole storage: a use over the whole storage (``ref.storage``) lays out from offset 0
+        if t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
             return None
         if dtype_name(t.dtype) != meta["dtype"] or t.numel() != meta["numel"] or t.is_conj() or t.is_neg():
             return None

@@ -141,17 +141,26 @@ class Target:
 
 class TargetWrapper(Target):
     """A target seen through another (quarantine, compile timing): every call and attribute is the wrapped
-    target's unless a subclass changes it. Why explicit: ``Target`` defines defaults as class attributes
-    (``pipelines``, ``send_run``, ...), which ``__getattr__`` alone would never reach — a wrapper that
-    forgot one silently turned the wrapped target's pipelining off."""
+    target's unless a subclass changes it (``runner`` excepted: the base one calls this wrapper's
+    ``prepare`` and ``execute``, so what the wrapper adds applies to it). Why explicit: ``Target``
+    defines defaults as class attributes (``pipelines``, ``send_run``, ...), which ``__getattr__`` alone
+    would never reach — a wrapper that forgot one silently turned the wrapped target's pipelining off."""
 
     def __init__(self, target: Target):
-        self.target, self.name, self.description = target, target.name, target.description
+        self.target = target
 
     def __getattr__(self, name: str) -> Any:  # address, ...: the wrapped target's
         if name == "target":  # not set yet (unpickling, a failed __init__): no recursion
             raise AttributeError(name)
         return getattr(self.target, name)
+
+    @property
+    def name(self) -> str:  # a remote target renames itself when its worker is replaced
+        return self.target.name
+
+    @property
+    def description(self) -> str:
+        return self.target.description
 
     @property
     def lost(self) -> str | None:

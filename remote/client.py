@@ -485,10 +485,10 @@ class RemoteTarget(Target):
         or ``(None, None, 0)`` when no answer will come (the worker was replaced since: run it again).
         ``into``: tensors to receive the outputs in (its placeholders), where dtype and shape allow."""
         op, generation, sending, size, answer = self._flight.popleft()
+        if generation != self._generation:  # counted on a connection since replaced (its counts were reset)
+            return None, None, 0.0
         self._flight_bytes[0] -= size
         self._flight_bytes[1] -= answer
-        if generation != self._generation:
-            return None, None, 0.0
         start = time.monotonic()
         with self._lock:
             try:

@@ -159,6 +159,7 @@ def offload(model: Any, inputs: Any = None, *, platform: str | None = None, sett
             raise TapmlError(f"{workload.name} raised during a mixed run: {e}") from e
         finally:
             target.close()
+            opened.unshare()  # a store the caller passed in must not keep the model alive
         _annotate(run, opened, settings, compile_marks)
         if outdir is not None:
             if run.culprit is not None and run.culprit.level == "op":  # a unit's repro is its offload command

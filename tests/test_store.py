@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from torch import nn
 
 from tapml.carving import SCHEMA_VERSION, FixtureStore, ModelRaised, StoreError, carve, replay
+from tapml.core import content_key
 
 
 def small_store(path, model=None):
@@ -195,18 +197,55 @@ def test_shard_reader_reads_what_either_writer_wrote_into_fresh_memory(tmp_path,
             reader.read(name, start, n)
 
 
-@pytest.mark.parametrize("header", [b"\xff" * 8, (10**6).to_bytes(8, "little"), (2).to_bytes(8, "little") + b"[]",
-                                    (30).to_bytes(8, "little") + b'{"t":{"data_offsets":[0,999]}}'])
-def test_shard_headers_are_checked_before_any_read(tmp_path, header):
+def _write_shard(path, header: bytes, data: bytes = b"\0" * 16) -> None:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff" * 8, "header size"),  # a header longer than the file
+    ((10**6).to_bytes(8, "little") + b"{}", "header size"),
+    ((2).to_bytes(8, "little") + b"[]", "not an object"),
+    ((4000).to_bytes(8, "little") + b"[" * 2000 + b"]" * 2000, "cannot be parsed"),  # nested past the recursion limit
+])
+def test_shard_headers_that_cannot_be_read_are_refused_when_opened(tmp_path, content, message):
     from tapml.carving import shards
 
-    (tmp_path / "s").write_bytes(header)
-    try:
-        reader = shards.ShardReader(tmp_path / "s")
-    except ValueError:
-        return
-    with pytest.raises(ValueError, match="outside the file"):
-        reader.read("t")
+    (tmp_path / "s").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        shards.ShardReader(tmp_path / "s")
+
+
+def test_a_header_past_its_limit_and_a_file_that_is_not_one_are_refused(tmp_path):
+    from tapml.carving import shards
+
+    _write_shard(tmp_path / "s", b'{"t":{"data_offsets":[0,16]}}' + b" " * 200)
+    with pytest.raises(ValueError, match="at most 100"):
+        shards.ShardReader(tmp_path / "s", header_max=100)
+    os.mkfifo(tmp_path / "fifo")  # opened without blocking, then refused
+    with pytest.raises(ValueError, match="not a regular file"):
+        shards.ShardReader(tmp_path / "fifo")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('{"data_offsets":[0,999]}', "is 999 bytes long"),  # checked against the manifest before allocating
+    ('{"data_offsets":[991,999]}', "outside the file"),
+    ('{"data_offsets":[true,4]}', "no valid entry"),
+    ('{"data_offsets":[-1,4]}', "no valid entry"),
+    ('{"data_offsets":[0.0,4]}', "no valid entry"),
+    ('{"data_offsets":[8,4]}', "no valid entry"),
+    ('{"data_offsets":[0]}', "no valid entry"),
+    ('[0,4]', "no valid entry"),
+    ('{"data_offsets":[0,16]}', "is 16 bytes long, not 8"),  # longer than the manifest says: never allocated
+])
+def test_each_entry_is_checked_before_its_bytes_are_read(tmp_path, entry, message):
+    from tapml.carving import shards
+
+    _write_shard(tmp_path / "s", f'{{"t":{entry}}}'.encode())
+    reader = shards.ShardReader(tmp_path / "s")
+    with pytest.raises(ValueError, match=message):
+        reader.read("t", whole=8)
+    with pytest.raises(ValueError):  # and without the manifest's length
+        reader.read("t", 0, None if "long" not in message else 999)
 
 
 def test_loads_are_fresh_memory_and_no_mapped_pages_stay_behind(tmp_path):
@@ -250,6 +289,25 @@ def test_shared_inputs_are_views_of_the_live_weight_while_it_holds_the_carved_co
         model.weight.mul_(2)  # the live weight no longer holds what the op read: the store's bytes again
     again = weight(store.inputs(index, shared=True))
     assert again.untyped_storage().data_ptr() != storage and torch.equal(again, carved)
+    store.unshare()
+    with torch.no_grad():
+        model.weight.div_(2)  # the carved content again, but no longer lent: read from the store
+    assert weight(store.inputs(index, shared=True)).untyped_storage().data_ptr() != storage
+
+
+def test_a_shared_tensor_must_be_its_own_whole_storage(tmp_path):
+    """A live tensor that is a slice of a larger buffer is not laid out in place: a use over the whole
+    storage would start at the buffer's offset 0, another tensor's bytes."""
+    buffer = torch.randn(2 * 4096)
+    model = nn.Linear(64, 64, bias=False)
+    model.weight.data = buffer[4096:].view(64, 64)
+    carve(model, lambda: model(torch.randn(2, 64)), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    key = content_key(model.weight.detach().reshape(-1))
+    store.share({key: model.weight})
+    for op in store.ops:
+        for t in store.inputs(op["index"], shared=True):
+            assert t.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
 
 
 def test_in_place_writes_after_truncation_leave_the_stored_bytes_alone(tmp_path):
@@ -296,3 +354,46 @@ def test_read_only_uses_are_kept_up_to_a_byte_budget_and_marked_with_their_conte
     assert len(store._readers) <= store_module.OPEN_SHARDS
     again = store.outputs(ops[0], read_only=True)[0]
     assert again is not first[0] and torch.equal(again, first[0]) and content_mark(again) == ref
+
+
+def test_the_isolated_pass_lends_live_weights_only_to_targets_that_copy_them_and_ops_that_write_none(tmp_path):
+    from tapml.engine import ModelState, run_local
+    from tapml.judging import Judge
+    from tapml.platforms import Support, Target
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(64, 64), requires_grad=False)
+
+        def forward(self, x):
+            self.weight.mul_(1.0)  # in place on the weight, its content unchanged
+            return x @ self.weight
+
+    model = Scaled()
+    state = ModelState(model)
+    carve(model, lambda: model(torch.randn(2, 64)), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    store.share(state.resident())
+    storage = model.weight.untyped_storage().data_ptr()
+
+    class Capture(Target):
+        name = "capture"
+
+        def __init__(self, copies: bool):
+            self.copies_inputs, self.seen = copies, {}
+
+        def prepare(self, op):
+            return Support.yes()
+
+        def execute(self, op, inputs):
+            self.seen[op.op] = [t.untyped_storage().data_ptr() == storage for t in inputs]
+            return [t.clone() for t in store.outputs(op.index)]
+
+    lent, kept = Capture(True), Capture(False)
+    for target in (lent, kept):
+        for op in store.ops[1:]:  # after randn (nondeterministic: skipped)
+            assert run_local(store, target, Judge(), op["index"]).status.value == "ok"
+    assert lent.seen["aten.mm.default"] == [False, True]  # the weight, in place
+    assert lent.seen["aten.mul_.Tensor"] == [False] * len(lent.seen["aten.mul_.Tensor"])  # it writes: a copy
+    assert not any(any(v) for v in kept.seen.values())  # a target in this process: copies only

@@ -63,9 +63,9 @@ class Quarantine(TargetWrapper):
 
     def receive_run(self, into: list | None = None) -> tuple[list[torch.Tensor] | None, BaseException | None, float]:
         """The answer, with a crash or a hang remembered against the op it answers (runs come back in order)."""
+        op = self._flight.popleft()  # before the call: an answer that raises is still this op's
         answer = self.target.receive_run(into)
-        op = self._flight.popleft() if self._flight else None
-        if op is not None and isinstance(answer[1], OpFailed):
+        if isinstance(answer[1], OpFailed):
             self._remember(op, answer[1])
         return answer
 
