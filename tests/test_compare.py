@@ -271,3 +271,26 @@ def test_a_big_weight_is_widened_a_column_block_at_a_time(monkeypatch):
         torch.testing.assert_close(e, exact, rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(m, mag, rtol=1e-13, atol=1e-13)
         assert torch.equal(e, fp64_outputs(op, x)[0]) and torch.equal(m, bounds._magnitude(op, x)[0])
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_chunked_float64_judging_reports_what_one_pass_reports(monkeypatch, full):
+    """A large tensor is judged a chunk at a time: the same counts, maxima, worst elements and histogram,
+    and the same sums to the last bits (cosine, SQNR) as one pass over it."""
+    compare_module = importlib.import_module("tapml.judging.compare")
+    tol = Tolerance(atol=1e-5, rtol=1.3e-6, origin="test")
+    monkeypatch.setattr(compare_module, "arrays", lambda got, want: None)  # the torch path, which chunks
+    whole = [compare(g, w, tol, full=full) for g, w in _cases()]
+    monkeypatch.setattr(compare_module, "CHUNK", 5)  # 6×7 tensors in 9 chunks, a chunk edge mid-row
+    chunked = [compare(g, w, tol, full=full) for g, w in _cases()]
+    close = ("cosine", "sqnr_db")
+    for a, b in zip(whole, chunked, strict=True):
+        for field in vars(a):
+            x, y = getattr(a, field), getattr(b, field)
+            if field in close and isinstance(x, float) and math.isfinite(x):
+                assert y == pytest.approx(x, rel=1e-12), field
+            elif field == "worst":  # among equal errors, which elements are named is topk's choice either way
+                assert sorted(w.diff for w in x) == sorted(w.diff for w in y)
+            else:
+                assert x == y or (x != x and y != y), (field, x, y)  # NaN equals NaN here
+    assert sum(not m.ok for m in chunked) > 10

@@ -153,38 +153,74 @@ def _integers(m: Metrics, got: torch.Tensor, want: torch.Tensor, worst: int) -> 
     m.worst = _worst(got, want, diff.double(), worst)
 
 
+CHUNK = 1 << 18  # elements judged at once in float64: a large output's temporaries stay ~2 MiB each
+
+
 def _floats(m: Metrics, got: torch.Tensor, want: torch.Tensor, tol: Tolerance, worst: int, full: bool) -> None:
-    g, w = got.double(), want.double()
+    """The torch path, in float64. A tensor over ``CHUNK`` elements is judged a chunk at a time (at 1B
+    parameters a bfloat16 target's logits made ~8 float64 copies at once, +200 MiB); every figure is a
+    count, a maximum or a sum over elements, so the chunks' combine (sums to the last bits)."""
     n = want.numel()
-    nan_g, nan_w, inf_g, inf_w = torch.isnan(g), torch.isnan(w), torch.isinf(g), torch.isinf(w)
-    same = (g == w) | (nan_g & nan_w)  # the same non-finite value on both sides matches
-    nonfinite_bad = ~same & (nan_g | nan_w | inf_g | inf_w)
-    diff = (g - w).abs().masked_fill(same, 0.0).masked_fill(nonfinite_bad, math.inf)
-    bad = (diff > (tol.atol + tol.rtol * w.abs()).nan_to_num(nan=0.0, posinf=math.inf)) | nonfinite_bad
-    m.nan, m.inf = [int(nan_g.sum()), int(nan_w.sum())], [int(inf_g.sum()), int(inf_w.sum())]
-    m.nonfinite_mismatches = int(nonfinite_bad.sum())
-    m.max_abs = float(diff.max().item()) if n else 0.0
-    m.mismatches = int(bad.sum().item())
+    if n <= CHUNK:
+        parts = [(got, want, 0)]
+    else:
+        g_all, w_all = got.reshape(-1), want.reshape(-1)
+        parts = [(g_all[a:a + CHUNK], w_all[a:a + CHUNK], a) for a in range(0, n, CHUNK)]
+    nan, inf, nonfinite, top, bad = [0, 0], [0, 0], 0, 0.0, 0
+    one = None  # a single part's float64 pass, kept for the full metrics
+    for g_part, w_part, _ in parts:
+        one = _float_diff(g_part, w_part)
+        g, w, same, nonfinite_bad, diff, counts = one
+        nan, inf = [nan[0] + counts[0], nan[1] + counts[1]], [inf[0] + counts[2], inf[1] + counts[3]]
+        nonfinite += int(nonfinite_bad.sum())
+        top = max(top, float(diff.max().item()) if diff.numel() else 0.0)
+        bad += int(((diff > (tol.atol + tol.rtol * w.abs()).nan_to_num(nan=0.0, posinf=math.inf))
+                    | nonfinite_bad).sum().item())
+    m.nan, m.inf, m.nonfinite_mismatches = nan, inf, nonfinite
+    m.max_abs, m.mismatches = top, bad
     m.mismatch_fraction = m.mismatches / n if n else 0.0
     m.ok = not m.mismatches and m.problem is None
     if not (full or not m.ok):
         return
-    m.max_rel = float((diff / w.abs()).masked_fill(same, 0.0).nan_to_num(nan=math.inf, posinf=math.inf).max()) \
-        if n else 0.0
+    sums, rel, ulp, candidates, histogram = [0.0, 0.0, 0.0, 0.0], 0.0, 0, [], None
+    ulps = bool(n and want.dtype in _INT_VIEW)
+    for g_part, w_part, start in parts:
+        g, w, same, nonfinite_bad, diff, _ = one if len(parts) == 1 else _float_diff(g_part, w_part)
+        rel = max(rel, float((diff / w.abs()).masked_fill(same, 0.0).nan_to_num(nan=math.inf, posinf=math.inf)
+                             .max()) if diff.numel() else 0.0)
+        if not m.nonfinite_mismatches:
+            finite = torch.isfinite(g) & torch.isfinite(w)
+            gf, wf = g[finite], w[finite]
+            for k, term in enumerate(((gf - wf) ** 2, wf**2, gf**2, gf * wf)):
+                sums[k] += float(term.sum().item()) if gf.numel() else 0.0
+            if ulps:
+                ulp = max(ulp, int((_ordered(g_part) - _ordered(w_part)).abs().masked_fill(~finite | same, 0).max()
+                                   .item()) if g_part.numel() else 0)
+        candidates += [(v, start + i) for v, i in _top(diff, worst)]
+        counts = _histogram(diff)
+        histogram = counts if histogram is None else [a + b for a, b in zip(histogram, counts, strict=True)]
+    m.max_rel = rel if n else 0.0
     if m.nonfinite_mismatches:  # a score over the finite rest would hide the problem: say there is none
         m.cosine, m.sqnr_db, m.max_ulp = math.nan, math.nan, None
     else:
-        finite = torch.isfinite(g) & torch.isfinite(w)
-        gf, wf = g[finite], w[finite]
-        err2 = float(((gf - wf) ** 2).sum().item()) if gf.numel() else 0.0
-        sig2 = float((wf**2).sum().item()) if wf.numel() else 0.0
-        norm = math.sqrt(float((gf**2).sum().item()) * sig2) if gf.numel() else 0.0
-        m.cosine = (float((gf * wf).sum().item()) / norm) if norm else (1.0 if err2 == 0 else math.nan)
+        err2, sig2, gsq, cross = sums
+        norm = math.sqrt(gsq * sig2)
+        m.cosine = (cross / norm) if norm else (1.0 if err2 == 0 else math.nan)
         m.sqnr_db = (10 * math.log10(sig2 / err2)) if err2 and sig2 else (-math.inf if err2 else math.inf)
-        m.max_ulp = int((_ordered(got) - _ordered(want)).abs().masked_fill(~finite | same, 0).max().item()) \
-            if n and want.dtype in _INT_VIEW else None
-    m.worst = _worst(got, want, diff, worst)
-    m.histogram = _histogram(diff)
+        m.max_ulp = ulp if ulps else None
+    m.worst = _worst_of(got, want, sorted(candidates, key=lambda c: -c[0])[:worst] if len(parts) > 1 else candidates)
+    m.histogram = histogram
+
+
+def _float_diff(got: torch.Tensor, want: torch.Tensor) -> tuple:
+    """(got and want in float64, where they agree, non-finite disagreements, |difference|, NaN/Inf counts)."""
+    g, w = got.double(), want.double()
+    nan_g, nan_w, inf_g, inf_w = torch.isnan(g), torch.isnan(w), torch.isinf(g), torch.isinf(w)
+    same = (g == w) | (nan_g & nan_w)  # the same non-finite value on both sides matches
+    nonfinite_bad = ~same & (nan_g | nan_w | inf_g | inf_w)
+    diff = (g - w).abs().masked_fill(same, 0.0).masked_fill(nonfinite_bad, math.inf)
+    counts = (int(nan_g.sum()), int(nan_w.sum()), int(inf_g.sum()), int(inf_w.sum()))
+    return g, w, same, nonfinite_bad, diff, counts
 
 
 def _histogram(diff: torch.Tensor) -> list[int]:
@@ -199,14 +235,20 @@ def _histogram(diff: torch.Tensor) -> list[int]:
 
 
 def _worst(got: torch.Tensor, want: torch.Tensor, diff: torch.Tensor, k: int) -> list[Worst]:
+    return _worst_of(got, want, _top(diff, k))
+
+
+def _top(diff: torch.Tensor, k: int) -> list[tuple[float, int]]:
+    """The ``k`` largest nonzero element errors as (value, flat index), largest first."""
     if not diff.numel() or k <= 0:
         return []
-    flat = diff.reshape(-1)
-    top = torch.topk(flat, min(k, flat.numel()))
+    top = torch.topk(diff.reshape(-1), min(k, diff.numel()))
+    return [(v, i) for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True) if v != 0]
+
+
+def _worst_of(got: torch.Tensor, want: torch.Tensor, top: list[tuple[float, int]]) -> list[Worst]:
     rows = []
-    for value, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-        if value == 0:
-            break
+    for value, i in top:
         index = list(torch.unravel_index(torch.tensor(i), want.shape)) if want.dim() else []
         rows.append(Worst([int(x) for x in index], _num(want.reshape(-1)[i]), _num(got.reshape(-1)[i]), value))
     return rows
