@@ -294,3 +294,29 @@ def test_chunked_float64_judging_reports_what_one_pass_reports(monkeypatch, full
             else:
                 assert x == y or (x != x and y != y), (field, x, y)  # NaN equals NaN here
     assert sum(not m.ok for m in chunked) > 10
+
+
+def test_chunked_rmse_and_bound_ratio_match_one_pass(monkeypatch):
+    compare_module = importlib.import_module("tapml.judging.compare")
+    judge_module = importlib.import_module("tapml.judging.judge")
+    pairs = [(g, w) for g, w in _cases() if g.is_floating_point() and g.shape == w.shape and g.dtype == w.dtype
+             and g.numel()]
+
+    def figures():
+        out = []
+        for g, w in pairs:
+            e = w.double() + 1e-9
+            full = w.double().abs() * 1e-6 + 1e-7
+            row = w.double().abs().amax(0, keepdim=True) * 1e-6 + 1e-7 if w.dim() == 2 else full  # broadcast
+            ratio = judge_module._ratio
+            out.append((compare_module.rmse(g, w), ratio(g, w, e, full), ratio(g, w, e, row)))
+        return out
+
+    whole = figures()
+    for module in (compare_module, judge_module):
+        monkeypatch.setattr(module, "CHUNK", 5)
+    chunked = figures()
+    assert len(pairs) > 30 and any(math.isinf(r[0]) for r in whole) and any(0 < r[1] < math.inf for r in whole)
+    for a, b in zip(whole, chunked, strict=True):
+        assert b[0] == pytest.approx(a[0], rel=1e-12) or a[0] == b[0]
+        assert [x if x == x else "nan" for x in a[1:]] == [x if x == x else "nan" for x in b[1:]]  # maxima: exact

@@ -66,6 +66,9 @@ def skip_reason(rec: dict) -> str | None:
     return None
 
 
+_HEAP = HeapTrimmer()  # one count for every op replayed alone in this process
+
+
 def run_local(store: FixtureStore, target: Target, judge: Judge, index: int, *, keep_outputs: bool = False,
               reference: Reference | None = None) -> LocalResult:
     """One op on the target with the reference inputs: status and local metrics."""
@@ -100,6 +103,8 @@ def run_local(store: FixtureStore, target: Target, judge: Judge, index: int, *, 
     want = store.outputs(index, read_only=True)
     live = [store.graph.live(index, k) for k in range(len(want))]
     metrics = judge.judge(op, got, want, inputs, live=live)
+    del inputs
+    _HEAP.moved(store.op_bytes(index))  # every caller's ops: the pass, the suspects, the culprit's neighbours
     return LocalResult(*here, Status.OK if metrics.ok else Status.DIVERGENT, local=metrics,
                        outputs=got if keep_outputs else [])
 
@@ -125,15 +130,14 @@ def local_pass(store: FixtureStore, target: Target, judge: Judge, *, indices: It
     signature unless ``all_calls``). Returns results by op index."""
     if indices is None:
         indices = select_ops(store, all_calls=all_calls)
-    results, heap = {}, HeapTrimmer()
-    heap.trim()  # what the live runs freed (at 1.1B: ~90 MiB of heap) is not this pass's to hold
+    results = {}
+    _HEAP.trim()  # what the live runs freed (at 1.1B: ~90 MiB of heap) is not this pass's to hold
     for i in indices:
         if target.lost is not None:  # nothing can run any more: say so instead of trying each op
             rec = store.ops[i]
             results[i] = LocalResult(i, rec["op"], rec["module"], Status.SKIPPED, f"not run: {target.lost}")
         else:
             results[i] = run_local(store, target, judge, i, reference=reference)
-            heap.moved(store.op_bytes(i))
         if on_result is not None:
             on_result(results[i])
     return results

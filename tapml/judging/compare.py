@@ -30,7 +30,10 @@ from tapml.record import Metrics, Tolerance, Worst
 
 from .carved import arrays, nonfinite_counts, np
 
-__all__ = ["compare", "has_nonfinite", "saturated", "rmse", "HISTOGRAM_EDGES", "output_label", "as_real"]
+__all__ = ["compare", "has_nonfinite", "saturated", "rmse", "chunks", "CHUNK", "HISTOGRAM_EDGES", "output_label",
+           "as_real"]
+
+CHUNK = 1 << 18  # elements judged at once in float64: a large output's temporaries stay ~2 MiB each
 
 # element-error histogram bins: exact, then decades 1e-10 .. 1e4, then inf/NaN
 HISTOGRAM_EDGES = [10.0**k for k in range(-10, 5)]
@@ -60,15 +63,36 @@ def saturated(t: torch.Tensor, dtype: str | None) -> int:
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root mean square difference; inf when non-finite values differ."""
+    """Root mean square difference; inf when non-finite values differ (in float64, ``CHUNK`` elements at a
+    time for a large tensor)."""
     if not a.numel():
         return 0.0
+    if a.numel() <= CHUNK:
+        d = _differences(a, b)
+        return math.sqrt(float((d * d).mean().item())) if d is not None else math.inf
+    total = 0.0
+    for a_part, b_part in chunks(a, b):
+        d = _differences(a_part, b_part)
+        if d is None:
+            return math.inf
+        total += float((d * d).sum().item())
+    return math.sqrt(total / a.numel())
+
+
+def _differences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """a − b in float64, 0 where both hold the same value (NaN included); None where a non-finite differs."""
     a, b = a.double(), b.double()
     same = (a == b) | (torch.isnan(a) & torch.isnan(b))
     d = (a - b).masked_fill(same, 0.0)
-    if not torch.isfinite(d).all():
-        return math.inf
-    return math.sqrt(float((d * d).mean().item()))
+    return d if torch.isfinite(d).all() else None
+
+
+def chunks(*tensors: torch.Tensor):
+    """The tensors (one shape, or broadcast to the first's), flattened, ``CHUNK`` elements at a time."""
+    shape = tensors[0].shape
+    flat = [torch.broadcast_to(t, shape).reshape(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), CHUNK):
+        yield tuple(f[start:start + CHUNK] for f in flat)
 
 
 def as_real(t: torch.Tensor) -> torch.Tensor:
@@ -151,9 +175,6 @@ def _integers(m: Metrics, got: torch.Tensor, want: torch.Tensor, worst: int) -> 
     m.mismatches = int(bad.sum().item())
     m.ok = m.exact and m.problem is None
     m.worst = _worst(got, want, diff.double(), worst)
-
-
-CHUNK = 1 << 18  # elements judged at once in float64: a large output's temporaries stay ~2 MiB each
 
 
 def _floats(m: Metrics, got: torch.Tensor, want: torch.Tensor, tol: Tolerance, worst: int, full: bool) -> None:

@@ -31,7 +31,7 @@ from tapml.record import BoundCheck, DeadOutput, Metrics, Oracle
 
 from .blocked import call_widened
 from .bounds import op_bounds, op_class, unit_roundoff
-from .compare import as_real, compare, has_nonfinite, output_label, rmse, saturated
+from .compare import CHUNK, as_real, chunks, compare, has_nonfinite, output_label, rmse, saturated
 from .tolerance import Tolerance, ToleranceTable
 
 __all__ = ["Judge", "RULES", "fp64_outputs"]
@@ -286,11 +286,21 @@ def _real(t: torch.Tensor) -> torch.Tensor:
 
 
 def _ratio(got: torch.Tensor, want: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> float:
-    """max |got − exact| / bound; a non-finite value where the reference has another is infinitely out."""
+    """max |got − exact| / bound; a non-finite value where the reference has another is infinitely out (a
+    large output ``CHUNK`` elements at a time: its float64 temporaries would be several copies of it)."""
     if not got.numel():
         return 0.0
-    g, w, e = _real(got).double(), _real(want).double(), _real(exact).double()
-    b = bound.double() if not bound.is_complex() else as_real(bound).double()
+    got, want, exact = _real(got), _real(want), _real(exact)
+    bound = bound if not bound.is_complex() else as_real(bound)
+    if got.numel() <= CHUNK:
+        return _ratio_of(got, want, exact, bound)
+    ratios = [_ratio_of(*part) for part in chunks(got, want, exact, bound)]
+    return math.nan if any(math.isnan(r) for r in ratios) else max(ratios)  # NaN wins, as in torch's max
+
+
+def _ratio_of(got: torch.Tensor, want: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> float:
+    g, w, e = got.double(), want.double(), exact.double()
+    b = bound.double()
     both = (g == w) & ~torch.isfinite(g)  # the same inf on both sides: inherent, not the target's
     err = (g - e).abs().masked_fill(both, 0.0).nan_to_num(nan=math.inf, posinf=math.inf)
     b = b.expand_as(err) if b.shape != err.shape else b
