@@ -320,3 +320,16 @@ def test_chunked_rmse_and_bound_ratio_match_one_pass(monkeypatch):
     for a, b in zip(whole, chunked, strict=True):
         assert b[0] == pytest.approx(a[0], rel=1e-12) or a[0] == b[0]
         assert [x if x == x else "nan" for x in a[1:]] == [x if x == x else "nan" for x in b[1:]]  # maxima: exact
+
+
+@pytest.mark.parametrize("rtol", [0.0, 1.3e-6])
+def test_the_numpy_tier_chunked_decides_and_reports_as_one_pass(monkeypatch, rtol):
+    compare_module = importlib.import_module("tapml.judging.compare")
+    tol = Tolerance(atol=1e-5, rtol=rtol, origin="test")
+    whole = [compare(g, w, tol) for g, w in _cases()]
+    monkeypatch.setattr(compare_module, "CHUNK", 5)
+    chunked = [compare(g, w, tol) for g, w in _cases()]
+    assert sum(m.ok for m in whole) > 10
+    fields = ("ok", "max_abs", "mismatches", "mismatch_fraction", "nan", "inf", "nonfinite_mismatches", "exact")
+    for a, b in zip(whole, chunked, strict=True):  # what the cheap tier fills (the rest: the test above)
+        assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
