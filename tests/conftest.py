@@ -27,6 +27,24 @@ def llama_generate_store(tmp_path_factory) -> FixtureStore:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _temporary_files_in_the_session(tmp_path_factory):
+    """What tapml puts in the temporary directory (an offload's store when no ``out`` is given, ``tapml-run-*``)
+    goes under the session's own directory, which pytest prunes: left in /tmp, each suite run left ~80 stores
+    behind (GBs). Spawned workers and CLI subprocesses inherit it through TMPDIR."""
+    import tempfile
+
+    where = str(tmp_path_factory.mktemp("tmp"))
+    old_env, old_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = where, where
+    yield
+    tempfile.tempdir = old_dir
+    if old_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old_env
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _compile_cache(tmp_path_factory):
     """TVM kernels compile into a per-session directory (inherited by spawned workers)."""
     old = os.environ.get("TAPML_CACHE_DIR")
