@@ -87,11 +87,12 @@ def _differences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     return d if torch.isfinite(d).all() else None
 
 
-def chunks(*tensors: torch.Tensor):
-    """The tensors (one shape, or broadcast to the first's), flattened, ``CHUNK`` elements at a time."""
+def chunks(*tensors):
+    """The tensors (or NumPy arrays) of one shape, or broadcast to the first's, flattened, ``CHUNK``
+    elements at a time."""
     shape = tensors[0].shape
-    flat = [torch.broadcast_to(t, shape).reshape(-1) for t in tensors]
-    for start in range(0, flat[0].numel(), CHUNK):
+    flat = [(t if t.shape == shape else torch.broadcast_to(t, shape)).reshape(-1) for t in tensors]
+    for start in range(0, flat[0].shape[0], CHUNK):
         yield tuple(f[start:start + CHUNK] for f in flat)
 
 
@@ -144,18 +145,12 @@ def _within(m: Metrics, pair, tol: Tolerance, want: torch.Tensor, mark) -> bool:
     got_np, want_np = pair
     if want_np.dtype == np.float64 or nonfinite_counts(want, want_np, mark) != (0, 0):
         return False  # float64: its differences can round and overflow, the torch path keeps its warnings off
-    if want_np.size <= CHUNK:
-        top = _top_within(got_np, want_np, tol)
-        if top is None:
+    top = 0.0  # a chunk at a time: the same maximum, the same verdict, two float64 arrays of CHUNK elements
+    for g_part, w_part in [pair] if want_np.size <= CHUNK else chunks(got_np, want_np):
+        t = _top_within(g_part, w_part, tol)
+        if t is None:
             return False
-    else:  # a chunk at a time: the same maximum, the same verdict, two float64 arrays of CHUNK elements
-        g_all, w_all = got_np.reshape(-1), want_np.reshape(-1)
-        top = 0.0
-        for a in range(0, want_np.size, CHUNK):
-            t = _top_within(g_all[a:a + CHUNK], w_all[a:a + CHUNK], tol)
-            if t is None:
-                return False
-            top = max(top, t)
+        top = max(top, t)
     m.nan, m.inf, m.nonfinite_mismatches = [0, 0], [0, 0], 0
     m.max_abs, m.mismatches, m.mismatch_fraction, m.ok = top, 0, 0.0, True
     return True
@@ -200,14 +195,10 @@ def _floats(m: Metrics, got: torch.Tensor, want: torch.Tensor, tol: Tolerance, w
     parameters a bfloat16 target's logits made ~8 float64 copies at once, +200 MiB); every figure is a
     count, a maximum or a sum over elements, so the chunks' combine (sums to the last bits)."""
     n = want.numel()
-    if n <= CHUNK:
-        parts = [(got, want, 0)]
-    else:
-        g_all, w_all = got.reshape(-1), want.reshape(-1)
-        parts = [(g_all[a:a + CHUNK], w_all[a:a + CHUNK], a) for a in range(0, n, CHUNK)]
+    parts = [(got, want)] if n <= CHUNK else list(chunks(got, want))
     nan, inf, nonfinite, top, bad = [0, 0], [0, 0], 0, 0.0, 0
     one = None  # a single part's float64 pass, kept for the full metrics
-    for g_part, w_part, _ in parts:
+    for g_part, w_part in parts:
         one = _float_diff(g_part, w_part)
         g, w, same, nonfinite_bad, diff, counts = one
         nan, inf = [nan[0] + counts[0], nan[1] + counts[1]], [inf[0] + counts[2], inf[1] + counts[3]]
@@ -223,19 +214,19 @@ def _floats(m: Metrics, got: torch.Tensor, want: torch.Tensor, tol: Tolerance, w
         return
     sums, rel, ulp, candidates, histogram = [0.0, 0.0, 0.0, 0.0], 0.0, 0, [], None
     ulps = bool(n and want.dtype in _INT_VIEW)
-    for g_part, w_part, start in parts:
+    for k, (g_part, w_part) in enumerate(parts):
         g, w, same, nonfinite_bad, diff, _ = one if len(parts) == 1 else _float_diff(g_part, w_part)
         rel = max(rel, float((diff / w.abs()).masked_fill(same, 0.0).nan_to_num(nan=math.inf, posinf=math.inf)
                              .max()) if diff.numel() else 0.0)
         if not m.nonfinite_mismatches:
             finite = torch.isfinite(g) & torch.isfinite(w)
             gf, wf = g[finite], w[finite]
-            for k, term in enumerate(((gf - wf) ** 2, wf**2, gf**2, gf * wf)):
-                sums[k] += float(term.sum().item()) if gf.numel() else 0.0
+            for j, term in enumerate(((gf - wf) ** 2, wf**2, gf**2, gf * wf)):
+                sums[j] += float(term.sum().item()) if gf.numel() else 0.0
             if ulps:
                 ulp = max(ulp, int((_ordered(g_part) - _ordered(w_part)).abs().masked_fill(~finite | same, 0).max()
                                    .item()) if g_part.numel() else 0)
-        candidates += [(v, start + i) for v, i in _top(diff, worst)]
+        candidates += [(v, k * CHUNK + i) for v, i in _top(diff, worst)]
         counts = _histogram(diff)
         histogram = counts if histogram is None else [a + b for a, b in zip(histogram, counts, strict=True)]
     m.max_rel = rel if n else 0.0
