@@ -114,3 +114,41 @@ def test_the_engine_s_wrappers_pipeline_and_quarantine_a_crash_in_flight(minilm,
                                  second.results[i].reason for i in same if i != victim)
     assert second.results[victim].status.value == "crashed" and "not sent again" in second.results[victim].reason
     assert second.flight.pipelined >= 150 and raw.stats["runs_pipelined"] >= first.flight.pipelined + 150
+
+
+def test_the_client_s_own_work_runs_on_one_thread_and_the_reference_s_ops_on_the_caller_s(
+        minilm, minilm_store, monkeypatch):
+    """While a worker on the same cores runs the target's kernels, tapml's own work in the client opens no
+    parallel region (one thread); the reference's ops keep the thread count the run began with, so a mixed
+    step still repeats the carve bit for bit; the count is the caller's again afterwards."""
+    from tapml.engine import mixed as mixed_module
+
+    seen = {"reference": set(), "judge": set()}
+    reference, judge = mixed_module._reference, Judge.judge
+
+    def counted_reference(func, args, kwargs):
+        seen["reference"].add(torch.get_num_threads())
+        return reference(func, args, kwargs)
+
+    def counted_judge(self, *a, **kw):
+        seen["judge"].add(torch.get_num_threads())
+        return judge(self, *a, **kw)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            local = minilm.run()
+        monkeypatch.setattr(mixed_module, "_reference", counted_reference)
+        monkeypatch.setattr(Judge, "judge", counted_judge)
+        half = {op["index"] for op in minilm_store.ops
+                if not skip_reason(op) and any(f"layer.{k}." in (op["module"] or "") for k in (0, 2, 4))}
+        with RemoteTarget(spawn="torch-cpu") as target:
+            for _ in range(2):  # the first prepares every op; the second pipelines
+                output, mixed, _ = run_step(minilm.run, minilm_store, target, half, Judge())
+                assert torch.get_num_threads() == 2
+        assert mixed.flight.pipelined > 50 and all(r.status.value == "offloaded" for r in mixed.results.values())
+        assert seen == {"reference": {2}, "judge": {1}}
+        assert torch.equal(output.last_hidden_state, local.last_hidden_state)
+    finally:
+        torch.set_num_threads(before)

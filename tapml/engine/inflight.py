@@ -145,9 +145,10 @@ class InFlight:
             self._settle_oldest(1)
 
     def drain(self) -> None:
-        """Every run in flight answered, judged and filled, in order."""
-        if self.sent:
-            self._settle_oldest(len(self.sent))
+        """Every run in flight answered, judged and filled, in order: each judged as it comes, while the
+        target still works on the later ones."""
+        while self.sent:
+            self._settle_oldest(1)
 
     def _settle_oldest(self, n: int) -> None:
         batch = [self.sent.popleft() for _ in range(n)]

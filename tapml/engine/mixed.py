@@ -28,6 +28,7 @@ from tapml.record import Metrics, OpRef
 
 from .inflight import InFlight, Sent
 from .localize import skip_reason
+from .threads import OwnThreads
 from .unitrun import UnitRunner
 
 __all__ = ["MixedRun", "MixedResult", "run_step"]
@@ -71,6 +72,7 @@ class MixedRun(TorchDispatchMode):
         self.lost: str | None = None  # the target is gone: nothing more was sent this step
         # runs sent before the last is answered (a target across a socket): see ``inflight``
         self.flight = InFlight(target, self._settle, self._rerun) if target.pipelines else None
+        self.threads = OwnThreads(self.flight is not None)  # entered by run_step
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -80,8 +82,8 @@ class MixedRun(TorchDispatchMode):
             self.settle()  # a unit reads what it is given, and runs (or recomputes) one at a time
             if rec["op"] != str(func):
                 self._diverge(f"op {rec['index']}: the live run called {func} where the carve had {rec['op']}")
-                return _reference(func, args, kwargs)
-            return self.units.on_op(rec["index"], func, args, kwargs, _reference)
+                return self._ref(func, args, kwargs)
+            return self.units.on_op(rec["index"], func, args, kwargs, self._ref)
         if rec is None or rec["index"] not in self.selected:
             return self._reference(func, args, kwargs)
         index = rec["index"]
@@ -109,7 +111,11 @@ class MixedRun(TorchDispatchMode):
         """A reference op: after the answers in flight when it reads a placeholder or writes in place."""
         if self.flight is not None and self.flight.blocks(func, args, kwargs):
             self.flight.drain()
-        return _reference(func, args, kwargs)
+        return self._ref(func, args, kwargs)
+
+    def _ref(self, func, args, kwargs):
+        """A reference op, at the thread count the run began with (``OwnThreads``)."""
+        return self.threads.reference(_reference, func, args, kwargs)
 
     def settle(self) -> None:
         """Every run in flight answered, judged, and its placeholders filled."""
@@ -120,17 +126,17 @@ class MixedRun(TorchDispatchMode):
         """The op on the target, one run at a time: its outputs judged and handed back, else the reference's."""
         outputs = self._on_target(index, op, live)
         if outputs is None:
-            return _reference(func, args, kwargs)
+            return self._ref(func, args, kwargs)
         outputs = self._judged(index, rec, op, outputs, live)
         if outputs is None:
-            return _reference(func, args, kwargs)
+            return self._ref(func, args, kwargs)
         try:
             return self._hand_back(func, rec, op, [o.to(device) for o in outputs], args, kwargs)
         except Exception as e:  # tapml's own failure: the op falls back, the model is not blamed
             result = self.results[index]
             result.status = Status.FELL_BACK
             result.reason = f"tapml could not hand the target's outputs back: {type(e).__name__}: {e}"
-            return _reference(func, args, kwargs)
+            return self._ref(func, args, kwargs)
 
     def _judged(self, index: int, rec: dict, op, outputs: list[torch.Tensor], live: list[torch.Tensor]
                 ) -> list[torch.Tensor] | None:
@@ -165,18 +171,18 @@ class MixedRun(TorchDispatchMode):
             self.results[s.index] = MixedResult(error.status, f"{type(error).__name__}: {error}")
             if error.fatal:
                 self.lost, self.selected = str(error), set()
-            return self._flat(_reference(s.func, s.args, s.kwargs)), False
+            return self._flat(self._ref(s.func, s.args, s.kwargs)), False
         self.results[s.index] = MixedResult(Status.OFFLOADED, target_ms=kernel_s * 1e3)
         judged = self._judged(s.index, s.rec, s.op, outputs, s.live)
         if judged is None:
-            return self._flat(_reference(s.func, s.args, s.kwargs)), False
+            return self._flat(self._ref(s.func, s.args, s.kwargs)), False
         return judged, True
 
     def _rerun(self, s: Sent) -> list[torch.Tensor]:
         """A pipelined op again, one run at a time (the reference's when nothing more goes to the target)."""
         if s.index not in self.selected:
             self.results.pop(s.index, None)
-            return self._flat(_reference(s.func, s.args, s.kwargs))
+            return self._flat(self._ref(s.func, s.args, s.kwargs))
         return self._flat(self._offload(s.index, s.rec, s.func, s.args, s.kwargs, s.op, s.live, torch.device("cpu")))
 
     @staticmethod
@@ -252,11 +258,12 @@ def run_step(run: Callable[[], Any], store: FixtureStore, target: Target, select
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            try:
-                with mixed:
-                    output = run()
-            finally:
-                mixed.settle()  # placeholders filled before anyone reads the output; the channel in step
+            with mixed.threads:
+                try:
+                    with mixed:
+                        output = run()
+                finally:
+                    mixed.settle()  # placeholders filled before anyone reads the output; the channel in step
             if runner is not None:
                 runner.abandon()  # a unit the run never finished: its ops on the reference, before anyone reads
     except TapmlError:
