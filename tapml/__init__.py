@@ -7,10 +7,13 @@ loads torch and nothing heavier: compilers, browsers and plotting load where use
 """
 
 import os
+import sys
 
 # tapml's processes share the cores with their worker processes; OpenMP threads that
 # spin after each parallel region (libgomp's default) starve the other process. Must be
-# set before torch loads, so it lives here; a user's own setting wins.
+# set before torch loads, so it lives here; a user's own setting wins. With torch imported
+# first, libgomp has read its environment already: ``OMP_SPINS`` says so (a local worker warns).
+OMP_SPINS = "torch" in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
