@@ -2,7 +2,8 @@
 ~1.1B parameters, built from a ``LlamaConfig`` with seeded random weights in bfloat16 (no download), each
 running one prefill of 128 tokens and 4 decode steps (``model.generate``, 5 new tokens).
 
-Per size, in one process, the sides interleaved (median of N):
+Per size, in one process, the sides interleaved (median of N, and each side's best of N: on a VM whose
+memory faults in slowly the write's time swings 5x between repeats):
 - carve / (forward + safetensors write of the same unique bytes), carve / (empty-dispatch-mode forward + write)
 - opening the store (every op checked), store bytes / unique tensor bytes
 - client peak RSS during the carve against the model's own bytes (goal: ≤ model + 2 shards)
@@ -170,6 +171,11 @@ def measure(name: str, repeats: int, offload: bool, platforms: list[str], rule: 
         fwd, emp, wr, cv, op = (statistics.median(x) for x in (forward, empty, write, carving, opening))
         row.update(forward_s=fwd, empty_mode_forward_s=emp, write_s=wr, carve_s=cv, open_s=op,
                    overhead_ratio=cv / (fwd + wr), floor_ratio=cv / (emp + wr))
+        # each side at its best: on this VM a write's time is mostly faulting fresh memory in (safetensors'
+        # copies, new page-cache pages), which swings 5x run to run; the fastest of each is what the code costs
+        bf, be, bw, bc = (min(x) for x in (forward, empty, write, carving))
+        row.update(forward_best_s=bf, empty_best_s=be, write_best_s=bw, carve_best_s=bc,
+                   overhead_ratio_best=bc / (bf + bw), floor_ratio_best=bc / (be + bw))
         if offload:
             from tapml.api import offload as offload_run
             from tapml.settings import Settings
@@ -216,13 +222,16 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
-    print("\n| size | params | ops | forward | empty mode | write | carve | carve / (fwd + write) "
-          "| carve / (empty + write) | open store | stored / unique | client peak − before carve (model) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| size | params | ops | forward | empty mode | write (best) | carve (best) | carve / (fwd + write) "
+          "| carve / (empty + write) | best / best | open store | stored / unique "
+          "| client peak − before carve (model) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['params'] / 1e6:,.1f} M | {r['ops']} | {r['forward_s']:.2f} s "
-              f"| {r['empty_mode_forward_s']:.2f} s | {r['write_s']:.2f} s | {r['carve_s']:.2f} s "
-              f"| **{r['overhead_ratio']:.2f}** | **{r['floor_ratio']:.2f}** | {r['open_s'] * 1e3:.0f} ms "
+              f"| {r['empty_mode_forward_s']:.2f} s | {r['write_s']:.2f} s ({r['write_best_s']:.2f}) "
+              f"| {r['carve_s']:.2f} s ({r['carve_best_s']:.2f}) "
+              f"| **{r['overhead_ratio']:.2f}** | **{r['floor_ratio']:.2f}** "
+              f"| {r['overhead_ratio_best']:.2f} / {r['floor_ratio_best']:.2f} | {r['open_s'] * 1e3:.0f} ms "
               f"| {r['stored_bytes'] / r['unique_bytes']:.4f} "
               f"| {_mib(r['client_peak_carve'] - r['client_rss_before_carve'])} ({_mib(r['model_bytes'])}) |")
     if any(k.startswith("offload_") for r in rows for k in r):
