@@ -107,10 +107,17 @@ class TVMWebGPU(TVMPlatform):
     def _device(cls):
         if cls._gpu is None:
             import os
-            import tempfile
 
-            # Mesa's drivers complain on stderr without a runtime dir; give them a private one
-            os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="tapml-xdg-"))
+            # Mesa's drivers complain on stderr without a runtime dir; give them a private one, removed at exit
+            # (made only when none is set: each worker process used to leave one behind in /tmp)
+            if "XDG_RUNTIME_DIR" not in os.environ:
+                import atexit
+                import shutil
+                import tempfile
+
+                runtime = tempfile.mkdtemp(prefix="tapml-xdg-")
+                os.environ["XDG_RUNTIME_DIR"] = runtime
+                atexit.register(shutil.rmtree, runtime, ignore_errors=True)
             import wgpu
 
             adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")

@@ -10,6 +10,7 @@ import math
 import os
 import secrets
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,7 +50,7 @@ class SpawnedWorker:
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
-        self.log.unlink(missing_ok=True)
+        _remove(self.log)
 
     def log_tail(self, lines: int = 3) -> str:
         try:
@@ -68,18 +69,32 @@ class WorkerExited(PlatformError):
 
 
 def _start(config: WorkerConfig, env: dict | None, pass_fds=()) -> tuple[subprocess.Popen, Path]:
-    fd, name = tempfile.mkstemp(prefix="tapml-worker-", suffix=".log")
-    log = Path(name)
+    """The worker process, its stderr in ``log`` inside a private folder (``_remove`` takes both)."""
+    home = Path(tempfile.mkdtemp(prefix="tapml-worker-"))
+    log = home / "worker.log"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     child_env = dict(os.environ if env is None else env, TAPML_WORKER_TOKEN=config.token)
     child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # do not spin on cores the client needs
+    # a runtime dir for drivers that want one (Mesa's, under wgpu): the worker is killed, never exits
+    # cleanly, so what it would make for itself would stay in /tmp; this one goes with its log
+    child_env.setdefault("XDG_RUNTIME_DIR", str(home))
     public = replace(config, token="")  # the token travels in the environment, not argv
-    with os.fdopen(fd, "wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tapml.remote.worker", public.dumps()],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=child_env,
-            pass_fds=pass_fds, start_new_session=True,
-        )
+    try:
+        with os.fdopen(fd, "wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tapml.remote.worker", public.dumps()],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=child_env,
+                pass_fds=pass_fds, start_new_session=True,
+            )
+    except BaseException:
+        _remove(log)
+        raise
     return proc, log
+
+
+def _remove(log: Path) -> None:
+    """A stopped worker's log and the private folder around it."""
+    shutil.rmtree(log.parent, ignore_errors=True)
 
 
 def _exit_text(code: int) -> str:
@@ -130,7 +145,7 @@ def spawn_worker(platform: str, *, host: str = "127.0.0.1", token: str | None = 
         try:
             return SpawnedWorker(proc, host, _await_ready(proc, log, startup_timeout), token, log)
         except WorkerExited as e:
-            log.unlink(missing_ok=True)
+            _remove(log)
             if e.returncode is None or e.returncode >= 0 or attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
@@ -194,7 +209,7 @@ def supervise_worker(config: WorkerConfig, *, kernel_timeout: float = 60.0, star
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-2:]) if log.exists() else ""
         proc.kill()
         proc.wait()
-        log.unlink(missing_ok=True)
+        _remove(log)
         if why is not None and not stop:
             print(f"tapml worker: restarting the execution process: {why}" + (f" ({tail})" if tail else ""),
                   file=sys.stderr, flush=True)
