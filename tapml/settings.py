@@ -10,12 +10,9 @@ judge the same way.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-
-import tapml
 
 from .core import TapmlError
 from .judging import RULES, Judge, ToleranceTable
@@ -86,10 +83,4 @@ class Settings:
         available = platform_class(platform).availability()  # refuse here, not in a worker's log
         if not available:
             raise PlatformError(f"platform {platform} is not available here: {available.reason}")
-        if tapml.OMP_SPINS:
-            warnings.warn("torch was imported before tapml without OMP_WAIT_POLICY: this process's OpenMP threads "
-                          "spin after each parallel region on the cores its local worker needs (MiniLM with half its "
-                          "layers offloaded, 2 cores: 73 against 58 ms per forward); set OMP_WAIT_POLICY=PASSIVE "
-                          "before importing torch",
-                          RuntimeWarning, stacklevel=2)
         return RemoteTarget(spawn=platform, timeout=self.timeout)

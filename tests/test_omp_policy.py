@@ -12,18 +12,21 @@ import pytest
 PROBE = """
 import warnings
 {imports}
+from tapml.remote import RemoteTarget
 from tapml.settings import Settings
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    Settings(platform="torch-cpu").open_target().close()
-print(tapml.OMP_SPINS, sum("OMP_WAIT_POLICY" in str(w.message) for w in caught))
+    Settings(platform="torch-cpu").open_target().close()  # what tapml offload does
+    RemoteTarget(spawn="torch-cpu").close()  # the engine used directly
+named = [w for w in caught if "OMP_WAIT_POLICY" in str(w.message)]
+print(tapml.OMP_SPINS, len(named), sorted({{w.filename for w in named}}))
 """
 
 
 @pytest.mark.parametrize("imports,env,expected", [
-    ("import torch\nimport tapml", {}, "True 1"),
-    ("import tapml\nimport torch", {}, "False 0"),
-    ("import torch\nimport tapml", {"OMP_WAIT_POLICY": "PASSIVE"}, "False 0"),
+    ("import torch\nimport tapml", {}, "True 2 ['<string>']"),  # each names the caller's line, not tapml's
+    ("import tapml\nimport torch", {}, "False 0 []"),
+    ("import torch\nimport tapml", {"OMP_WAIT_POLICY": "PASSIVE"}, "False 0 []"),
 ])
 def test_a_spinning_client_is_named_when_it_spawns_a_worker(imports, env, expected):
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tapml.carving import ModelRaised
 from tapml.engine import run_step, skip_reason
 from tapml.judging import Judge
 from tapml.remote import RemoteTarget
@@ -152,3 +153,33 @@ def test_the_client_s_own_work_runs_on_one_thread_and_the_reference_s_ops_on_the
         assert torch.equal(output.last_hidden_state, local.last_hidden_state)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_judge_that_fails_in_the_final_settle_leaves_the_target_in_step(minilm, minilm_store):
+    """Answers are judged as they come at the end of a step; if judging one raises (a MemoryError at scale,
+    Ctrl-C), the answers still due are read past, so the same target's next step is answered in order."""
+    every = {op["index"] for op in minilm_store.ops if not skip_reason(op)}
+    armed = []
+
+    class FailsOnce(Judge):
+        def judge(self, *a, **kw):
+            if armed:
+                armed.clear()
+                raise MemoryError("the judge ran out of memory")
+            return super().judge(*a, **kw)
+
+    def run():
+        out = minilm.run()
+        armed.append(True)  # the next judgement is in run_step's final settle, with runs still in flight
+        return out
+
+    with RemoteTarget(spawn="torch-cpu") as target:
+        run_step(minilm.run, minilm_store, target, every, Judge())  # prepares every op
+        with pytest.raises(ModelRaised, match="MemoryError"):  # (run_step names it as the live run's failure)
+            run_step(run, minilm_store, target, every, FailsOnce())
+        assert target.in_flight == 0
+        output, mixed, _ = run_step(minilm.run, minilm_store, target, every, Judge())
+    with torch.no_grad():
+        local = minilm.run()
+    assert torch.equal(output.last_hidden_state, local.last_hidden_state)
+    assert mixed.flight.pipelined >= 150 and all(r.status.value == "offloaded" for r in mixed.results.values())

@@ -147,8 +147,20 @@ class InFlight:
     def drain(self) -> None:
         """Every run in flight answered, judged and filled, in order: each judged as it comes, while the
         target still works on the later ones."""
-        while self.sent:
-            self._settle_oldest(1)
+        try:
+            while self.sent:
+                self._settle_oldest(1)
+        except BaseException:  # judging failed (a MemoryError, Ctrl-C): the target must not stay out of step
+            self._read_past()
+            raise
+
+    def _read_past(self) -> None:
+        """The answers still due, read and dropped: the target's next run starts in step with this client."""
+        try:
+            self._receive([None] * len(self.sent))
+        finally:
+            self.sent.clear()
+            self._names.clear()
 
     def _settle_oldest(self, n: int) -> None:
         batch = [self.sent.popleft() for _ in range(n)]
@@ -162,9 +174,7 @@ class InFlight:
             # later runs may have read this op's outputs: each runs again one at a time, after every
             # answer in flight is read (nothing else may be in flight then)
             rest = batch[k + 1:] + list(self.sent)
-            self._receive([None] * len(self.sent))
-            self.sent.clear()
-            self._names.clear()
+            self._read_past()
             _fill(self.target, s, values if values is not None else self.rerun(s), None)
             for r in rest:
                 _fill(self.target, r, self.rerun(r), None)

@@ -22,7 +22,8 @@ __all__ = ["OwnThreads"]
 
 class OwnThreads:
     """Context: one intra-op thread inside (when ``active`` and the caller had more); ``reference(fn, ...)``
-    calls ``fn`` at the caller's count."""
+    calls ``fn`` at the caller's count — the count when this was made (a model that changes it mid-run is
+    overridden at its next reference op)."""
 
     def __init__(self, active: bool):
         self.reference_threads = torch.get_num_threads()
@@ -31,8 +32,8 @@ class OwnThreads:
 
     def __enter__(self) -> OwnThreads:
         if self.active:
+            self.inside = True  # first: an interrupt between the two still finds __exit__'s restore armed
             torch.set_num_threads(1)
-            self.inside = True
         return self
 
     def __exit__(self, *exc) -> None:
