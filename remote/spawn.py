@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tapml.core import openmp_spins
 from tapml.platforms import PlatformError
 
 from .worker import READY, WorkerConfig, serve
@@ -154,11 +155,9 @@ def spawn_worker(platform: str, *, host: str = "127.0.0.1", token: str | None = 
 
 
 def _warn_if_spinning() -> None:
-    """Say so when this process's OpenMP threads spin (``tapml.OMP_SPINS``) on the cores the worker it
-    spawns will need; the warning points at the first caller outside tapml."""
-    import tapml
-
-    if not tapml.OMP_SPINS:
+    """Say so when this process's OpenMP threads spin (``openmp_spins``) on the cores the worker it spawns
+    will need; the warning points at the first caller outside tapml."""
+    if not openmp_spins():
         return
     frame, level = sys._getframe(0), 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith("tapml"):

@@ -34,7 +34,9 @@ def _source_tree() -> None:
 
 _source_tree()
 
-from .core import CheckFailed, TapmlError, __version__  # noqa: E402
+from .core import CheckFailed, TapmlError, __version__, record_openmp_spins  # noqa: E402
+
+record_openmp_spins(OMP_SPINS)
 
 _LAZY = {
     "carve": "api", "offload": "api", "replay": "api", "inspect": "api", "open_store": "api", "repro": "api",

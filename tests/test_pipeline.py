@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tapml.carving import ModelRaised
-from tapml.engine import run_step, skip_reason
+from tapml.engine import MixedRunFailed, run_step, skip_reason
 from tapml.judging import Judge
 from tapml.remote import RemoteTarget
 from tapml.workloads import load_workload
@@ -175,7 +175,7 @@ def test_a_judge_that_fails_in_the_final_settle_leaves_the_target_in_step(minilm
 
     with RemoteTarget(spawn="torch-cpu") as target:
         run_step(minilm.run, minilm_store, target, every, Judge())  # prepares every op
-        with pytest.raises(ModelRaised, match="MemoryError"):  # (run_step names it as the live run's failure)
+        with pytest.raises(MixedRunFailed, match="tapml failed judging .* MemoryError"):  # tapml's, not the model's
             run_step(run, minilm_store, target, every, FailsOnce())
         assert target.in_flight == 0
         output, mixed, _ = run_step(minilm.run, minilm_store, target, every, Judge())
@@ -183,3 +183,26 @@ def test_a_judge_that_fails_in_the_final_settle_leaves_the_target_in_step(minilm
         local = minilm.run()
     assert torch.equal(output.last_hidden_state, local.last_hidden_state)
     assert mixed.flight.pipelined >= 150 and all(r.status.value == "offloaded" for r in mixed.results.values())
+
+
+def test_failures_are_named_for_who_failed_tapml_or_the_model(minilm, minilm_store):
+    """A failure of tapml's own work mid-run (a judge raising while answers arrive) is tapml's; an op of the
+    model that raises (an in-place add on a tensor of another shape, computed by the reference) is the
+    model's, as it would be without tapml."""
+    every = {op["index"] for op in minilm_store.ops if not skip_reason(op)}
+
+    class Fails(Judge):
+        def judge(self, *a, **kw):
+            raise ZeroDivisionError("a bug in a comparison")
+
+    def model_fails():
+        minilm.run()
+        torch.ones(3).add_(torch.ones(4))  # raises in the model's code, under the dispatch mode
+
+    with RemoteTarget(spawn="torch-cpu") as target:
+        with pytest.raises(MixedRunFailed, match="ZeroDivisionError: a bug in a comparison") as failed:
+            run_step(minilm.run, minilm_store, target, every, Fails())
+        assert "not the model" in str(failed.value)
+        with pytest.raises(ModelRaised, match="RuntimeError"):
+            run_step(model_fails, minilm_store, target, every, Judge())
+        assert target.in_flight == 0

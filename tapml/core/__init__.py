@@ -10,6 +10,7 @@ from .errors import CheckFailed, OpFailed, OpRefused, TapmlError
 from .imports import import_object
 from .keys import HashMemo, byte_view, content_digest, content_key, content_mark, mark_content
 from .opcall import OpCall, bind_args, flatten_outputs, place_device
+from .openmp import openmp_spins, record_openmp_spins
 from .ops import (
     ALLOWED_NAMESPACES,
     DENIED_OPS,
@@ -51,6 +52,8 @@ __all__ = [
     "HashMemo",
     "MalformedValue",
     "OpCall",
+    "openmp_spins",
+    "record_openmp_spins",
     "OpFailed",
     "OpInfo",
     "OpRefused",

@@ -23,7 +23,7 @@ from .localize import (
     skip_reason,
 )
 from .migrate import check_store, migrate
-from .mixed import MixedResult, MixedRun, run_step
+from .mixed import MixedResult, MixedRun, MixedRunFailed, run_step
 from .plans import PLANS, find_blocks, groups_for, make_plan
 from .probe import ModelState, OffCarvedPath
 from .reference import Reference, reference_info, torch_reference
@@ -33,7 +33,7 @@ from .unitcheck import select_units, unit_alone
 from .units import Units, carved_outputs, unit_inputs
 
 __all__ = ["DRAWS", "OP_STATUSES", "PLANS", "HeapTrimmer", "LocalResult", "Localization", "MixedResult", "MixedRun",
-           "ModelState", "OffCarvedPath", "Reference",
+           "MixedRunFailed", "ModelState", "OffCarvedPath", "Reference",
            "Units", "build_run", "carved_outputs", "check_store", "end_to_end", "find_blocks", "find_culprit",
            "find_victims", "groups_for", "local_pass", "localize", "make_plan", "migrate", "plan_top_down",
            "random_input_check", "reference_info", "reference_noise", "run_local", "run_step", "run_steps",

@@ -31,7 +31,26 @@ from .localize import skip_reason
 from .threads import OwnThreads
 from .unitrun import UnitRunner
 
-__all__ = ["MixedRun", "MixedResult", "run_step"]
+__all__ = ["MixedRun", "MixedResult", "MixedRunFailed", "run_step"]
+
+
+class MixedRunFailed(TapmlError):
+    """tapml's own work during a live run failed (judging, sending, receiving) — not the model: an error
+    there used to reach the user as "the model raised"."""
+
+
+def _tapml_failed(where: str, e: Exception) -> MixedRunFailed:
+    return MixedRunFailed(f"tapml failed {where} (not the model; --debug shows the traceback): "
+                          f"{type(e).__name__}: {e}")
+
+
+def _mark_model_s(e: BaseException) -> None:
+    """Tag an exception raised by one of the model's own ops, so it is not taken for tapml's."""
+    e.tapml_model_raised = True
+
+
+def _is_model_s(e: BaseException) -> bool:
+    return getattr(e, "tapml_model_raised", False) or isinstance(e, TapmlError)
 
 
 @dataclass
@@ -75,7 +94,14 @@ class MixedRun(TorchDispatchMode):
         self.threads = OwnThreads(self.flight is not None)  # entered by run_step
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        try:
+            return self._dispatch(func, args, kwargs or {})
+        except Exception as e:
+            if _is_model_s(e):
+                raise
+            raise _tapml_failed(f"at the live run's call {self.seq - 1} ({func})", e) from e
+
+    def _dispatch(self, func, args, kwargs):
         rec = self.by_seq.get(self.seq)
         self.seq += 1
         if rec is not None and self.units is not None and self.units.owns(rec["index"]):
@@ -115,12 +141,22 @@ class MixedRun(TorchDispatchMode):
 
     def _ref(self, func, args, kwargs):
         """A reference op, at the thread count the run began with (``OwnThreads``)."""
-        return self.threads.reference(_reference, func, args, kwargs)
+        try:
+            return self.threads.reference(_reference, func, args, kwargs)
+        except Exception as e:
+            _mark_model_s(e)  # it would raise in a plain run too
+            raise
 
     def settle(self) -> None:
         """Every run in flight answered, judged, and its placeholders filled."""
-        if self.flight is not None:
+        if self.flight is None:
+            return
+        try:
             self.flight.drain()
+        except Exception as e:
+            if _is_model_s(e):
+                raise
+            raise _tapml_failed("judging the answers of the step", e) from e
 
     def _offload(self, index: int, rec: dict, func, args, kwargs, op, live: list[torch.Tensor], device):
         """The op on the target, one run at a time: its outputs judged and handed back, else the reference's."""
