@@ -142,14 +142,14 @@ class InFlight:
         """Judge and fill the answers that have already come: the comparison overlaps the target's work on
         later ops instead of waiting for the end of the step."""
         while self.sent and self.target.answer_ready():
-            self._settle_oldest(1)
+            self._settle_oldest()
 
     def drain(self) -> None:
         """Every run in flight answered, judged and filled, in order: each judged as it comes, while the
         target still works on the later ones."""
         try:
             while self.sent:
-                self._settle_oldest(1)
+                self._settle_oldest()
         except BaseException:  # judging failed (a MemoryError, Ctrl-C): the target must not stay out of step
             self._read_past()
             raise
@@ -162,23 +162,21 @@ class InFlight:
             self.sent.clear()
             self._names.clear()
 
-    def _settle_oldest(self, n: int) -> None:
-        batch = [self.sent.popleft() for _ in range(n)]
-        answers = self._receive(batch)
-        for k, (s, (outputs, error, kernel_s)) in enumerate(zip(batch, answers, strict=True)):
-            values, clean = self.settle(s, outputs, error, kernel_s)
-            if values is not None and clean:
-                self._forget(s)
-                _fill(self.target, s, values, outputs)
-                continue
-            # later runs may have read this op's outputs: each runs again one at a time, after every
-            # answer in flight is read (nothing else may be in flight then)
-            rest = batch[k + 1:] + list(self.sent)
-            self._read_past()
-            _fill(self.target, s, values if values is not None else self.rerun(s), None)
-            for r in rest:
-                _fill(self.target, r, self.rerun(r), None)
+    def _settle_oldest(self) -> None:
+        s = self.sent.popleft()
+        [(outputs, error, kernel_s)] = self._receive([s])
+        values, clean = self.settle(s, outputs, error, kernel_s)
+        if values is not None and clean:
+            self._forget(s)
+            _fill(self.target, s, values, outputs)
             return
+        # later runs may have read this op's outputs: each runs again one at a time, after every
+        # answer in flight is read (nothing else may be in flight then)
+        rest = list(self.sent)
+        self._read_past()
+        _fill(self.target, s, values if values is not None else self.rerun(s), None)
+        for r in rest:
+            _fill(self.target, r, self.rerun(r), None)
 
     def _receive(self, batch: list[Sent | None]) -> list[tuple]:
         """The answers to ``batch`` (None: an answer read past), each received in its placeholders."""

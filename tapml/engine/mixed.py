@@ -49,7 +49,8 @@ def _mark_model_s(e: BaseException) -> None:
     e.tapml_model_raised = True
 
 
-def _is_model_s(e: BaseException) -> bool:
+def _attributed(e: BaseException) -> bool:
+    """Already says who failed: one of the model's ops (tagged), or a TapmlError naming tapml's problem."""
     return getattr(e, "tapml_model_raised", False) or isinstance(e, TapmlError)
 
 
@@ -97,7 +98,7 @@ class MixedRun(TorchDispatchMode):
         try:
             return self._dispatch(func, args, kwargs or {})
         except Exception as e:
-            if _is_model_s(e):
+            if _attributed(e):
                 raise
             raise _tapml_failed(f"at the live run's call {self.seq - 1} ({func})", e) from e
 
@@ -154,7 +155,7 @@ class MixedRun(TorchDispatchMode):
         try:
             self.flight.drain()
         except Exception as e:
-            if _is_model_s(e):
+            if _attributed(e):
                 raise
             raise _tapml_failed("judging the answers of the step", e) from e
 
