@@ -42,6 +42,7 @@ CLIENT_CONFIG = {"allow_public_attrs": False, "allow_pickle": False, "sync_reque
 # their answers under what the client is willing to hold at once
 FLIGHT_REQUEST_BYTES = 32 << 10
 FLIGHT_ANSWER_BYTES = 64 << 20
+RELEASE_EVERY = 64  # names of read answers released to the worker in one frame, with the next run sent
 
 Named = Callable[[torch.Tensor], "str | None"]  # the name of a pending output a tensor is (a view of), or None
 
@@ -102,7 +103,8 @@ class RemoteTarget(Target):
         self._stats: Counter = Counter()
         self._conn = None
         self._generation = 0  # bumped by every (re)connection: answers in flight on an older one never come
-        self._flight: deque = deque()  # (op, generation, sending, request bytes, answer bytes), oldest first
+        self._flight: deque = deque()  # (op, generation, sending, request bytes, answer bytes, names), oldest first
+        self._released: list[str] = []  # names of outputs whose answers were read, not yet released to the worker
         self._flight_bytes = [0, 0]  # requests, answers
         self._name_prefix, self._name_count = secrets.token_bytes(8), itertools.count()
         self.restarts = 0
@@ -144,6 +146,7 @@ class RemoteTarget(Target):
         self._data_timeout: float | None = None
         self._generation += 1
         self._flight_bytes = [0, 0]
+        self._released = []
         self.name = info["platform"]
         self.description = info["description"]
 
@@ -464,16 +467,25 @@ class RemoteTarget(Target):
             return None
         with self._lock:
             try:
-                self._post(None, op, buffers, sending)
+                self._post(None, op, self._release() + buffers, sending)
             except (OSError, WireError):  # the worker died on a run in flight: reading its answer says which
                 return None
         if header is not None:
             self._sent_ops.add(op.signature)
-        self._flight.append((op, self._generation, sending, size, answer))
+        self._flight.append((op, self._generation, sending, size, answer, names))
         self._flight_bytes[0] += size
         self._flight_bytes[1] += answer
         self._stats["runs_pipelined"] += 1
         return names
+
+    def _release(self) -> list:
+        """A release frame for the names of answers already read, once there are ``RELEASE_EVERY`` of them
+        (sent with the next run: no extra round trip), else nothing. Without it the worker would hold every
+        pending output it ever named, each forward's until its cache budget (4 GiB) evicts them."""
+        if len(self._released) < RELEASE_EVERY:
+            return []
+        names, self._released = self._released, []
+        return frame_buffers({"kind": "release", "names": names})
 
     @property
     def in_flight(self) -> int:
@@ -484,9 +496,11 @@ class RemoteTarget(Target):
         """The answer to the oldest run in flight: ``(outputs, None, kernel seconds)``, ``(None, error, 0)``,
         or ``(None, None, 0)`` when no answer will come (the worker was replaced since: run it again).
         ``into``: tensors to receive the outputs in (its placeholders), where dtype and shape allow."""
-        op, generation, sending, size, answer = self._flight.popleft()
+        op, generation, sending, size, answer, names = self._flight.popleft()
         if generation != self._generation:  # counted on a connection since replaced (its counts were reset)
             return None, None, 0.0
+        if self.info.get("releases"):  # from now on this client takes these outputs by content key, if at all
+            self._released += names
         self._flight_bytes[0] -= size
         self._flight_bytes[1] -= answer
         start = time.monotonic()

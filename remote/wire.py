@@ -6,7 +6,9 @@ calls (hello, prepare, stats) and each client has a second socket where a frame
 is ``u32 header length | JSON header | payload``. Tensor frames carry raw bytes
 written and read in chunks straight from/into tensor memory; a ``run`` frame
 names the op and the content keys of its inputs; the worker answers with one
-tensor frame per output and a ``reply`` frame.
+tensor frame per output and a ``reply`` frame. A pipelined run names its outputs
+so later runs can take them before the answer is read; a ``release`` frame (no
+reply) tells the worker which names the client will not use again.
 
 The op-run path has a binary form (``calls``): frames whose length word is a
 magic number above the header cap are handed to a parser the caller names.

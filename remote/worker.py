@@ -63,6 +63,7 @@ from .wire import (
 __all__ = ["WorkerConfig", "serve", "SERVER_CONFIG", "READY"]
 
 READY = "TAPML-WORKER READY"
+MAX_RELEASE = 4096  # names in one release frame
 SERVER_CONFIG = {
     "allow_public_attrs": False,
     "allow_all_attrs": False,
@@ -123,6 +124,12 @@ class TensorCache:
         if t is not None:
             self._items.move_to_end(key)
         return t
+
+    def drop(self, key: str) -> None:
+        """Let go of ``key`` (a name the client has released); an unknown key is ignored."""
+        t = self._items.pop(key, None)
+        if t is not None:
+            self.used -= t.nbytes
 
 
 def _accept(listener: socket.socket, alive) -> socket.socket | None:
@@ -365,12 +372,22 @@ class _Session:
                     self._reply(self._run(header))
                 elif kind == "run_unit":
                     self._reply(self._run_unit(header))
+                elif kind == "release":  # no reply: the client reads none
+                    self._release(header.get("names"))
                 else:
                     self._reply({"ok": False, "error": "malformed", "message": "unknown frame kind"})
         except (OSError, WireError):
             pass
         finally:
             self.close()
+
+    def _release(self, names) -> None:
+        """Drop the names of outputs whose answers the client has read: it takes them by content key from
+        then on. Anything malformed is ignored (a release has no reply to carry an error)."""
+        if isinstance(names, list) and len(names) <= MAX_RELEASE:
+            for name in names:
+                if isinstance(name, str):
+                    self.cache.drop(name)
 
     def _reply(self, reply: dict | None) -> None:
         """The run's output frames and its reply (None: a binary outputs frame is the answer) in one write:
@@ -583,7 +600,7 @@ def make_service(worker: _Worker):
             return _reply(platform=p.name, description=p.description, capabilities=p.capabilities().to_json(),
                           data_port=worker.data.getsockname()[1], nonce=self._session.nonce,
                           max_payload=worker.config.max_payload, pid=os.getpid(), torch=torch.__version__,
-                          kernel_timeout=worker.config.kernel_timeout)
+                          kernel_timeout=worker.config.kernel_timeout, releases=True)
 
         def exposed_prepare(self, op_json) -> str:
             return self._prepare(op_json, OpCall, worker.prepare, self._session.ops, "prepare", "an op call", "op",

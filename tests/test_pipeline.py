@@ -206,3 +206,18 @@ def test_failures_are_named_for_who_failed_tapml_or_the_model(minilm, minilm_sto
         with pytest.raises(ModelRaised, match="RuntimeError"):
             run_step(model_fails, minilm_store, target, every, Judge())
         assert target.in_flight == 0
+
+
+def test_the_worker_lets_go_of_outputs_the_client_has_read(minilm, minilm_store):
+    """A pending output's name holds it on the worker only until the client has read its answer: a long
+    offload (many forwards, a generate loop) must not keep every forward's outputs alive there."""
+    every = {op["index"] for op in minilm_store.ops if not skip_reason(op)}
+    with RemoteTarget(spawn="torch-cpu") as t:
+        held = []
+        for _ in range(5):  # the first forward prepares every op
+            _, mixed, _ = run_step(minilm.run, minilm_store, t, every, Judge())
+            held.append(t.worker_stats()["cached_bytes"])
+        assert mixed.flight.pipelined >= 150
+    # one forward's outputs are ~20 MB: what the worker holds after the fifth is what it held after the
+    # second, give or take the names not yet released (fewer than RELEASE_EVERY outputs)
+    assert held[4] - held[1] < 8 << 20, held

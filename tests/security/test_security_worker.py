@@ -135,6 +135,24 @@ def test_malformed_frames_get_an_error_reply_and_no_traceback(frame):
         w.stop()
 
 
+def test_malformed_releases_are_ignored_and_the_channel_stays_in_step():
+    """A release frame has no reply, so nothing in one may produce a reply or end the session."""
+    w = spawn_worker("torch-cpu")
+    try:
+        with RemoteTarget(w.address, token=w.token) as target:
+            for frame in ({"kind": "release"}, {"kind": "release", "names": "k"},
+                          {"kind": "release", "names": [1, None, {"a": 1}, ["k"], "unknown"]},
+                          {"kind": "release", "names": ["k"] * 5000}):
+                send_frame(target._data, frame)
+            send_frame(target._data, {"kind": "launch"})  # the next frame's reply is the next one read
+            reply, _ = recv_frame(target._data)
+            assert reply["kind"] == "reply" and reply["error"] == "malformed"
+            assert serves(w.address, w.token)
+        assert "Traceback" not in w.log.read_text()
+    finally:
+        w.stop()
+
+
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
     torch.manual_seed(0)
