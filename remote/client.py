@@ -32,7 +32,7 @@ from tapml.platforms import Capabilities, PlatformError, Support, Target, Unsupp
 
 from .calls import MAX_INPUTS, MAX_MODULE, MAX_NDIM, call_head, input_entry, names_entry, read_outputs, view_entry
 from .spawn import SpawnedWorker, spawn_worker
-from .wire import FrameReader, WireError, frame_buffers, send_buffers, tensor_buffers
+from .wire import MAX_RELEASE, FrameReader, WireError, frame_buffers, send_buffers, tensor_buffers
 
 __all__ = ["RemoteTarget", "TargetLost", "WorkerCrashed", "WorkerTimeout", "PayloadTooLarge", "parse_address"]
 
@@ -42,7 +42,7 @@ CLIENT_CONFIG = {"allow_public_attrs": False, "allow_pickle": False, "sync_reque
 # their answers under what the client is willing to hold at once
 FLIGHT_REQUEST_BYTES = 32 << 10
 FLIGHT_ANSWER_BYTES = 64 << 20
-RELEASE_EVERY = 64  # names of read answers released to the worker in one frame, with the next run sent
+RELEASE_EVERY = 64  # names of read answers released to the worker at once, with the next run sent
 
 Named = Callable[[torch.Tensor], "str | None"]  # the name of a pending output a tensor is (a view of), or None
 
@@ -460,6 +460,8 @@ class RemoteTarget(Target):
             if op.signature not in self._sent_ops:
                 header["op"] = op.to_json()
             buffers += frame_buffers(header)
+        release = self._release()
+        buffers = release + buffers  # counted in flight like the run: the worker reads them first
         size = sum(memoryview(b).nbytes for b in buffers)
         answer = sum(s.nbytes for s in op.output_specs)
         if self._flight and (self._flight_bytes[0] + size > FLIGHT_REQUEST_BYTES
@@ -467,9 +469,11 @@ class RemoteTarget(Target):
             return None
         with self._lock:
             try:
-                self._post(None, op, self._release() + buffers, sending)
+                self._post(None, op, buffers, sending)
             except (OSError, WireError):  # the worker died on a run in flight: reading its answer says which
                 return None
+        if release:
+            self._released = []
         if header is not None:
             self._sent_ops.add(op.signature)
         self._flight.append((op, self._generation, sending, size, answer, names))
@@ -479,13 +483,15 @@ class RemoteTarget(Target):
         return names
 
     def _release(self) -> list:
-        """A release frame for the names of answers already read, once there are ``RELEASE_EVERY`` of them
-        (sent with the next run: no extra round trip), else nothing. Without it the worker would hold every
-        pending output it ever named, each forward's until its cache budget (4 GiB) evicts them."""
-        if len(self._released) < RELEASE_EVERY:
+        """Release frames for the names of answers already read, once there are ``RELEASE_EVERY`` of them
+        (sent with the next run: no extra round trip), else nothing; ``_released`` is emptied once they are
+        sent. Without them the worker would hold every pending output it ever named, each forward's until its
+        cache budget (4 GiB) evicted them."""
+        names = self._released
+        if len(names) < RELEASE_EVERY:
             return []
-        names, self._released = self._released, []
-        return frame_buffers({"kind": "release", "names": names})
+        return [b for at in range(0, len(names), MAX_RELEASE)
+                for b in frame_buffers({"kind": "release", "names": names[at:at + MAX_RELEASE]})]
 
     @property
     def in_flight(self) -> int:

@@ -30,8 +30,8 @@ import torch
 
 from tapml.core import MalformedValue, byte_view, check_spec, dtype_from_name, dtype_name
 
-__all__ = ["CHUNK", "BINARY_MIN", "FrameReader", "frame_buffers", "tensor_buffers", "send_buffers", "send_frame",
-           "send_tensor", "recv_frame", "read_preamble", "check_run", "WireError", "FrameError"]
+__all__ = ["CHUNK", "BINARY_MIN", "MAX_RELEASE", "FrameReader", "frame_buffers", "tensor_buffers", "send_buffers",
+           "send_frame", "send_tensor", "recv_frame", "read_preamble", "check_run", "WireError", "FrameError"]
 
 CHUNK = 4 << 20
 _LEN = struct.Struct("<I")
@@ -39,6 +39,7 @@ _MAX_HEADER = 16 << 20
 BINARY_MIN = 0xFFFF_0000  # a length word at or above this starts a binary frame (``calls``), not a JSON header
 _MAX_KEY = 256
 _IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
+MAX_RELEASE = 4096  # names in one release frame
 
 
 class WireError(ConnectionError):

@@ -50,6 +50,7 @@ from tapml.platforms import PlatformError, Support, Unsupported, open_local
 
 from .calls import output_buffers, read_call
 from .wire import (
+    MAX_RELEASE,
     FrameError,
     FrameReader,
     WireError,
@@ -63,7 +64,6 @@ from .wire import (
 __all__ = ["WorkerConfig", "serve", "SERVER_CONFIG", "READY"]
 
 READY = "TAPML-WORKER READY"
-MAX_RELEASE = 4096  # names in one release frame
 SERVER_CONFIG = {
     "allow_public_attrs": False,
     "allow_all_attrs": False,

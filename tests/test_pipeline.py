@@ -209,8 +209,8 @@ def test_failures_are_named_for_who_failed_tapml_or_the_model(minilm, minilm_sto
 
 
 def test_the_worker_lets_go_of_outputs_the_client_has_read(minilm, minilm_store):
-    """A pending output's name holds it on the worker only until the client has read its answer: a long
-    offload (many forwards, a generate loop) must not keep every forward's outputs alive there."""
+    """A pending output's name holds it on the worker only until the client has read its answer: the steps
+    of an offload (each replays the carve's inputs) must not keep every forward's outputs alive there."""
     every = {op["index"] for op in minilm_store.ops if not skip_reason(op)}
     with RemoteTarget(spawn="torch-cpu") as t:
         held = []

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import socket
 import threading
+from types import SimpleNamespace
 
 import torch
 
-from tapml.remote.wire import FrameReader, frame_buffers, recv_frame, send_buffers, tensor_buffers
+from tapml.remote.client import RELEASE_EVERY, RemoteTarget
+from tapml.remote.wire import MAX_RELEASE, FrameReader, frame_buffers, recv_frame, send_buffers, tensor_buffers
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:
@@ -46,4 +48,21 @@ def test_a_refused_tensor_is_read_past_and_the_channel_stays_in_step():
     header, t = reader.read(max_payload=16)
     assert t is None and "payload cap" in header["refused"]
     assert reader.read()[0]["kind"] == "run"
+    a.close(), b.close()
+
+
+def test_released_names_travel_in_frames_the_worker_accepts():
+    """More names than one release frame may carry (a drain of many multi-output runs) go in several: a
+    frame over the worker's limit would be ignored whole, and those outputs held until evicted."""
+    names = [f"{i:032x}" for i in range(2 * MAX_RELEASE + 5)]
+    assert RemoteTarget._release(SimpleNamespace(_released=names[:RELEASE_EVERY - 1])) == []
+    a, b = _pair()
+    frames = RemoteTarget._release(SimpleNamespace(_released=names))
+    writer = threading.Thread(target=send_buffers, args=(a, frames))
+    writer.start()
+    reader = FrameReader(b)
+    got = [reader.read()[0] for _ in range(3)]
+    writer.join()
+    assert all(h["kind"] == "release" and len(h["names"]) <= MAX_RELEASE for h in got)
+    assert [n for h in got for n in h["names"]] == names
     a.close(), b.close()
