@@ -101,6 +101,11 @@ class Target:
         Returns its outputs' names, or None when nothing was sent (answer what is in flight first)."""
         return None
 
+    def send_unit(self, unit: UnitCall, inputs: list[torch.Tensor], named: Callable[[torch.Tensor], str | None]
+                  ) -> list[str] | None:
+        """``send_run`` for a prepared unit; its answer comes through ``receive_run`` in turn."""
+        return None
+
     def receive_run(self, into: list | None = None
                     ) -> tuple[list[torch.Tensor] | None, OpFailed | Unsupported | None, float]:
         """The oldest run in flight's answer: ``(outputs, None, kernel seconds)``, ``(None, error, 0)``, or
@@ -203,6 +208,10 @@ class TargetWrapper(Target):
     def send_run(self, op: OpCall, inputs: list[torch.Tensor], named: Callable[[torch.Tensor], str | None]
                  ) -> list[str] | None:
         return self.target.send_run(op, inputs, named)
+
+    def send_unit(self, unit: UnitCall, inputs: list[torch.Tensor], named: Callable[[torch.Tensor], str | None]
+                  ) -> list[str] | None:
+        return self.target.send_unit(unit, inputs, named)
 
     def receive_run(self, into: list | None = None
                     ) -> tuple[list[torch.Tensor] | None, OpFailed | Unsupported | None, float]:

@@ -447,7 +447,7 @@ class RemoteTarget(Target):
         support = self._support.get(op.signature)
         if not support or self.lost is not None or self._conn is None:
             return None
-        names = [(self._name_prefix + next(self._name_count).to_bytes(8, "little")).hex() for _ in op.output_specs]
+        names = self._names(len(op.output_specs))
         buffers: list = []
         sending: dict[str, int] = {}
         handle = self._handles.get(op.signature)
@@ -460,27 +460,51 @@ class RemoteTarget(Target):
             if op.signature not in self._sent_ops:
                 header["op"] = op.to_json()
             buffers += frame_buffers(header)
+        if not self._dispatch(op, buffers, sending, names):
+            return None
+        if header is not None:
+            self._sent_ops.add(op.signature)
+        return names
+
+    def send_unit(self, unit: UnitCall, inputs: list[torch.Tensor], named: Named) -> list[str] | None:
+        """``send_run`` for a prepared unit: its answer is read by ``receive_run`` in turn; None — nothing
+        sent — when the unit has not been prepared here or the runs in flight are at their bounds."""
+        support = self._support.get("unit:" + unit.signature)
+        if not support or self.lost is not None or self._conn is None:
+            return None
+        names = self._names(len(unit.output_specs))
+        buffers: list = []
+        sending: dict[str, int] = {}
+        header = {"kind": "run_unit", "sig": unit.signature, "index": unit.index, "module": unit.module,
+                  "call": unit.call, "keys": self._upload(inputs, buffers, sending, named), "names": names}
+        buffers += frame_buffers(header)
+        return names if self._dispatch(unit, buffers, sending, names) else None
+
+    def _names(self, n: int) -> list[str]:
+        return [(self._name_prefix + next(self._name_count).to_bytes(8, "little")).hex() for _ in range(n)]
+
+    def _dispatch(self, call: OpCall | UnitCall, buffers: list, sending: dict[str, int], names: list[str]) -> bool:
+        """Post a run's frames (after any release frames due) unless the runs in flight would pass their
+        bounds; False when nothing was sent."""
         release = self._release()
         buffers = release + buffers  # counted in flight like the run: the worker reads them first
         size = sum(memoryview(b).nbytes for b in buffers)
-        answer = sum(s.nbytes for s in op.output_specs)
+        answer = sum(s.nbytes for s in call.output_specs)
         if self._flight and (self._flight_bytes[0] + size > FLIGHT_REQUEST_BYTES
                              or self._flight_bytes[1] + answer > FLIGHT_ANSWER_BYTES):
-            return None
+            return False
         with self._lock:
             try:
-                self._post(None, op, buffers, sending)
+                self._post(None, call, buffers, sending)
             except (OSError, WireError):  # the worker died on a run in flight: reading its answer says which
-                return None
+                return False
         if release:
             self._released = []
-        if header is not None:
-            self._sent_ops.add(op.signature)
-        self._flight.append((op, self._generation, sending, size, answer, names))
+        self._flight.append((call, self._generation, sending, size, answer, names))
         self._flight_bytes[0] += size
         self._flight_bytes[1] += answer
         self._stats["runs_pipelined"] += 1
-        return names
+        return True
 
     def _release(self) -> list:
         """Release frames for the names of answers already read, once there are ``RELEASE_EVERY`` of them
@@ -518,11 +542,14 @@ class RemoteTarget(Target):
         if not reply["ok"]:  # inline inputs of a refused run may not have been kept; evicted ones are not held
             self._known.difference_update(sending)
             self._known.difference_update(k for k in reply.get("keys", ()) if isinstance(k, str))
-            if reply.get("error") in ("missing", "unknown-op", "unknown-handle", "malformed"):
+            if reply.get("error") in ("missing", "unknown-op", "unknown-unit", "unknown-handle", "malformed"):
                 return None, None, 0.0  # an input by name that never came (or was evicted): run it again
-        self._plan(op.signature, reply)
+        unit = isinstance(op, UnitCall)
+        if not unit:
+            self._plan(op.signature, reply)
         try:
-            return self._answer(outputs, reply, "runs"), None, float(reply.get("kernel_s", 0.0))
+            outputs = self._answer(outputs, reply, "unit_runs" if unit else "runs")
+            return outputs, None, float(reply.get("kernel_s", 0.0))
         except (Unsupported, OpFailed) as e:
             return None, e, 0.0
 

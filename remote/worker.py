@@ -511,7 +511,7 @@ class _Session:
         inputs, problem = self._inputs(header, unit.input_specs)
         if problem is not None:
             return problem
-        return self._compute(lambda: self.worker.platform.execute_unit(unit, inputs))
+        return self._compute(lambda: self.worker.platform.execute_unit(unit, inputs), names=header.get("names"))
 
     def _compute(self, call, binary: bool = False, names: list[str] | None = None) -> dict | None:
         """Run a kernel (or a unit) under the worker's lock; keep its outputs by key (and output k under

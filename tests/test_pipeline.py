@@ -221,3 +221,109 @@ def test_the_worker_lets_go_of_outputs_the_client_has_read(minilm, minilm_store)
     # one forward's outputs are ~20 MB: what the worker holds after the fifth is what it held after the
     # second, give or take the names not yet released (fewer than RELEASE_EVERY outputs)
     assert held[4] - held[1] < 8 << 20, held
+
+
+def _units_step(workload, store, pipeline: bool, env: dict | None = None):
+    from tapml.engine.topdown import plan_top_down, top_down_steps
+
+    with RemoteTarget(spawn=f"{HELPERS}:PickyUnits", pipeline=pipeline,
+                      spawn_options={"env": env} if env else None) as t:
+        last = top_down_steps(store, plan_top_down(store, t))[-1]
+        run_step(workload.run, store, t, set(last["offload"]), Judge(), units=last["units"])  # prepares each unit
+        output, mixed, _ = run_step(workload.run, store, t, set(last["offload"]), Judge(), units=last["units"])
+    units = {store.layers[k]["module"]: (r.status.value, (r.reason or "").split(" (")[0],
+                                         None if r.propagated is None else r.propagated.max_abs)
+             for k, r in mixed.units.results.items()}
+    pipelined = mixed.flight.pipelined if mixed.flight is not None else 0
+    return output.last_hidden_state, units, pipelined
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["refused-wrong-doubled", "worker-killed"])
+def test_units_in_flight_end_as_they_end_one_at_a_time(minilm, minilm_store, kill):
+    """Top-down units are sent without waiting for the one before; a unit the worker refuses, answers with
+    wrong shapes or dies on — while later units are already on their way — ends exactly as it does one at
+    a time: the same statuses, metrics and model output (the refused and broken ones recomputed on the
+    reference, the later ones run again)."""
+    env = dict(os.environ, TAPML_TEST_KILL_UNIT="1") if kill else None
+    one = _units_step(minilm, minilm_store, pipeline=False, env=env)
+    many = _units_step(minilm, minilm_store, pipeline=True, env=env)
+    assert torch.equal(one[0], many[0])
+    assert one[1] == many[1]
+    assert one[2] == 0 and many[2] >= 6  # the encoder layers went without waiting for each other
+    status = {m: s for m, (s, _, _) in many[1].items()}
+    assert status["encoder.layer.1"] == "unsupported" and status["encoder.layer.3"] == "fell back"
+    assert status["encoder.layer.4"] == ("crashed" if kill else "offloaded")
+    assert status["encoder.layer.5"] == "offloaded" and many[1]["encoder.layer.5"][2] > 0  # doubled: it flowed on
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class _ViewBetween(torch.nn.Module):
+    """Three units; the second reads a view of the first's output taken outside any unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Block(), _Block(), _Block()])
+
+    def forward(self, x):
+        return self.blocks[2](self.blocks[1](self.blocks[0](x).unsqueeze(0)))
+
+
+def test_a_unit_in_flight_that_falls_back_leaves_no_stand_in_behind_a_view(tmp_path):
+    """The live run goes on while a unit is in flight and may take views of its outputs; when the unit
+    then runs on the reference instead, those views must see the reference's values, not the NaN of the
+    stand-ins (found in review: the output was all NaN and the later units 'offloaded' with max abs inf)."""
+    from tapml.carving import FixtureStore, carve
+    from tapml.engine.topdown import plan_top_down, top_down_steps
+
+    torch.manual_seed(0)
+    model, x = _ViewBetween().eval(), torch.randn(3, 8)
+    carve(model, lambda: model(x), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    env = dict(os.environ, TAPML_TEST_REFUSE_UNITS="blocks.0")
+    with RemoteTarget(spawn=f"{HELPERS}:PickyUnits", spawn_options={"env": env}) as t:
+        last = top_down_steps(store, plan_top_down(store, t))[-1]
+        run_step(lambda: model(x), store, t, set(last["offload"]), Judge(), units=last["units"])
+        out, mixed, _ = run_step(lambda: model(x), store, t, set(last["offload"]), Judge(), units=last["units"])
+    assert mixed.flight.pipelined >= 2
+    status = {store.layers[k]["module"]: (r.status.value, r.propagated and r.propagated.max_abs)
+              for k, r in mixed.units.results.items()}
+    assert status == {"blocks.0": ("unsupported", None), "blocks.1": ("offloaded", 0.0),
+                      "blocks.2": ("offloaded", 0.0)}
+    with torch.no_grad():
+        assert torch.equal(out, model(x))
+
+
+def _lost_step(workload, store, pipeline: bool, tmp: Path):
+    from tapml.engine.topdown import plan_top_down, top_down_steps
+
+    env = dict(os.environ, TAPML_TEST_KILL_UNIT="encoder.layer.2", TAPML_TEST_ARMED=str(tmp / "armed"),
+               TAPML_TEST_DEAD=str(tmp / "dead"))
+    with RemoteTarget(spawn=f"{HELPERS}:LostAtUnit", pipeline=pipeline, spawn_options={"env": env},
+                      reconnect_s=1) as t:
+        last = top_down_steps(store, plan_top_down(store, t))[-1]
+        run_step(workload.run, store, t, set(last["offload"]), Judge(), units=last["units"])
+        (tmp / "armed").touch()
+        output, mixed, _ = run_step(workload.run, store, t, set(last["offload"]), Judge(), units=last["units"])
+        assert t.lost is not None
+    return output.last_hidden_state, {store.layers[k]["module"]: (r.status.value, (r.reason or "")[:20])
+                                      for k, r in mixed.units.results.items()}
+
+
+def test_a_target_lost_with_units_in_flight_ends_the_units_as_one_at_a_time(minilm, minilm_store, tmp_path):
+    """The worker dies for good on one unit while later ones are on their way: that unit crashed, the
+    next one finds the target lost, and the rest run on the reference with no result of their own — as
+    one at a time (found in review: every unit in flight was recorded as crashed)."""
+    (tmp_path / "one").mkdir(), (tmp_path / "many").mkdir()
+    one = _lost_step(minilm, minilm_store, False, tmp_path / "one")
+    many = _lost_step(minilm, minilm_store, True, tmp_path / "many")
+    assert torch.equal(one[0], many[0])
+    assert one[1] == many[1]
+    assert one[1]["encoder.layer.2"][0] == "crashed" and "encoder.layer.4" not in one[1]

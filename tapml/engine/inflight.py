@@ -9,7 +9,8 @@ answers are read, each op judged and its placeholders filled, when the reference
 read a placeholder or write anything in place, when the bytes in flight reach their bound, and
 at the end of the step. An answer that cannot be used as it came (an error, a wrong shape, a
 worker replaced meanwhile) makes that op, and every later one in flight — they may have read
-it — run again one at a time, as they would have without pipelining.
+it — run again one at a time, as they would have without pipelining. Compiled units (top-down)
+travel the same way (``send_unit``): their live outputs are the pending tensors.
 
 What is not pipelined (it runs one at a time, after the answers in flight): ops that write in
 place, ops with no tensor input (torch's factory bindings detach a result Python holds, which
@@ -27,19 +28,20 @@ from collections.abc import Callable
 
 import torch
 
-from tapml.core import OpCall, OpFailed, decode_value, op_info, tensors_in
+from tapml.core import OpCall, OpFailed, UnitCall, decode_value, op_info, tensors_in
 from tapml.platforms import Target
 
 __all__ = ["InFlight", "Sent"]
 
 
 class Sent:
-    """One op whose run is on its way: what it needs to be judged, filled, or run again."""
+    """One op (or unit: ``op`` is a ``UnitCall``, ``rec`` and the call are None) whose run is on its way:
+    what it needs to be judged, filled, or run again."""
 
     __slots__ = ("index", "rec", "func", "args", "kwargs", "op", "live", "outs")
 
-    def __init__(self, index: int, rec: dict, func, args, kwargs, op: OpCall, live: list[torch.Tensor],
-                 outs: list[torch.Tensor]):
+    def __init__(self, index: int, rec: dict | None, func, args, kwargs, op: OpCall | UnitCall,
+                 live: list[torch.Tensor], outs: list[torch.Tensor]):
         self.index, self.rec, self.func, self.args, self.kwargs = index, rec, func, args, kwargs
         self.op, self.live = op, live
         # weak: a result Python holds changes what torch's bindings do; the storage is kept alive by any view
@@ -55,6 +57,12 @@ class Sent:
                 t = torch.empty(0, dtype=dtype).set_(storage(), 0, shape, stride)
             found.append(t)
         return found
+
+    def memory(self) -> list[torch.Tensor | None]:
+        """A tensor over each output's memory as it was sent (None: nothing holds that memory any more),
+        whatever the live tensor was rebound to since."""
+        return [torch.empty(0, dtype=dtype).set_(st, 0, shape, stride) if (st := storage()) is not None else None
+                for _, storage, shape, stride, dtype in self.outs]
 
 
 def _placeholder(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -120,23 +128,41 @@ class InFlight:
             fits = self._fits[index] = _pipelinable(op, func)
         if not fits or any((t.is_conj() or t.is_neg()) and self.name(t) is not None for t in live):
             return None
-        start = time.perf_counter()
-        try:
-            names = self.target.send_run(op, live, self.name)
-        except OpFailed:  # the connection broke: the worker is replaced; what was in flight runs again
-            names = None
-        finally:
-            self.target_s += time.perf_counter() - start
+        names = self._send(lambda: self.target.send_run(op, live, self.name))
         if names is None:
             return None
         outs = [_placeholder(s.shape, s.torch_dtype) for s in op.output_specs]
-        for t, name in zip(outs, names, strict=True):
-            storage = t.untyped_storage()
-            self._names[storage.data_ptr()] = (weakref.ref(storage), name)
-        self.sent.append(Sent(index, rec, func, args, kwargs, op, live, outs))
-        self.pipelined += 1
+        self._pending(Sent(index, rec, func, args, kwargs, op, live, outs), names)
         made = iter(outs)
         return decode_value(rec["outputs"], lambda _: next(made))
+
+    def send_unit(self, unit: UnitCall, inputs: list[torch.Tensor], outs: list[torch.Tensor]) -> Sent | None:
+        """A unit's run, sent without waiting: its live outputs (``outs``, each contiguous from offset 0, as
+        the worker holds them) become pending under names, as an op's placeholders do; None when it was not
+        sent (run it one at a time)."""
+        names = self._send(lambda: self.target.send_unit(unit, inputs, self.name))
+        if names is None:
+            return None
+        return self._pending(Sent(unit.index, None, None, None, None, unit, inputs, outs), names)
+
+    def _send(self, send: Callable[[], list[str] | None]) -> list[str] | None:
+        """The names a send gave the outputs, None when nothing was sent; its time counted as the target's."""
+        start = time.perf_counter()
+        try:
+            return send()
+        except OpFailed:  # the connection broke: the worker is replaced; what was in flight runs again
+            return None
+        finally:
+            self.target_s += time.perf_counter() - start
+
+    def _pending(self, s: Sent, names: list[str]) -> Sent:
+        """``s`` in flight, each output's memory pending under its name (one name per output)."""
+        for t, name in zip((ref() for ref, *_ in s.outs), names, strict=True):
+            storage = t.untyped_storage()
+            self._names[storage.data_ptr()] = (weakref.ref(storage), name)
+        self.sent.append(s)
+        self.pipelined += 1
+        return s
 
     def poll(self) -> None:
         """Judge and fill the answers that have already come: the comparison overlaps the target's work on

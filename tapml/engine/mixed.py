@@ -21,7 +21,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tapml.carving import FixtureStore, ModelRaised
-from tapml.core import OpFailed, Status, TapmlError, bump_undeclared, decode_value, op_info, relayout, tensors_in
+from tapml.core import (
+    OpFailed,
+    Status,
+    TapmlError,
+    UnitCall,
+    bump_undeclared,
+    decode_value,
+    op_info,
+    relayout,
+    tensors_in,
+)
 from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
 from tapml.record import Metrics, OpRef
@@ -79,8 +89,6 @@ class MixedRun(TorchDispatchMode):
         super().__init__()
         self.store, self.target, self.judge, self.on_op = store, target, judge, on_op
         self.units = units  # compiled units: their ops run here, the unit on the target at its last op
-        if units is not None:
-            units.diverge = self._diverge
         self.selected = set(selected)
         self.by_seq = {rec["seq"]: rec for rec in store.ops}
         self.seq = 0
@@ -92,6 +100,8 @@ class MixedRun(TorchDispatchMode):
         self.lost: str | None = None  # the target is gone: nothing more was sent this step
         # runs sent before the last is answered (a target across a socket): see ``inflight``
         self.flight = InFlight(target, self._settle, self._rerun) if target.pipelines else None
+        if units is not None:
+            units.diverge, units.flight, units.drain, units.plain = self._diverge, self.flight, self.settle, self._ref
         self.threads = OwnThreads(self.flight is not None)  # entered by run_step
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -106,11 +116,11 @@ class MixedRun(TorchDispatchMode):
         rec = self.by_seq.get(self.seq)
         self.seq += 1
         if rec is not None and self.units is not None and self.units.owns(rec["index"]):
-            self.settle()  # a unit reads what it is given, and runs (or recomputes) one at a time
             if rec["op"] != str(func):
                 self._diverge(f"op {rec['index']}: the live run called {func} where the carve had {rec['op']}")
-                return self._ref(func, args, kwargs)
-            return self.units.on_op(rec["index"], func, args, kwargs, self._ref)
+                return self._reference(func, args, kwargs)
+            # what a unit's op reads may still be in flight: ``_reference`` waits for it where it must
+            return self.units.on_op(rec["index"], func, args, kwargs, self._reference)
         if rec is None or rec["index"] not in self.selected:
             return self._reference(func, args, kwargs)
         index = rec["index"]
@@ -202,6 +212,8 @@ class MixedRun(TorchDispatchMode):
                 ) -> tuple[list[torch.Tensor] | None, bool]:
         """A pipelined run's answer: ``(values for its placeholders, whether later answers stand)``; None
         values: run it again one at a time (an error reply, no answer)."""
+        if isinstance(s.op, UnitCall):
+            return self.units.settle(s, outputs, error, kernel_s)
         if outputs is None:
             if not (isinstance(error, OpFailed) and error.status in (Status.CRASHED, Status.TIMEOUT)):
                 return None, False  # refused, failed or unanswered: one at a time says why, as it would have
@@ -217,6 +229,8 @@ class MixedRun(TorchDispatchMode):
 
     def _rerun(self, s: Sent) -> list[torch.Tensor]:
         """A pipelined op again, one run at a time (the reference's when nothing more goes to the target)."""
+        if isinstance(s.op, UnitCall):
+            return self.units.rerun(s)
         if s.index not in self.selected:
             self.results.pop(s.index, None)
             return self._flat(self._ref(s.func, s.args, s.kwargs))
@@ -302,7 +316,7 @@ def run_step(run: Callable[[], Any], store: FixtureStore, target: Target, select
                 finally:
                     mixed.settle()  # placeholders filled before anyone reads the output; the channel in step
             if runner is not None:
-                runner.abandon()  # a unit the run never finished: its ops on the reference, before anyone reads
+                runner.end()  # a unit the run never finished: its ops on the reference, before anyone reads
     except TapmlError:
         raise  # tapml's own (a store it cannot read, ...): not the model's
     except (Exception, SystemExit) as e:  # the model itself raised: say so, with what it said

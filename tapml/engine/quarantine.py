@@ -24,7 +24,7 @@ class Quarantine(TargetWrapper):
         super().__init__(target)
         self.failed: dict[str, tuple[OpFailed, int]] = {}  # signature -> (the failure, the op it happened on)
         self.spared = 0  # calls not sent because their signature is quarantined
-        self._flight: deque[OpCall] = deque()  # runs sent and not yet answered, oldest first
+        self._flight: deque[OpCall | UnitCall] = deque()  # runs sent and not yet answered, oldest first
 
     def _check(self, op: OpCall) -> None:
         hit = self.failed.get(op.signature)
@@ -61,12 +61,24 @@ class Quarantine(TargetWrapper):
             self._flight.append(op)
         return names
 
+    def send_unit(self, unit: UnitCall, inputs: list[torch.Tensor], named) -> list[str] | None:
+        """Not sent when quarantined: the unit then runs one at a time, where ``execute_unit`` says why."""
+        if "unit:" + unit.signature in self.failed:
+            return None
+        names = self.target.send_unit(unit, inputs, named)
+        if names is not None:
+            self._flight.append(unit)
+        return names
+
     def receive_run(self, into: list | None = None) -> tuple[list[torch.Tensor] | None, BaseException | None, float]:
         """The answer, with a crash or a hang remembered against the op it answers (runs come back in order)."""
         op = self._flight.popleft()  # before the call: an answer that raises is still this op's
         answer = self.target.receive_run(into)
         if isinstance(answer[1], OpFailed):
-            self._remember(op, answer[1])
+            if isinstance(op, UnitCall):
+                self._remember_unit(op, answer[1])
+            else:
+                self._remember(op, answer[1])
         return answer
 
     # units: a signature that crashed or hung is not sent again either (keyed apart from op signatures)
@@ -79,9 +91,12 @@ class Quarantine(TargetWrapper):
         try:
             return self.target.execute_unit(unit, inputs)
         except OpFailed as e:
-            if not e.fatal and e.status.failed:
-                self.failed.setdefault("unit:" + unit.signature, (e, unit.index))
+            self._remember_unit(unit, e)
             raise
+
+    def _remember_unit(self, unit: UnitCall, e: OpFailed) -> None:
+        if not e.fatal and e.status.failed:
+            self.failed.setdefault("unit:" + unit.signature, (e, unit.index))
 
     def _remember(self, op: OpCall, e: OpFailed) -> None:
         if not e.fatal and e.status.failed:

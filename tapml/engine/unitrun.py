@@ -2,7 +2,11 @@
 run on the reference — each returns a stand-in (an allocated tensor of the carved layout, filled with
 NaN) and is remembered; views and in-place ops run as they are, so the model's Python code sees the
 tensors it expects. At the unit's last op the target runs the whole unit, and its outputs are written
-into the live tensors (``copy_``), so they flow on into the rest of the model.
+into the live tensors (``copy_``), so they flow on into the rest of the model. A pipelining target
+(a worker across a socket) gets the unit without waiting: its outputs stay stand-ins, pending under
+names in ``InFlight`` (the next unit takes them on the worker), and the answer is judged and written
+when the reference must read it or the step ends; if it cannot be used, the units sent after it run
+again one at a time.
 
 Why stand-ins: the reference has nothing to add inside a unit (the unit is judged against the carved
 outputs), and computing it would put a whole reference forward on the offload's critical path. Why
@@ -37,6 +41,7 @@ from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
 from tapml.record import Metrics
 
+from .inflight import InFlight, Sent
 from .outputs import end_to_end
 from .units import UnitSpan, carved_outputs
 
@@ -52,7 +57,7 @@ class UnitResult:
     status: Status  # offloaded, fell back, unsupported, crashed, timeout, skipped
     reason: str | None = None
     propagated: Metrics | None = None
-    target_ms: float | None = None
+    target_ms: float | None = None  # one at a time: its round trip; pipelined: the worker's kernel time
 
 
 def _plan(op: dict) -> tuple[str, object]:
@@ -77,6 +82,19 @@ def _plan(op: dict) -> tuple[str, object]:
     return "stand-in", specs
 
 
+def _whole(t: torch.Tensor | None) -> bool:
+    """A live unit output a later run may take by name: alive, contiguous from offset 0 over its whole
+    storage (as the worker holds it), on the CPU, no element shared."""
+    return (t is not None and t.device.type == "cpu" and t.numel() > 0 and t.is_contiguous()
+            and not t.storage_offset() and t.nbytes == t.untyped_storage().nbytes()
+            and torch._debug_has_internal_overlap(t) != 1)
+
+
+def _live(s: Sent) -> list[torch.Tensor | None]:
+    """The unit's live outputs, as its ``Sent`` holds them (``_fill`` leaves a value that is its tensor)."""
+    return s.placeholders()
+
+
 def _stand_in(shape: tuple, stride: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
     if dtype.is_floating_point or dtype.is_complex:
@@ -99,7 +117,7 @@ class _Active:
         for n, (i, k) in enumerate(span.outputs):
             self.makes.setdefault(i, []).append((k, n))
         self.plans = {i: _plan(store.ops[i]) for i in range(span.first, span.end)}
-        self.ops: list[tuple] = []  # (func, args, kwargs, result) of the ops run so far
+        self.ops: list[tuple] = []  # (index, func, args, kwargs, result) of the ops run so far
 
     def reset(self) -> None:
         self.inputs = [None] * len(self.inputs)
@@ -124,11 +142,19 @@ class UnitRunner:
         self.results: dict[int, UnitResult] = {}  # by layer
         self.target_s = 0.0
         self.stopped = False
+        self._lost = False  # the target was lost while answers were settled: stop at the next op (not mid-drain)
         self.current: _Active | None = None  # the unit the live run is inside
         self.reference: Reference | None = None
         self.diverge: Callable[[str], None] = lambda why: self.stop()  # ``MixedRun`` says where it diverged
+        # a pipelining target (``MixedRun.attach``): units sent without waiting, answered through the flight
+        self.flight: InFlight | None = None
+        self.drain: Callable[[], None] = lambda: None  # every answer in flight read, judged and filled
+        self.plain: Reference | None = None  # the reference, never waiting on the flight (used while settling)
+        self._sent: dict[int, _Active] = {}  # id(Sent) -> the unit it carries
 
     def owns(self, index: int) -> bool:
+        if self._lost and not self.stopped:
+            self.stop()  # what ran with stand-ins in the unit the live run is in runs on the reference now
         return not self.stopped and index in self.by_op
 
     def on_op(self, index: int, func, args, kwargs, reference: Reference) -> object:
@@ -159,7 +185,7 @@ class UnitRunner:
                 made = iter([args[m] if isinstance(m, int) else kwargs[m] for m in how])
             out = decode_value(self.store.ops[index]["outputs"], lambda _: next(made))
         if kind != "fresh":  # a factory's result is already true: nothing to recompute
-            active.ops.append((func, args, kwargs, [weakref.ref(t) for t in tensors_in(out)]))
+            active.ops.append((index, func, args, kwargs, [weakref.ref(t) for t in tensors_in(out)]))
         if active.makes.get(index):
             made = tensors_in(out)
             for k, n in active.makes[index]:
@@ -169,11 +195,18 @@ class UnitRunner:
             self._finish(active)
         return out
 
+    def end(self) -> None:
+        """The step's live run is over (every answer settled): a unit it never finished runs on the
+        reference, and a target lost while settling stops the units."""
+        self.stopped |= self._lost
+        self.abandon()
+
     def abandon(self) -> None:
         """The live run stops offloading (a divergence) or leaves the unit early: what ran with stand-ins
         runs again on the reference."""
         if self.current is not None:
             active, self.current = self.current, None
+            self.drain()  # its ops read what runs in flight produce
             self._recompute(active)
             self.results[active.unit.index] = UnitResult(Status.SKIPPED, "the live run left the unit before its "
                                                          "last op: it ran on the reference")
@@ -182,31 +215,103 @@ class UnitRunner:
         self.stopped = True
         self.abandon()
 
-    def _recompute(self, active: _Active) -> None:
+    def _recompute(self, active: _Active, sent: Sent | None = None) -> None:
         """Every op of the unit so far, again on the reference, in order; each stand-in (and each view of
-        one) is rebound to the reference's result, so every tensor the model holds has its true value."""
-        for func, args, kwargs, outs in active.ops:  # in place: it returns (and wrote) the tensor it was given
-            got = self.reference(func, args, kwargs)
-            for ref, true in zip(outs, tensors_in(got), strict=True):
+        one) is rebound to the reference's result, so every tensor the model holds has its true value.
+        ``sent``: the unit went without waiting, and the live run may have taken views of its outputs
+        since — those still see the memory the outputs had, so the true values are written there too."""
+        reference = self.plain or self.reference
+        true_outputs: list[torch.Tensor | None] = [None] * len(active.outputs)
+        for index, func, args, kwargs, outs in active.ops:  # in place: it returns (and wrote) what it was given
+            made = tensors_in(reference(func, args, kwargs))
+            for ref, true in zip(outs, made, strict=True):
                 mine = ref()
                 if mine is not None and mine is not true:  # dead: nothing holds it, nothing reads it
                     mine.set_(true)
+            for k, n in active.makes.get(index, ()):
+                true_outputs[n] = made[k]
         active.ops = []
+        if sent is not None:
+            for memory, true in zip(sent.memory(), true_outputs, strict=True):
+                if memory is not None and true is not None and memory.data_ptr() != true.data_ptr():
+                    memory.copy_(true)
 
     def _finish(self, active: _Active) -> None:
+        if self._send(active):
+            return
+        self.drain()  # one at a time: nothing may be in flight
+        self._execute(active)
+
+    def _send(self, active: _Active) -> bool:
+        """The unit sent without waiting (a pipelining target that has it prepared); its outputs stay
+        stand-ins until the answer is read. False: run it one at a time."""
+        if self.flight is None:
+            return False
+        lives = [ref() if ref is not None else None for ref in active.outputs]
+        if len(lives) != len(active.unit.output_specs) or not all(_whole(t) for t in lives):
+            return False
+        s = self.flight.send_unit(active.unit, list(active.inputs), lives)
+        if s is None:
+            return False
+        self._sent[id(s)] = active
+        return True
+
+    def settle(self, s: Sent, got: list[torch.Tensor] | None, error: BaseException | None, kernel_s: float
+               ) -> tuple[list[torch.Tensor] | None, bool]:
+        """A sent unit's answer (``InFlight``'s settle): ``(values for its live outputs, whether later answers
+        stand)``; None values: run it again one at a time."""
+        active = self._sent.pop(id(s))
+        unit = active.unit
+        if got is None:
+            if not (isinstance(error, OpFailed) and error.status in (Status.CRASHED, Status.TIMEOUT)):
+                self._sent[id(s)] = active  # refused, failed or unanswered: one at a time says why
+                return None, False
+            self._recompute(active, s)
+            self.results[unit.index] = UnitResult(error.status, f"{type(error).__name__}: {error}")
+            self._lost |= error.fatal
+            return _live(s), False
+        metrics = end_to_end(got, carved_outputs(self.store, active.span), self.judge)
+        result = self.results[unit.index] = UnitResult(Status.OFFLOADED, propagated=metrics, target_ms=kernel_s * 1e3)
+        lives = _live(s)
+        # what later runs took by name is not what flows on (another shape, another dtype): they run again
+        if len(got) != len(lives) or any(g.shape != t.shape for g, t in zip(got, lives, strict=False)
+                                         if t is not None):
+            self._recompute(active, s)
+            result.status, result.reason = Status.FELL_BACK, metrics.problem or "output count differs"
+            return _live(s), False
+        active.ops = []
+        if any(t is not None and g.dtype != t.dtype for g, t in zip(got, lives, strict=True)):
+            for g, t in zip(got, lives, strict=True):  # the target's values, converted, as one at a time
+                if t is not None:
+                    t.copy_(g.to(t.dtype))
+            return lives, False
+        return got, True
+
+    def rerun(self, s: Sent) -> list[torch.Tensor]:
+        """A sent unit again, one at a time (``InFlight`` has read every answer in flight); on the reference
+        once the target is lost, as the units after a loss run one at a time (no result of its own)."""
+        active = self._sent.pop(id(s))
+        if self._lost or self.stopped:
+            self._recompute(active, s)
+        else:
+            self._execute(active, s)
+        return _live(s)
+
+    def _execute(self, active: _Active, sent: Sent | None = None) -> None:
+        """The unit on the target, waiting for its answer; its outputs written into the live tensors
+        (``sent``: it went without waiting first, see ``_recompute``)."""
         unit = active.unit
         start = time.perf_counter()
         try:
             got = self.target.execute_unit(unit, list(active.inputs))
         except Unsupported as e:
-            self._recompute(active)
+            self._recompute(active, sent)
             self.results[unit.index] = UnitResult(Status.UNSUPPORTED, e.reason)
             return
         except OpFailed as e:
-            self._recompute(active)
+            self._recompute(active, sent)
             self.results[unit.index] = UnitResult(e.status, f"{type(e).__name__}: {e}")
-            if e.fatal:
-                self.stopped = True
+            self._lost |= e.fatal
             return
         finally:
             self.target_s += time.perf_counter() - start
@@ -217,13 +322,13 @@ class UnitRunner:
         lives = [ref() if ref is not None else None for ref in active.outputs]
         if len(got) != len(lives) or any(o is not None and g.shape != o.shape for g, o in zip(got, lives,
                                                                                                 strict=False)):
-            self._recompute(active)
+            self._recompute(active, sent)
             result.status, result.reason = Status.FELL_BACK, metrics.problem or "output count differs"
             return
         with torch.no_grad():
             lives = [(g, live) for g, live in zip(got, lives, strict=True) if live is not None]
             if any(torch._debug_has_internal_overlap(live) == 1 for _, live in lives):
-                self._recompute(active)  # an expanded output (one value per element): the reference's values
+                self._recompute(active, sent)  # an expanded output (one value per element): the reference's values
             for g, live in lives:
                 if torch._debug_has_internal_overlap(live) != 1:
                     live.copy_(g.to(live.dtype))

@@ -190,3 +190,46 @@ class Reshaped(TorchPlatform):
         if _target(op):
             outputs = [outputs[0].reshape(-1), *outputs[1:]]
         return outputs
+
+
+class PickyUnits(WrappedPlatform):
+    """torch-cpu whose compiled units misbehave by module: encoder layer 1 (or the modules in
+    TAPML_TEST_REFUSE_UNITS, comma-separated) is refused when it runs, layer 3 answers with wrong shapes,
+    layer 5 with doubled values, and layer 4 kills the worker when TAPML_TEST_KILL_UNIT is set — each the
+    way a real compiler's unit can fail."""
+
+    name = "picky-units"
+    inner = "torch-cpu"
+
+    def run_graph(self, kernel, unit, inputs):
+        from tapml.platforms import Unsupported
+
+        if unit.module in os.environ.get("TAPML_TEST_REFUSE_UNITS", "encoder.layer.1").split(","):
+            raise Unsupported("not this one")
+        if unit.module == "encoder.layer.4" and os.environ.get("TAPML_TEST_KILL_UNIT"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        outputs = super().run_graph(kernel, unit, inputs)
+        if unit.module == "encoder.layer.3":
+            return [o[..., :1] for o in outputs]
+        if unit.module == "encoder.layer.5":
+            return [o * 2 for o in outputs]
+        return outputs
+
+
+class LostAtUnit(WrappedPlatform):
+    """torch-cpu that kills its worker on unit TAPML_TEST_KILL_UNIT once TAPML_TEST_ARMED (a file) exists,
+    and leaves the file TAPML_TEST_DEAD behind: no worker starts after that — the target is lost."""
+
+    name = "lost-at-unit"
+    inner = "torch-cpu"
+
+    def __init__(self) -> None:
+        if os.path.exists(os.environ["TAPML_TEST_DEAD"]):
+            raise RuntimeError("this machine is gone")
+        super().__init__()
+
+    def run_graph(self, kernel, unit, inputs):
+        if unit.module == os.environ["TAPML_TEST_KILL_UNIT"] and os.path.exists(os.environ["TAPML_TEST_ARMED"]):
+            open(os.environ["TAPML_TEST_DEAD"], "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().run_graph(kernel, unit, inputs)
