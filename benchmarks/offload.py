@@ -8,8 +8,8 @@
   the last is answered) vs the local forward (interleaved, median of N), split into kernel, waiting,
   comparison and reference (goal ≤ 3×); and the same one run at a time
 - time, top-down: the same full offload with MiniLM's module calls run as units (``--plan
-  top-down``: one round trip per unit, not per op) vs the local forward (goal ≤ 3×), split into the
-  worker's time, the round trips around it, and the client's own work
+  top-down``: one run per unit, not per op, sent without waiting) vs the local forward (goal ≤ 3×),
+  split into the worker's time, the client's sending and waiting, and the client's own work
 - replay throughput: the isolated pass over every carved op, ops/s on a spawned
   torch-cpu worker vs torch-cpu in this process (interleaved; goal ≥ 50%)
 
@@ -198,9 +198,9 @@ def main() -> None:
     print(f"| full offload, top-down ({t['units']} units + {t['loose']} loose ops; {t['round_trips']:.0f} round trips "
           f"per forward) to a spawned torch-cpu worker / local forward | {t['wall'] * 1e3:.0f} ms / "
           f"{t['forward'] * 1e3:.1f} ms = **{t['ratio']:.1f}×** | ≤ 3× |")
-    print(f"| where the top-down time goes (one unit at a time: the client waits for each) | the worker's units "
-          f"and ops {t['kernel'] * 1e3:.0f} ms; round trips (that, transfer, wake-ups) {t['target'] * 1e3:.0f} ms; "
-          f"the client's own work {(t['wall'] - t['target']) * 1e3:.0f} ms | |")
+    print(f"| where the top-down time goes (units pipelined: the worker's time overlaps the client's) | the "
+          f"worker's units and ops {t['kernel'] * 1e3:.0f} ms; on the client: sending and waiting for answers "
+          f"{t['target'] * 1e3:.0f} ms, its own work {(t['wall'] - t['target']) * 1e3:.0f} ms | |")
     print(f"| isolated pass over all {r['ops']} ops: spawned torch-cpu worker / in-process | "
           f"{r['spawned_ops_s']:.0f} / {r['local_ops_s']:.0f} ops/s = **{r['spawned_ops_s'] / r['local_ops_s']:.0%}** "
           "| ≥ 50% |")
