@@ -90,11 +90,6 @@ def _whole(t: torch.Tensor | None) -> bool:
             and torch._debug_has_internal_overlap(t) != 1)
 
 
-def _live(s: Sent) -> list[torch.Tensor | None]:
-    """The unit's live outputs, as its ``Sent`` holds them (``_fill`` leaves a value that is its tensor)."""
-    return s.placeholders()
-
-
 def _stand_in(shape: tuple, stride: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
     if dtype.is_floating_point or dtype.is_complex:
@@ -269,16 +264,16 @@ class UnitRunner:
             self._recompute(active, s)
             self.results[unit.index] = UnitResult(error.status, f"{type(error).__name__}: {error}")
             self._lost |= error.fatal
-            return _live(s), False
+            return s.placeholders(), False
         metrics = end_to_end(got, carved_outputs(self.store, active.span), self.judge)
         result = self.results[unit.index] = UnitResult(Status.OFFLOADED, propagated=metrics, target_ms=kernel_s * 1e3)
-        lives = _live(s)
+        lives = s.placeholders()
         # what later runs took by name is not what flows on (another shape, another dtype): they run again
         if len(got) != len(lives) or any(g.shape != t.shape for g, t in zip(got, lives, strict=False)
                                          if t is not None):
             self._recompute(active, s)
             result.status, result.reason = Status.FELL_BACK, metrics.problem or "output count differs"
-            return _live(s), False
+            return s.placeholders(), False
         active.ops = []
         if any(t is not None and g.dtype != t.dtype for g, t in zip(got, lives, strict=True)):
             for g, t in zip(got, lives, strict=True):  # the target's values, converted, as one at a time
@@ -295,7 +290,7 @@ class UnitRunner:
             self._recompute(active, s)
         else:
             self._execute(active, s)
-        return _live(s)
+        return s.placeholders()
 
     def _execute(self, active: _Active, sent: Sent | None = None) -> None:
         """The unit on the target, waiting for its answer; its outputs written into the live tensors
