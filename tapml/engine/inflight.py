@@ -28,10 +28,10 @@ from collections.abc import Callable
 
 import torch
 
-from tapml.core import OpCall, OpFailed, UnitCall, decode_value, op_info, tensors_in
+from tapml.core import OpCall, OpFailed, Status, UnitCall, decode_value, op_info, tensors_in
 from tapml.platforms import Target
 
-__all__ = ["InFlight", "Sent"]
+__all__ = ["InFlight", "Sent", "crashed_or_hung"]
 
 
 class Sent:
@@ -50,19 +50,23 @@ class Sent:
     def placeholders(self) -> list[torch.Tensor | None]:
         """Each output's placeholder, or a tensor over its memory when only a view of it lives on (None:
         nothing holds it, nothing will read it)."""
-        found = []
-        for ref, storage, shape, stride, dtype in self.outs:
-            t = ref()
-            if t is None and storage() is not None:
-                t = torch.empty(0, dtype=dtype).set_(storage(), 0, shape, stride)
-            found.append(t)
-        return found
+        return [t if (t := out[0]()) is not None else _over(*out[1:]) for out in self.outs]
 
     def memory(self) -> list[torch.Tensor | None]:
         """A tensor over each output's memory as it was sent (None: nothing holds that memory any more),
         whatever the live tensor was rebound to since."""
-        return [torch.empty(0, dtype=dtype).set_(st, 0, shape, stride) if (st := storage()) is not None else None
-                for _, storage, shape, stride, dtype in self.outs]
+        return [_over(*out[1:]) for out in self.outs]
+
+
+def _over(storage: weakref.ref, shape, stride, dtype: torch.dtype) -> torch.Tensor | None:
+    """A tensor of this layout over that storage, if it still lives."""
+    st = storage()
+    return torch.empty(0, dtype=dtype).set_(st, 0, shape, stride) if st is not None else None
+
+
+def crashed_or_hung(error: BaseException | None) -> bool:
+    """A run's error that running it again one at a time would only repeat (the others say why then)."""
+    return isinstance(error, OpFailed) and error.status in (Status.CRASHED, Status.TIMEOUT)
 
 
 def _placeholder(shape: tuple, dtype: torch.dtype) -> torch.Tensor:

@@ -36,7 +36,7 @@ from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
 from tapml.record import Metrics, OpRef
 
-from .inflight import InFlight, Sent
+from .inflight import InFlight, Sent, crashed_or_hung
 from .localize import skip_reason
 from .threads import OwnThreads
 from .unitrun import UnitRunner
@@ -215,7 +215,7 @@ class MixedRun(TorchDispatchMode):
         if isinstance(s.op, UnitCall):
             return self.units.settle(s, outputs, error, kernel_s)
         if outputs is None:
-            if not (isinstance(error, OpFailed) and error.status in (Status.CRASHED, Status.TIMEOUT)):
+            if not crashed_or_hung(error):
                 return None, False  # refused, failed or unanswered: one at a time says why, as it would have
             self.results[s.index] = MixedResult(error.status, f"{type(error).__name__}: {error}")
             if error.fatal:

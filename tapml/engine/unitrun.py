@@ -41,7 +41,7 @@ from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
 from tapml.record import Metrics
 
-from .inflight import InFlight, Sent
+from .inflight import InFlight, Sent, crashed_or_hung
 from .outputs import end_to_end
 from .units import UnitSpan, carved_outputs
 
@@ -114,6 +114,10 @@ class _Active:
         self.plans = {i: _plan(store.ops[i]) for i in range(span.first, span.end)}
         self.ops: list[tuple] = []  # (index, func, args, kwargs, result) of the ops run so far
 
+    def lives(self) -> list[torch.Tensor | None]:
+        """The unit's outputs as the live run holds them (None: nothing does any more)."""
+        return [ref() if ref is not None else None for ref in self.outputs]
+
     def reset(self) -> None:
         self.inputs = [None] * len(self.inputs)
         self.outputs = [None] * len(self.outputs)
@@ -139,12 +143,11 @@ class UnitRunner:
         self.stopped = False
         self._lost = False  # the target was lost while answers were settled: stop at the next op (not mid-drain)
         self.current: _Active | None = None  # the unit the live run is inside
-        self.reference: Reference | None = None
         self.diverge: Callable[[str], None] = lambda why: self.stop()  # ``MixedRun`` says where it diverged
         # a pipelining target (``MixedRun.attach``): units sent without waiting, answered through the flight
         self.flight: InFlight | None = None
         self.drain: Callable[[], None] = lambda: None  # every answer in flight read, judged and filled
-        self.plain: Reference | None = None  # the reference, never waiting on the flight (used while settling)
+        self.plain: Reference | None = None  # the reference, never waiting on the flight: what recomputes
         self._sent: dict[int, _Active] = {}  # id(Sent) -> the unit it carries
 
     def owns(self, index: int) -> bool:
@@ -159,7 +162,7 @@ class UnitRunner:
         if active is not self.current:
             if self.current is not None:  # the live run left a unit before its last op
                 self.abandon()
-            self.current, self.reference = active, reference
+            self.current = active
             active.reset()
         if active.reads.get(index):
             live = tensors_in([args, kwargs])
@@ -215,7 +218,7 @@ class UnitRunner:
         one) is rebound to the reference's result, so every tensor the model holds has its true value.
         ``sent``: the unit went without waiting, and the live run may have taken views of its outputs
         since — those still see the memory the outputs had, so the true values are written there too."""
-        reference = self.plain or self.reference
+        reference = self.plain
         true_outputs: list[torch.Tensor | None] = [None] * len(active.outputs)
         for index, func, args, kwargs, outs in active.ops:  # in place: it returns (and wrote) what it was given
             made = tensors_in(reference(func, args, kwargs))
@@ -231,6 +234,25 @@ class UnitRunner:
                 if memory is not None and true is not None and memory.data_ptr() != true.data_ptr():
                     memory.copy_(true)
 
+    def _failed(self, active: _Active, sent: Sent | None, status: Status, reason: str, fatal: bool = False) -> None:
+        """The target could not run the unit: its outputs from the reference, and why in its result."""
+        self._recompute(active, sent)
+        self.results[active.unit.index] = UnitResult(status, reason)
+        self._lost |= fatal
+
+    def _judged(self, active: _Active, got: list[torch.Tensor], target_ms: float, lives: list, sent: Sent | None
+                ) -> bool:
+        """The target's outputs judged against the carve (the unit's result); False when they cannot flow on
+        (another count or shape than the live outputs): the reference's values flow on instead."""
+        metrics = end_to_end(got, carved_outputs(self.store, active.span), self.judge)
+        result = self.results[active.unit.index] = UnitResult(Status.OFFLOADED, propagated=metrics,
+                                                               target_ms=target_ms)
+        if len(got) == len(lives) and all(t is None or g.shape == t.shape for g, t in zip(got, lives, strict=True)):
+            return True
+        self._recompute(active, sent)
+        result.status, result.reason = Status.FELL_BACK, metrics.problem or "output count differs"
+        return False
+
     def _finish(self, active: _Active) -> None:
         if self._send(active):
             return
@@ -242,7 +264,7 @@ class UnitRunner:
         stand-ins until the answer is read. False: run it one at a time."""
         if self.flight is None:
             return False
-        lives = [ref() if ref is not None else None for ref in active.outputs]
+        lives = active.lives()
         if len(lives) != len(active.unit.output_specs) or not all(_whole(t) for t in lives):
             return False
         s = self.flight.send_unit(active.unit, list(active.inputs), lives)
@@ -256,23 +278,15 @@ class UnitRunner:
         """A sent unit's answer (``InFlight``'s settle): ``(values for its live outputs, whether later answers
         stand)``; None values: run it again one at a time."""
         active = self._sent.pop(id(s))
-        unit = active.unit
         if got is None:
-            if not (isinstance(error, OpFailed) and error.status in (Status.CRASHED, Status.TIMEOUT)):
+            if not crashed_or_hung(error):
                 self._sent[id(s)] = active  # refused, failed or unanswered: one at a time says why
                 return None, False
-            self._recompute(active, s)
-            self.results[unit.index] = UnitResult(error.status, f"{type(error).__name__}: {error}")
-            self._lost |= error.fatal
+            self._failed(active, s, error.status, f"{type(error).__name__}: {error}", error.fatal)
             return s.placeholders(), False
-        metrics = end_to_end(got, carved_outputs(self.store, active.span), self.judge)
-        result = self.results[unit.index] = UnitResult(Status.OFFLOADED, propagated=metrics, target_ms=kernel_s * 1e3)
         lives = s.placeholders()
         # what later runs took by name is not what flows on (another shape, another dtype): they run again
-        if len(got) != len(lives) or any(g.shape != t.shape for g, t in zip(got, lives, strict=False)
-                                         if t is not None):
-            self._recompute(active, s)
-            result.status, result.reason = Status.FELL_BACK, metrics.problem or "output count differs"
+        if not self._judged(active, got, kernel_s * 1e3, lives, s):
             return s.placeholders(), False
         active.ops = []
         if any(t is not None and g.dtype != t.dtype for g, t in zip(got, lives, strict=True)):
@@ -295,30 +309,19 @@ class UnitRunner:
     def _execute(self, active: _Active, sent: Sent | None = None) -> None:
         """The unit on the target, waiting for its answer; its outputs written into the live tensors
         (``sent``: it went without waiting first, see ``_recompute``)."""
-        unit = active.unit
         start = time.perf_counter()
         try:
-            got = self.target.execute_unit(unit, list(active.inputs))
+            got = self.target.execute_unit(active.unit, list(active.inputs))
         except Unsupported as e:
-            self._recompute(active, sent)
-            self.results[unit.index] = UnitResult(Status.UNSUPPORTED, e.reason)
+            self._failed(active, sent, Status.UNSUPPORTED, e.reason)
             return
         except OpFailed as e:
-            self._recompute(active, sent)
-            self.results[unit.index] = UnitResult(e.status, f"{type(e).__name__}: {e}")
-            self._lost |= e.fatal
+            self._failed(active, sent, e.status, f"{type(e).__name__}: {e}", e.fatal)
             return
         finally:
             self.target_s += time.perf_counter() - start
-        elapsed = (time.perf_counter() - start) * 1e3
-        want = carved_outputs(self.store, active.span)
-        metrics = end_to_end(got, want, self.judge)
-        result = self.results[unit.index] = UnitResult(Status.OFFLOADED, propagated=metrics, target_ms=elapsed)
-        lives = [ref() if ref is not None else None for ref in active.outputs]
-        if len(got) != len(lives) or any(o is not None and g.shape != o.shape for g, o in zip(got, lives,
-                                                                                                strict=False)):
-            self._recompute(active, sent)
-            result.status, result.reason = Status.FELL_BACK, metrics.problem or "output count differs"
+        lives = active.lives()
+        if not self._judged(active, got, (time.perf_counter() - start) * 1e3, lives, sent):
             return
         with torch.no_grad():
             lives = [(g, live) for g, live in zip(got, lives, strict=True) if live is not None]
