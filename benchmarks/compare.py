@@ -8,7 +8,10 @@ torch-cpu worker's on this machine) and replays exactly that block over them, in
 
 - bit-exact: the outputs as the target gave them (the offload benchmark's case);
 - 1-ULP: every float output with one element in three moved one ULP up, within the float32
-  tolerance (a target that sums in another order): the cheap tier's float64 pass.
+  tolerance (a target that sums in another order): the cheap tier's float64 pass;
+- bit-exact, keyed: as a spawned worker's outputs come, with the content key the worker hashed them
+  under (computed before the timed block, as the worker does on its side): ``engine.carved_for`` lets
+  each stand for its carved self, and nothing is read from the store.
 
 Each case is timed as a repeated forward pays it (every later step of a migration: the store's
 read-only uses and the carved outputs' NaN/Inf counts cached) and as the first forward pays it (both
@@ -34,9 +37,10 @@ from pathlib import Path
 import torch
 
 from tapml.carving import FixtureStore, carve
-from tapml.engine import run_step, skip_reason
+from tapml.core import content_key
+from tapml.engine import carved_for, run_step, skip_reason
 from tapml.judging import Judge, carved
-from tapml.platforms import open_local
+from tapml.platforms import Target, open_local
 from tapml.workloads import load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +88,19 @@ def one_ulp(calls) -> list:
     return [(op, [nudge(g) for g in got], inputs, kwargs) for op, got, inputs, kwargs in calls]
 
 
-def one_pass(store, judge, calls, fresh: bool) -> tuple[float, list]:
+class Keyed(Target):
+    """The content keys a worker sent with the outputs (``RemoteTarget.content_key``), known up front."""
+
+    name = "keyed"
+
+    def __init__(self, calls) -> None:
+        self.keys = {id(g): content_key(g.reshape(-1)) for _, got, _, _ in calls for g in got}
+
+    def content_key(self, output: torch.Tensor) -> str | None:
+        return self.keys.get(id(output))
+
+
+def one_pass(store, judge, calls, fresh: bool, target: Target) -> tuple[float, list]:
     """mixed.py's timed block over every call: (seconds, the metrics)."""
     if fresh:  # the first forward: every use read from its shard, every count computed
         carved.clear()
@@ -92,18 +108,18 @@ def one_pass(store, judge, calls, fresh: bool) -> tuple[float, list]:
     out = []
     start = time.perf_counter()
     for op, got, inputs, kwargs in calls:
-        want = store.outputs(op.index, read_only=True)
+        want = carved_for(store, op.index, got, target)
         flows = [store.graph.live(op.index, k) for k in range(len(want))]
         out.append(judge.judge(op, got, want, inputs, **{**kwargs, "live": flows}))
     return time.perf_counter() - start, out
 
 
-def measure(store, judges: dict, calls, repeats: int, fresh: bool) -> dict:
+def measure(store, judges: dict, calls, repeats: int, fresh: bool, target: Target) -> dict:
     """µs per op of each judge, interleaved pass by pass; their metrics must agree."""
     times = {name: [] for name in judges}
     seen = {}
     for name, judge in judges.items():  # warm: store handles, tolerance memos, the content check
-        _, metrics = one_pass(store, judge, calls, fresh)
+        _, metrics = one_pass(store, judge, calls, fresh, target)
         seen[name] = [repr(m) for m in metrics]
     first = next(iter(seen.values()))
     for name, reprs in seen.items():
@@ -112,7 +128,7 @@ def measure(store, judges: dict, calls, repeats: int, fresh: bool) -> dict:
             raise SystemExit(f"{name} differs at call {bad}:\n{first[bad]}\n{reprs[bad]}")
     for _ in range(repeats):
         for name, judge in judges.items():
-            times[name].append(one_pass(store, judge, calls, fresh)[0])
+            times[name].append(one_pass(store, judge, calls, fresh, target)[0])
     return {name: statistics.median(t) / len(calls) * 1e6 for name, t in times.items()}
 
 
@@ -136,9 +152,11 @@ def main() -> None:
         judges = {"this tree": Judge()}
         if args.against:
             judges = {args.against: old_judging(args.against, Path(tmp)).Judge(), **judges}
-        cases = {"bit-exact": calls, "1-ULP": one_ulp(calls)}
-        rows = [(case, fresh, measure(store, judges, c, args.repeats, fresh))
-                for case, c in cases.items() for fresh in (False, True)]
+        unkeyed = Target()  # a target that knows no keys (in this process): every carved output is read
+        cases = {"bit-exact": (calls, unkeyed), "1-ULP": (one_ulp(calls), unkeyed),
+                 "bit-exact, keyed (a worker's)": (calls, Keyed(calls))}
+        rows = [(case, fresh, measure(store, judges, c, args.repeats, fresh, target))
+                for case, (c, target) in cases.items() for fresh in (False, True)]
     names = list(judges)
     print(f"{len(calls)} ops judged per forward (zoo:minilm, every offloadable op), µs per op, "
           f"median of {args.repeats} passes")

@@ -20,6 +20,7 @@ from tapml.core import (
     dtype_from_name,
     dtype_name,
     relayout,
+    row_major,
     storage_order,
 )
 
@@ -44,6 +45,14 @@ class TensorRef:
 
     def to_json(self) -> dict:
         return {"key": self.key, **self.spec.to_json()}
+
+    def held_by(self, t: torch.Tensor, key: str | None) -> bool:
+        """Whether ``t``, whose content key is ``key``, is this use exactly: the same bytes in the same
+        logical order, shape and dtype (the key hashes the elements in storage order, which is logical
+        order only for a contiguous use of its own bytes)."""
+        return (key == self.key and self.exact and not self.storage and not self.offset
+                and tuple(t.shape) == self.shape and dtype_name(t.dtype) == self.dtype and t.is_contiguous()
+                and row_major(self.shape, self.stride))
 
     @classmethod
     def from_json(cls, obj: dict) -> TensorRef:

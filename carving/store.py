@@ -555,10 +555,14 @@ class FixtureStore:
 
     def outputs(self, index: int, *, read_only: bool = False) -> list[torch.Tensor]:
         """The recorded outputs of op ``index`` (``read_only``: see ``load``; what a comparison reads)."""
+        return [self.load(ref, read_only=read_only) for ref in self.output_refs(index)]
+
+    def output_refs(self, index: int) -> list[TensorRef]:
+        """The recorded outputs of op ``index`` as uses, unread (parsed once)."""
         refs = self._output_refs.get(index)
         if refs is None:
             refs = self._output_refs[index] = [TensorRef.from_json(r) for r in iter_specs(self.ops[index]["outputs"])]
-        return [self.load(ref, read_only=read_only) for ref in refs]
+        return refs
 
     def op_bytes(self, index: int) -> int:
         """The stored bytes op ``index`` reads and writes (each distinct tensor once): what replaying it moves."""

@@ -570,6 +570,11 @@ class RemoteTarget(Target):
                 and live.is_contiguous() and not live.storage_offset()):
             self._memo.remember(live, key)
 
+    def content_key(self, output: torch.Tensor) -> str | None:
+        """The key the worker gave ``output`` (``_keep`` hashes exactly the bytes it sends), while ``output``
+        is unchanged; None for a view of other memory or one written since."""
+        return self._memo.peek(output, output) if output.is_contiguous() else None
+
     def _received(self, key: str, t: torch.Tensor) -> torch.Tensor:
         self._known.add(key)  # the worker keeps its outputs by this key
         self._memo.remember(t, key)

@@ -162,6 +162,39 @@ def test_the_numpy_tier_reports_exactly_what_the_torch_path_reports(monkeypatch,
     assert [repr(m) for m in fast] == [repr(m) for m in slow]
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_a_tensor_judged_against_itself_reports_what_a_copy_of_it_reports(full):
+    """An output that stands for its carved self (``engine.carved_for``) is compared with itself: the same
+    metrics as against an equal copy: exact unless it holds a NaN (never bit-exact, as in any comparison)."""
+    tol = Tolerance(atol=1e-5, rtol=1.3e-6, origin="test")
+    wants = [w for _, w in _cases()]
+    itself = [compare(w, w, tol, full=full) for w in wants]
+    copies = [compare(w.clone(), w, tol, full=full) for w in wants]
+    assert [repr(m) for m in itself] == [repr(m) for m in copies]
+    assert any(m.exact for m in itself) and any(m.nan[1] and not m.exact for m in itself)
+
+
+def test_a_use_is_held_by_a_tensor_with_its_key_dtype_shape_and_plain_layout():
+    from tapml.carving import TensorRef
+    from tapml.core import content_key
+
+    t = torch.randn(3, 4)
+    key = content_key(t.reshape(-1))
+    ref = TensorRef(key, "float32", (3, 4), (4, 1), 0, True)
+    assert ref.held_by(t, key)
+    assert not ref.held_by(t, None) and not ref.held_by(t, "0" * 32)  # the target does not know it / another
+    assert not ref.held_by(t.reshape(4, 3), key)  # the same bytes, another shape
+    assert not ref.held_by(t.view(torch.int32), content_key(t.view(torch.int32).reshape(-1)))
+    # the carved use's bytes in storage order are not its logical order: a transposed use is never held
+    transposed = TensorRef(key, "float32", (4, 3), (1, 4), 0, True)
+    assert not transposed.held_by(t.t().contiguous(), key) and not transposed.held_by(t.reshape(4, 3), key)
+    assert not TensorRef(key, "float32", (3, 4), (4, 1), 0, True, storage=True).held_by(t, key)
+    assert not TensorRef(key, "float32", (3, 4), (4, 1), 2, True).held_by(t, key)  # at an offset
+    assert not TensorRef(key, "float32", (3, 4), (4, 1), 0, False).held_by(t, key)  # rebuilt from overlap
+    assert not ref.held_by(torch.randn(4, 3).t(), key)  # a non-contiguous tensor
+    assert TensorRef(key, "float32", (3, 1, 4), (4, 99, 1), 0, True).held_by(t.reshape(3, 1, 4), key)
+
+
 def test_a_content_mark_names_one_tensor_object_until_it_is_written():
     import gc
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tapml.carving import ModelRaised
+from tapml.carving import FixtureStore, ModelRaised
 from tapml.engine import MixedRunFailed, run_step, skip_reason
 from tapml.judging import Judge
 from tapml.remote import RemoteTarget
@@ -221,6 +221,35 @@ def test_the_worker_lets_go_of_outputs_the_client_has_read(minilm, minilm_store)
     # one forward's outputs are ~20 MB: what the worker holds after the fifth is what it held after the
     # second, give or take the names not yet released (fewer than RELEASE_EVERY outputs)
     assert held[4] - held[1] < 8 << 20, held
+
+
+def test_a_bit_exact_worker_s_outputs_are_judged_without_reading_the_carve(minilm, minilm_store, monkeypatch):
+    """The worker's content key of an output it sent is the carve's: the output stands for its carved self.
+    Only outputs that differ (one ULP, within tolerance, and what it flows into) are read from the store and
+    compared; every status and metric is what reading them all gives."""
+    victim = _victim(minilm_store, 40)
+    kw = {"env": dict(os.environ, TAPML_TEST_OP_INDEX=str(victim)), "platform": f"{HELPERS}:OneUlp"}
+    reads, load = [], FixtureStore.load
+
+    def counted(self, ref, *, read_only=False):
+        if read_only:
+            reads.append(ref)
+        return load(self, ref, read_only=read_only)
+
+    monkeypatch.setattr(FixtureStore, "load", counted)
+    vouched = _step(minilm, minilm_store, True, **kw)
+    read_vouched = list(reads)
+    monkeypatch.setattr(RemoteTarget, "content_key", lambda self, output: None)
+    reads.clear()
+    read_all = _step(minilm, minilm_store, True, **kw)
+    _same(vouched, read_all)
+    exact = {i for i, r in vouched[1].items() if r[2] == (True, 0.0)}
+    read_by = {ref: i for i in vouched[1] for ref in minilm_store.output_refs(i)}
+    assert read_by[read_vouched[0]] == victim and exact == {i for i in vouched[1] if i < victim} and exact
+    assert all(read_by[ref] not in exact for ref in read_vouched)  # off the carve, or taken as the carve
+    assert len(reads) > 2 * 150  # every output read when the worker's keys are not known
+    ok, max_abs = vouched[1][victim][2]
+    assert ok and max_abs > 0  # judged: one ULP off, within tolerance
 
 
 def _units_step(workload, store, pipeline: bool, env: dict | None = None):

@@ -27,7 +27,7 @@ from .ops import (
     resolve_op,
 )
 from .status import Status
-from .tensors import TensorSpec, broadcast_narrowed, dtype_from_name, dtype_name, relayout, storage_order
+from .tensors import TensorSpec, broadcast_narrowed, dtype_from_name, dtype_name, relayout, row_major, storage_order
 from .typedjson import SchemaError, from_json, json_schema, jsonable, to_json, validate
 from .unit import UnitCall
 from .values import (
@@ -94,6 +94,7 @@ __all__ = [
     "relayout",
     "remote_refusal",
     "resolve_op",
+    "row_major",
     "storage_order",
     "tensors_in",
     "to_json",

@@ -80,6 +80,21 @@ class TensorSpec:
     def nbytes(self) -> int:
         return self.numel * self.torch_dtype.itemsize
 
+    @property
+    def contiguous(self) -> bool:
+        """Its elements lie in logical order from the storage's start, without gaps."""
+        return self.exact and not self.offset and row_major(self.shape, self.stride)
+
+
+def row_major(shape, stride) -> bool:
+    """Strides of a contiguous tensor of ``shape`` (size-1 dims take any stride, as in ``is_contiguous``)."""
+    expected = 1
+    for n, s in zip(reversed(shape), reversed(stride), strict=True):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
 
 def storage_order(shape, stride) -> list[int]:
     """Dims from outermost to innermost in memory; ties keep dim order."""

@@ -31,10 +31,11 @@ from .steps import end_to_end, run_steps, tokens_of
 from .topdown import plan_top_down
 from .unitcheck import select_units, unit_alone
 from .units import Units, carved_outputs, unit_inputs
+from .vouch import carved_for
 
 __all__ = ["DRAWS", "OP_STATUSES", "PLANS", "HeapTrimmer", "LocalResult", "Localization", "MixedResult", "MixedRun",
-           "MixedRunFailed", "ModelState", "OffCarvedPath", "Reference",
-           "Units", "build_run", "carved_outputs", "check_store", "end_to_end", "find_blocks", "find_culprit",
+           "MixedRunFailed", "ModelState", "OffCarvedPath", "Reference", "Units", "build_run", "carved_for",
+           "carved_outputs", "check_store", "end_to_end", "find_blocks", "find_culprit",
            "find_victims", "groups_for", "local_pass", "localize", "make_plan", "migrate", "plan_top_down",
            "random_input_check", "reference_info", "reference_noise", "run_local", "run_step", "run_steps",
            "select_ops", "select_units", "skip_reason", "summary_line", "tokens_of", "torch_reference", "unit_alone",

@@ -76,19 +76,10 @@ def _placeholder(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     return t.fill_(True if dtype == torch.bool else torch.iinfo(dtype).max)
 
 
-def _contiguous(shape: tuple, stride: tuple) -> bool:
-    expected = 1
-    for n, s in zip(reversed(shape), reversed(stride), strict=True):
-        if n != 1 and s != expected:
-            return False
-        expected *= n
-    return True
-
-
 def _pipelinable(op: OpCall, func) -> bool:
     if op_info(func).mutated or not op.inputs:
         return False
-    return all(s.exact and not s.offset and _contiguous(s.shape, s.stride) and all(s.shape) for s in op.output_specs)
+    return all(s.contiguous and all(s.shape) for s in op.output_specs)
 
 
 Settle = Callable[[Sent, list[torch.Tensor] | None, BaseException | None, float], tuple[list | None, bool]]

@@ -24,6 +24,7 @@ from tapml.record import Candidate, Finding, Metrics, RandomCheck, RandomDraw
 
 from .heap import HeapTrimmer
 from .reference import Reference
+from .vouch import carved_for
 
 __all__ = ["LocalResult", "Localization", "localize", "local_pass", "run_local", "select_ops", "find_culprit",
            "find_victims", "random_input_check", "skip_reason", "reference_noise", "DRAWS"]
@@ -100,7 +101,7 @@ def run_local(store: FixtureStore, target: Target, judge: Judge, index: int, *, 
         return LocalResult(*here, Status.UNSUPPORTED, e.reason)
     except OpFailed as e:
         return LocalResult(*here, e.status, f"{type(e).__name__}: {e}", lost=e.fatal)
-    want = store.outputs(index, read_only=True)
+    want = carved_for(store, index, got, target)
     live = [store.graph.live(index, k) for k in range(len(want))]
     metrics = judge.judge(op, got, want, inputs, live=live)
     del inputs

@@ -40,6 +40,7 @@ from .inflight import InFlight, Sent, crashed_or_hung
 from .localize import skip_reason
 from .threads import OwnThreads
 from .unitrun import UnitRunner
+from .vouch import carved_for
 
 __all__ = ["MixedRun", "MixedResult", "MixedRunFailed", "run_step"]
 
@@ -190,7 +191,7 @@ class MixedRun(TorchDispatchMode):
         """The target's outputs judged against the carve (into ``results[index]``); what flows on, or None
         when they cannot (the op falls back)."""
         start = time.perf_counter()
-        want = self.store.outputs(index, read_only=True)
+        want = carved_for(self.store, index, outputs, self.target)
         flows = [self.store.graph.live(index, k) for k in range(len(want))]
         # chained: judged against the carved output by tolerance (the bound is for local errors)
         metrics = self.judge.judge(op, outputs, want, live, oracle=False, live=flows)
