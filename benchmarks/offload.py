@@ -78,12 +78,13 @@ def other_tokens(workload):
 def bytes_and_time(workload, store, repeats: int) -> dict:
     """Bytes crossing in a repeated forward, then the full offload and the local forward, interleaved."""
     everything = {op["index"] for op in store.ops if not skip_reason(op)}
+    judge, single_judge = Judge(), Judge()  # one per target, as migrate judges every step with one
     with RemoteTarget(spawn="torch-cpu") as target, RemoteTarget(spawn="torch-cpu", pipeline=False) as single:
-        run_step(workload.run, store, target, everything, Judge())  # first forward: weights go over once
-        run_step(workload.run, store, single, everything, Judge())
+        run_step(workload.run, store, target, everything, judge)  # first forward: weights go over once
+        run_step(workload.run, store, single, everything, single_judge)
         wrapped = Crossing(target, workload.model)
         before = target.stats["bytes_sent"]
-        run_step(other_tokens(workload), store, wrapped, everything, Judge())
+        run_step(other_tokens(workload), store, wrapped, everything, judge)
         sent = target.stats["bytes_sent"] - before
         rows = []
         for _ in range(repeats):
@@ -92,9 +93,9 @@ def bytes_and_time(workload, store, repeats: int) -> dict:
                 workload.run()
                 forward = time.perf_counter() - start
             k0 = target.stats["kernel_us"]
-            _, off, wall = run_step(workload.run, store, target, everything, Judge())
+            _, off, wall = run_step(workload.run, store, target, everything, judge)
             kernel = (target.stats["kernel_us"] - k0) / 1e6
-            _, _, one = run_step(workload.run, store, single, everything, Judge())  # one run at a time
+            _, _, one = run_step(workload.run, store, single, everything, single_judge)  # one run at a time
             rows.append({"wall": wall, "target": off.target_seconds, "kernel": kernel, "compare": off.compare_s,
                          "forward": forward, "ratio": wall / forward, "single": one, "single_ratio": one / forward})
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
@@ -104,18 +105,18 @@ def bytes_and_time(workload, store, repeats: int) -> dict:
 def top_down_time(workload, store, repeats: int) -> dict:
     """The full top-down offload (every unit and loose op of the plan's last step) to a spawned torch-cpu
     worker against the local forward, paired as above."""
-    rows = []
+    rows, judge = [], Judge()
     with RemoteTarget(spawn="torch-cpu") as target:
         td = plan_top_down(store, target)
         last = top_down_steps(store, td)[-1]
-        run_step(workload.run, store, target, set(last["offload"]), Judge(), units=last["units"])  # weights cross
+        run_step(workload.run, store, target, set(last["offload"]), judge, units=last["units"])  # weights cross
         for _ in range(repeats):
             with torch.no_grad():
                 start = time.perf_counter()
                 workload.run()
                 forward = time.perf_counter() - start
             before = dict(target.stats)
-            _, off, wall = run_step(workload.run, store, target, set(last["offload"]), Judge(), units=last["units"])
+            _, off, wall = run_step(workload.run, store, target, set(last["offload"]), judge, units=last["units"])
             trips = sum(target.stats.get(k, 0) - before.get(k, 0) for k in ("runs", "unit_runs"))
             kernel = (target.stats["kernel_us"] - before.get("kernel_us", 0)) / 1e6
             rows.append({"wall": wall, "forward": forward, "ratio": wall / forward, "round_trips": trips,
