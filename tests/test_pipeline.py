@@ -252,6 +252,27 @@ def test_a_bit_exact_worker_s_outputs_are_judged_without_reading_the_carve(minil
     assert ok and max_abs > 0  # judged: one ULP off, within tolerance
 
 
+def test_the_isolated_pass_judges_a_bit_exact_worker_s_outputs_without_reading_the_carve(minilm_store,
+                                                                                          monkeypatch):
+    from tapml.engine import run_local
+
+    ops = [op["index"] for op in minilm_store.ops if not skip_reason(op)][:40]
+    reads, load = [], FixtureStore.load
+
+    def counted(self, ref, *, read_only=False):
+        reads.append(read_only)
+        return load(self, ref, read_only=read_only)
+
+    monkeypatch.setattr(FixtureStore, "load", counted)
+    with RemoteTarget(spawn="torch-cpu") as target:
+        vouched = [run_local(minilm_store, target, Judge(), i).local for i in ops]
+        read_vouched = list(reads)
+        monkeypatch.setattr(RemoteTarget, "content_key", lambda self, output: None)
+        read_all = [run_local(minilm_store, target, Judge(), i).local for i in ops]
+    assert vouched == read_all and all(m.ok and m.exact for m in vouched)
+    assert True not in read_vouched and reads.count(True) >= len(ops)  # the carved outputs: read only unvouched
+
+
 def _units_step(workload, store, pipeline: bool, env: dict | None = None):
     from tapml.engine.topdown import plan_top_down, top_down_steps
 
