@@ -572,8 +572,11 @@ class RemoteTarget(Target):
 
     def content_key(self, output: torch.Tensor) -> str | None:
         """The key the worker gave ``output`` (``_keep`` hashes exactly the bytes it sends), while ``output``
-        is unchanged; None for a view of other memory or one written since."""
-        return self._memo.peek(output, output) if output.is_contiguous() else None
+        is unchanged (tapml's own writes inside the dispatch mode bump its version: ``core.wrote``); None
+        for a view of other memory (strided, conjugate, negative) or one written since."""
+        if not output.is_contiguous() or output.is_conj() or output.is_neg():
+            return None
+        return self._memo.peek(output, output)
 
     def _received(self, key: str, t: torch.Tensor) -> torch.Tensor:
         self._known.add(key)  # the worker keeps its outputs by this key

@@ -273,6 +273,46 @@ def test_the_isolated_pass_judges_a_bit_exact_worker_s_outputs_without_reading_t
     assert True not in read_vouched and reads.count(True) >= len(ops)  # the carved outputs: read only unvouched
 
 
+def test_a_placeholder_overwritten_by_a_fallback_is_sent_with_its_new_values(tmp_path):
+    """``max.dim`` answers its values one ULP off (received in their placeholder, the worker holding them by
+    key) and its indices in another shape: it falls back, and the reference's values overwrite the
+    placeholder. The ``mul`` that reads them must get those values, as one at a time — not the worker's
+    copy under the key the placeholder was received with (tapml's write bumps its version: core.wrote)."""
+    from tapml.carving import carve
+    from tapml.zoo import Workload
+
+    class MaxThenScale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            values, indices = torch.max(self.lin(x), dim=1)
+            return values * 3.0 + indices
+
+    torch.manual_seed(0)
+    model, x = MaxThenScale().eval(), torch.randn(4, 16)
+    workload = Workload(model=model, inputs=x, name="max-then-scale")
+    carve(model, workload.run, tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    victim, scale, add = (next(op["index"] for op in store.ops if op["op"] == name)
+                          for name in ("aten.max.dim", "aten.mul.Tensor", "aten.add.Tensor"))
+    chosen = {op["index"] for op in store.ops if not skip_reason(op)} - {add}  # add: the reference's, so it
+    env = dict(os.environ, TAPML_TEST_OP_INDEX=str(victim))  # waits for mul and max inside the dispatch mode
+
+    def step(pipeline: bool):
+        with RemoteTarget(spawn=f"{HELPERS}:UlpAndReshaped", pipeline=pipeline, spawn_options={"env": env}) as t:
+            run_step(workload.run, store, t, chosen, Judge())
+            output, mixed, _ = run_step(workload.run, store, t, chosen, Judge())
+        return output, {i: (r.status.value, r.propagated and (r.propagated.ok, r.propagated.max_abs))
+                        for i, r in mixed.results.items()}, mixed.flight.pipelined if mixed.flight else 0
+
+    one, many = step(False), step(True)
+    assert many[1][victim][0] == "fell back" and many[2] >= 2
+    assert torch.equal(one[0], many[0]) and one[1] == many[1]
+    assert many[1][scale][1] == (True, 0.0)  # the reference's values went in: bit-exact
+
+
 def _units_step(workload, store, pipeline: bool, env: dict | None = None):
     from tapml.engine.topdown import plan_top_down, top_down_steps
 

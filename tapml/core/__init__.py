@@ -8,7 +8,7 @@ and the error and status roots. It imports nothing else of tapml.
 
 from .errors import CheckFailed, OpFailed, OpRefused, TapmlError
 from .imports import import_object
-from .keys import HashMemo, byte_view, content_digest, content_key, content_mark, mark_content
+from .keys import HashMemo, byte_view, content_digest, content_key, content_mark, mark_content, wrote
 from .opcall import OpCall, bind_args, flatten_outputs, place_device
 from .openmp import openmp_spins, record_openmp_spins
 from .ops import (
@@ -99,4 +99,5 @@ __all__ = [
     "tensors_in",
     "to_json",
     "validate",
+    "wrote",
 ]

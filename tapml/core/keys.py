@@ -7,10 +7,11 @@ from collections.abc import Hashable
 
 import torch
 import xxhash
+from torch.autograd.graph import increment_version
 
 from .tensors import dtype_name
 
-__all__ = ["content_key", "content_digest", "byte_view", "HashMemo", "mark_content", "content_mark"]
+__all__ = ["content_key", "content_digest", "byte_view", "HashMemo", "mark_content", "content_mark", "wrote"]
 
 _PREFIXES: dict[torch.dtype, xxhash.xxh3_128] = {}  # the hash state after each dtype's name: copied, not redone
 
@@ -146,3 +147,13 @@ def _forget(ident: int) -> None:
     hit = _MARKS.get(ident)
     if hit is not None and hit[0]() is None:  # not a newer object's entry under a reused id
         del _MARKS[ident]
+
+
+def wrote(t: torch.Tensor) -> None:
+    """Say that ``t`` was just written in place by tapml inside a dispatch mode (a placeholder filled, a
+    stand-in given its true values). Why: such a write runs below autograd, where torch bumps no version
+    counter, and every cache here (``HashMemo``, content marks) trusts the counter to see writes."""
+    try:
+        increment_version(t)
+    except RuntimeError:  # inference tensors carry no version counter (and are never cached)
+        pass

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from tapml.core import OpCall, OpFailed, Status, UnitCall, decode_value, op_info, tensors_in
+from tapml.core import OpCall, OpFailed, Status, UnitCall, decode_value, op_info, tensors_in, wrote
 from tapml.platforms import Target
 
 __all__ = ["InFlight", "Sent", "crashed_or_hung"]
@@ -221,5 +221,6 @@ def _fill(target: Target, s: Sent, values: list[torch.Tensor], received: list[to
         if t is None or t is v:  # nothing holds it, or it was received in place
             continue
         t.copy_(v)
+        wrote(t)  # a cached key of the placeholder's memory (the answer it was received in) is void now
         if received is not None and v is received[k]:
             target.adopt(t, v)

@@ -31,6 +31,7 @@ from tapml.core import (
     op_info,
     relayout,
     tensors_in,
+    wrote,
 )
 from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
@@ -255,6 +256,7 @@ class MixedRun(TorchDispatchMode):
                 if m is not None:  # this return is the argument written in place
                     dst = args[m] if isinstance(m, int) else kwargs[m]
                     dst.copy_(laid[r])
+                    wrote(dst)
                     laid[r] = dst
         it = iter(laid)
         return decode_value(rec["outputs"], lambda _: next(it))

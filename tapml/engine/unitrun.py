@@ -36,6 +36,7 @@ from tapml.core import (
     iter_specs,
     op_info_by_name,
     tensors_in,
+    wrote,
 )
 from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
@@ -233,6 +234,7 @@ class UnitRunner:
             for memory, true in zip(sent.memory(), true_outputs, strict=True):
                 if memory is not None and true is not None and memory.data_ptr() != true.data_ptr():
                     memory.copy_(true)
+                    wrote(memory)
 
     def _failed(self, active: _Active, sent: Sent | None, status: Status, reason: str, fatal: bool = False) -> None:
         """The target could not run the unit: its outputs from the reference, and why in its result."""
@@ -293,6 +295,7 @@ class UnitRunner:
             for g, t in zip(got, lives, strict=True):  # the target's values, converted, as one at a time
                 if t is not None:
                     t.copy_(g.to(t.dtype))
+                    wrote(t)
             return lives, False
         return got, True
 
@@ -330,4 +333,5 @@ class UnitRunner:
             for g, live in lives:
                 if torch._debug_has_internal_overlap(live) != 1:
                     live.copy_(g.to(live.dtype))
+                    wrote(live)
         active.ops = []

@@ -209,6 +209,23 @@ class OneUlp(TorchPlatform):
         return outputs
 
 
+class UlpAndReshaped(TorchPlatform):
+    """One op's first output comes back one ULP up (its shape kept: received in its placeholder) and its
+    second in another shape: the op falls back, and the reference's values overwrite the first."""
+
+    name = "ulp-and-reshaped"
+
+    def run(self, kernel, op, inputs):
+        import torch
+
+        outputs = super().run(kernel, op, inputs)
+        if _target(op):
+            first = outputs[0].clone().reshape(-1)
+            first[0] = torch.nextafter(first[0], torch.tensor(float("inf"), dtype=first.dtype))
+            outputs = [first.reshape(outputs[0].shape), outputs[1].reshape(-1, 1), *outputs[2:]]
+        return outputs
+
+
 class PickyUnits(WrappedPlatform):
     """torch-cpu whose compiled units misbehave by module: encoder layer 1 (or the modules in
     TAPML_TEST_REFUSE_UNITS, comma-separated) is refused when it runs, layer 3 answers with wrong shapes,
