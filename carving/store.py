@@ -40,7 +40,9 @@ _PACKED = "__packed__"  # one uint8 tensor per shard holding the small tensors b
 # shards kept open for reading (a file descriptor and the parsed header each)
 OPEN_SHARDS = 4
 # read-only uses kept for the next read of them (a per-op offload's carved outputs, ~20 MB per MiniLM
-# forward); bounded because they are owned memory: at 1B parameters every use kept would be the store, 3 GB
+# forward); bounded because they are owned memory: at 1B parameters every use kept would be the store, 3 GB.
+# A use is kept only when read again within this many bytes of reads: one read back after more would have
+# been pushed out before it (at 1.1B a forward reads GBs: the budget then held 32 MiB that nothing read again)
 VIEW_BYTES = 32 << 20
 _PACK_BELOW = 64 << 10  # per-tensor header and bookkeeping would dominate below this size
 
@@ -390,6 +392,8 @@ class FixtureStore:
         # refs: a per-op offload reads every offloaded op's outputs on every forward
         self._views: dict[TensorRef, torch.Tensor] = {}
         self._view_bytes = 0
+        self._read_bytes = 0  # read-only bytes read so far, and where each use's last read ended
+        self._last_read: dict[TensorRef, int] = {}
         self._output_refs: dict[int, list[TensorRef]] = {}
         self._calls: dict[int, OpCall] = {}
         self._verified: set[str] = set()
@@ -472,10 +476,15 @@ class FixtureStore:
         if not read_only:  # flat() is fresh memory: laid out in place where the layout allows, not copied again
             return materialize(self.flat(ref.key), ref, copy=False)
         hit = self._views.pop(ref, None)
-        if hit is None:  # marked: a comparison caches what it learns of it per content (carved.py)
+        kept = hit is not None
+        since = self._read_bytes - self._last_read.get(ref, -VIEW_BYTES - 1)  # bytes read since its last read
+        if not kept:  # marked: a comparison caches what it learns of it per content (carved.py)
             hit = mark_content(materialize(self.flat(ref.key), ref, copy=False), ref)
-            size = hit.untyped_storage().nbytes()
-            if size > VIEW_BYTES:  # read again when needed, rather than push out everything else
+        size = hit.untyped_storage().nbytes()
+        self._read_bytes += size
+        self._last_read[ref] = self._read_bytes
+        if not kept:
+            if size > VIEW_BYTES or since > VIEW_BYTES:  # the first read, or it would go before its next one
                 return hit
             self._view_bytes += size
         self._views[ref] = hit  # the most recently read last

@@ -329,7 +329,9 @@ def test_in_place_writes_after_truncation_leave_the_stored_bytes_alone(tmp_path)
 
 def test_read_only_uses_are_kept_up_to_a_byte_budget_and_marked_with_their_content(tmp_path, monkeypatch):
     """A comparison's reads: one tensor object per use while it is among the recently read (no memory beyond
-    VIEW_BYTES), marked with its ref so what a comparison learns of it is cached per content."""
+    VIEW_BYTES), marked with its ref so what a comparison learns of it is cached per content. A use is kept
+    from its second read on, and only if fewer than VIEW_BYTES were read since its first: read back later, it
+    would have been pushed out before (a 1B model's forward reads GBs through a 32 MiB budget)."""
     from tapml.carving import store as store_module
     from tapml.core import content_mark
 
@@ -338,7 +340,8 @@ def test_read_only_uses_are_kept_up_to_a_byte_budget_and_marked_with_their_conte
     carve(model, lambda: model(x), tmp_path / "s", shard_bytes=256 * 1024)
     store = FixtureStore(tmp_path / "s")
     ops = [op["index"] for op in store.ops if op["op"] == "aten.addmm.default"]
-    first = store.outputs(ops[0], read_only=True)
+    assert store.outputs(ops[0], read_only=True)[0] is not store.outputs(ops[0], read_only=True)[0]
+    first = store.outputs(ops[0], read_only=True)  # the third read: kept since the second
     assert store.outputs(ops[0], read_only=True)[0] is first[0]
     ref = store._output_refs[ops[0]][0]
     assert content_mark(first[0]) == ref and ref.key == store.ops[ops[0]]["outputs"]["tensor"]["key"]
@@ -347,7 +350,17 @@ def test_read_only_uses_are_kept_up_to_a_byte_budget_and_marked_with_their_conte
     monkeypatch.setattr(store_module, "VIEW_BYTES", 3 * 4 * 256 * 4)  # three outputs' worth
     for i in ops[1:]:  # more than the budget holds: the first op's use goes, the latest three stay
         store.outputs(i, read_only=True)
+        store.outputs(i, read_only=True)
     assert list(store._views) == [store._output_refs[i][0] for i in ops[-3:]]
+    for _ in range(2):  # read back in a cycle longer than the budget: none is kept (each would go before)
+        for i in ops[1:]:
+            store.outputs(i, read_only=True)
+    assert list(store._views) == [store._output_refs[i][0] for i in ops[-3:]]
+    store.forget_uses()
+    for _ in range(2):
+        for i in ops[1:]:
+            store.outputs(i, read_only=True)
+    assert not store._views
     store.forget_uses()
     assert not store._views and store._view_bytes == 0 and store.outputs(ops[0], read_only=True)[0] is not first[0]
     assert store._view_bytes == sum(t.untyped_storage().nbytes() for t in store._views.values())
