@@ -493,9 +493,11 @@ class FixtureStore:
         return hit
 
     def forget_uses(self) -> None:
-        """Drop the read-only uses kept for the next read (a benchmark's first-forward case)."""
+        """Drop the read-only uses kept for the next read, and when each was last read: what is read next
+        is read as for the first time (the isolated pass after the live runs; a benchmark's first forward)."""
         self._views.clear()
         self._view_bytes = 0
+        self._last_read.clear()
 
     def op_call(self, index: int) -> OpCall:
         """Carved op ``index`` as a platform sees it."""

@@ -369,6 +369,25 @@ def test_read_only_uses_are_kept_up_to_a_byte_budget_and_marked_with_their_conte
     assert again is not first[0] and torch.equal(again, first[0]) and content_mark(again) == ref
 
 
+def test_the_isolated_pass_starts_without_the_uses_the_live_runs_kept(tmp_path):
+    """The live runs' kept carved outputs are theirs (read again every forward); the isolated pass reads each
+    op's once, so it does not carry them (at 1.1B they were 26 MB under the pass's own peak)."""
+    from tapml.engine import local_pass
+    from tapml.judging import Judge
+    from tapml.platforms import open_local
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    x = torch.randn(4, 64)
+    carve(model, lambda: model(x), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    for _ in range(2):
+        for op in store.ops:
+            store.outputs(op["index"], read_only=True)
+    assert store._views
+    results = local_pass(store, open_local("torch-cpu"), Judge())
+    assert {r.status.value for r in results.values()} <= {"ok", "skipped"} and not store._views
+
+
 def test_the_isolated_pass_lends_live_weights_only_to_targets_that_copy_them_and_ops_that_write_none(tmp_path):
     from tapml.engine import ModelState, run_local
     from tapml.judging import Judge

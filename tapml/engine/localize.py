@@ -132,6 +132,7 @@ def local_pass(store: FixtureStore, target: Target, judge: Judge, *, indices: It
     if indices is None:
         indices = select_ops(store, all_calls=all_calls)
     results = {}
+    store.forget_uses()  # the carved outputs the live runs read again: this pass reads each op's once
     _HEAP.trim()  # what the live runs freed (at 1.1B: ~90 MiB of heap) is not this pass's to hold
     for i in indices:
         if target.lost is not None:  # nothing can run any more: say so instead of trying each op
