@@ -146,19 +146,19 @@ def replay_throughput(store, repeats: int) -> dict:
 
 
 def compiles(store) -> dict:
-    cache = tempfile.mkdtemp(prefix="tapml-bench-cache-")
-    env = dict(os.environ, TAPML_CACHE_DIR=cache)
     judge = Judge()
     signatures = {op["signature"] for op in store.ops if not skip_reason(op)}
     out = {"signatures": len(signatures)}
-    for label in ("cold", "warm"):
-        with RemoteTarget(spawn="tvm-llvm", spawn_options={"env": env}) as target:
-            start = time.perf_counter()
-            local_pass(store, target, judge)
-            out[f"{label}_s"] = time.perf_counter() - start
-            stats = target.worker_stats()
-            out[f"{label}_builds"] = stats.get("builds", 0)
-            out[f"{label}_unsupported"] = len(signatures) - stats.get("compiles", 0)
+    with tempfile.TemporaryDirectory(prefix="tapml-bench-cache-") as cache:  # cold, then this cache warm
+        env = dict(os.environ, TAPML_CACHE_DIR=cache)
+        for label in ("cold", "warm"):
+            with RemoteTarget(spawn="tvm-llvm", spawn_options={"env": env}) as target:
+                start = time.perf_counter()
+                local_pass(store, target, judge)
+                out[f"{label}_s"] = time.perf_counter() - start
+                stats = target.worker_stats()
+                out[f"{label}_builds"] = stats.get("builds", 0)
+                out[f"{label}_unsupported"] = len(signatures) - stats.get("compiles", 0)
     return out
 
 
