@@ -328,6 +328,32 @@ def _units_step(workload, store, pipeline: bool, env: dict | None = None):
     return output.last_hidden_state, units, pipelined
 
 
+def test_a_unit_s_bit_exact_outputs_are_judged_without_reading_the_carve(minilm, minilm_store, monkeypatch):
+    """Top-down: the units' outputs a worker vouches for by content key stand for the carved module outputs;
+    the units that answer otherwise (PickyUnits: layer 5 doubled) are read and judged as before."""
+    import sys
+
+    reads, load = [], FixtureStore.load
+
+    def counted(self, ref, *, read_only=False):  # the reads judging a unit makes
+        frame = sys._getframe(1)
+        while frame is not None and not frame.f_code.co_filename.endswith("unitrun.py"):
+            frame = frame.f_back
+        reads.append(frame is not None)
+        return load(self, ref, read_only=read_only)
+
+    monkeypatch.setattr(FixtureStore, "load", counted)
+    vouched = _units_step(minilm, minilm_store, True)
+    read_vouched = reads.count(True)
+    monkeypatch.setattr(RemoteTarget, "content_key", lambda self, output: None)
+    reads.clear()
+    read_all = _units_step(minilm, minilm_store, True)
+    assert torch.equal(vouched[0], read_all[0]) and vouched[1] == read_all[1]
+    exact = sum(v[2] == 0.0 for v in vouched[1].values())
+    assert exact and any(v[2] for v in vouched[1].values())  # bit-exact units, and layer 5 doubled
+    assert read_vouched <= reads.count(True) - 2 * exact  # no read for an exact unit's output, either forward
+
+
 @pytest.mark.parametrize("kill", [False, True], ids=["refused-wrong-doubled", "worker-killed"])
 def test_units_in_flight_end_as_they_end_one_at_a_time(minilm, minilm_store, kill):
     """Top-down units are sent without waiting for the one before; a unit the worker refuses, answers with

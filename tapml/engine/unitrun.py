@@ -44,7 +44,8 @@ from tapml.record import Metrics
 
 from .inflight import InFlight, Sent, crashed_or_hung
 from .outputs import end_to_end
-from .units import UnitSpan, carved_outputs
+from .units import UnitSpan
+from .vouch import vouched
 
 __all__ = ["UnitResult", "UnitRunner"]
 
@@ -246,7 +247,8 @@ class UnitRunner:
                 ) -> bool:
         """The target's outputs judged against the carve (the unit's result); False when they cannot flow on
         (another count or shape than the live outputs): the reference's values flow on instead."""
-        metrics = end_to_end(got, carved_outputs(self.store, active.span), self.judge)
+        refs = [self.store.output_refs(i)[k] for i, k in active.span.outputs]
+        metrics = end_to_end(got, vouched(self.store, refs, got, self.target), self.judge)
         result = self.results[active.unit.index] = UnitResult(Status.OFFLOADED, propagated=metrics,
                                                                target_ms=target_ms)
         if len(got) == len(lives) and all(t is None or g.shape == t.shape for g, t in zip(got, lives, strict=True)):

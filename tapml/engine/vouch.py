@@ -12,19 +12,24 @@ from __future__ import annotations
 
 import torch
 
-from tapml.carving import FixtureStore
+from tapml.carving import FixtureStore, TensorRef
 from tapml.core import mark_content
 from tapml.platforms import Target
 
-__all__ = ["carved_for"]
+__all__ = ["carved_for", "vouched"]
 
 
 def carved_for(store: FixtureStore, index: int, got: list[torch.Tensor], target: Target) -> list[torch.Tensor]:
-    """Op ``index``'s carved outputs (read only) for judging ``got``: each output the target vouches for by
-    its content key in place of its carved self, marked as that content; the others read from the store."""
-    refs = store.output_refs(index)
+    """Op ``index``'s carved outputs (read only) for judging ``got``: see ``vouched``."""
+    return vouched(store, store.output_refs(index), got, target)
+
+
+def vouched(store: FixtureStore, refs: list[TensorRef], got: list[torch.Tensor], target: Target
+            ) -> list[torch.Tensor]:
+    """The carved uses ``refs`` (read only) for judging ``got``: each output the target vouches for by its
+    content key in place of its carved self, marked as that content; the others read from the store."""
     if len(refs) != len(got):
-        return store.outputs(index, read_only=True)
+        return [store.load(ref, read_only=True) for ref in refs]
     key = target.content_key
     return [mark_content(g, ref) if ref.held_by(g, key(g)) else store.load(ref, read_only=True)
             for g, ref in zip(got, refs, strict=True)]
