@@ -17,10 +17,10 @@ from tapml.core import (
     TensorSpec,
     broadcast_narrowed,
     content_key,
+    contiguous_layout,
     dtype_from_name,
     dtype_name,
     relayout,
-    row_major,
     storage_order,
 )
 
@@ -50,9 +50,9 @@ class TensorRef:
         """Whether ``t``, whose content key is ``key``, is this use exactly: the same bytes in the same
         logical order, shape and dtype (the key hashes the elements in storage order, which is logical
         order only for a contiguous use of its own bytes)."""
-        return (key == self.key and self.exact and not self.storage and not self.offset
-                and tuple(t.shape) == self.shape and dtype_name(t.dtype) == self.dtype and t.is_contiguous()
-                and row_major(self.shape, self.stride))
+        return (key == self.key and not self.storage and tuple(t.shape) == self.shape
+                and dtype_name(t.dtype) == self.dtype and t.is_contiguous()
+                and contiguous_layout(self.shape, self.stride, self.offset, self.exact))
 
     @classmethod
     def from_json(cls, obj: dict) -> TensorRef:

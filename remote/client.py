@@ -572,7 +572,7 @@ class RemoteTarget(Target):
 
     def content_key(self, output: torch.Tensor) -> str | None:
         """The key the worker gave ``output`` (``_keep`` hashes exactly the bytes it sends), while ``output``
-        is unchanged (tapml's own writes inside the dispatch mode bump its version: ``core.wrote``); None
+        is unchanged (tapml's own writes inside the dispatch mode bump its version: ``core.overwrite``); None
         for a view of other memory (strided, conjugate, negative) or one written since."""
         if not output.is_contiguous() or output.is_conj() or output.is_neg():
             return None

@@ -277,7 +277,7 @@ def test_a_placeholder_overwritten_by_a_fallback_is_sent_with_its_new_values(tmp
     """``max.dim`` answers its values one ULP off (received in their placeholder, the worker holding them by
     key) and its indices in another shape: it falls back, and the reference's values overwrite the
     placeholder. The ``mul`` that reads them must get those values, as one at a time — not the worker's
-    copy under the key the placeholder was received with (tapml's write bumps its version: core.wrote)."""
+    copy under the key the placeholder was received with (tapml's write bumps its version: core.overwrite)."""
     from tapml.carving import carve
     from tapml.zoo import Workload
 

@@ -8,7 +8,7 @@ and the error and status roots. It imports nothing else of tapml.
 
 from .errors import CheckFailed, OpFailed, OpRefused, TapmlError
 from .imports import import_object
-from .keys import HashMemo, byte_view, content_digest, content_key, content_mark, mark_content, wrote
+from .keys import HashMemo, byte_view, content_digest, content_key, content_mark, mark_content, overwrite
 from .opcall import OpCall, bind_args, flatten_outputs, place_device
 from .openmp import openmp_spins, record_openmp_spins
 from .ops import (
@@ -27,7 +27,15 @@ from .ops import (
     resolve_op,
 )
 from .status import Status
-from .tensors import TensorSpec, broadcast_narrowed, dtype_from_name, dtype_name, relayout, row_major, storage_order
+from .tensors import (
+    TensorSpec,
+    broadcast_narrowed,
+    contiguous_layout,
+    dtype_from_name,
+    dtype_name,
+    relayout,
+    storage_order,
+)
 from .typedjson import SchemaError, from_json, json_schema, jsonable, to_json, validate
 from .unit import UnitCall
 from .values import (
@@ -76,6 +84,7 @@ __all__ = [
     "content_digest",
     "content_key",
     "content_mark",
+    "contiguous_layout",
     "decode_value",
     "dtype_from_name",
     "dtype_name",
@@ -91,13 +100,12 @@ __all__ = [
     "op_info",
     "only_tensors",
     "op_info_by_name",
+    "overwrite",
     "relayout",
     "remote_refusal",
     "resolve_op",
-    "row_major",
     "storage_order",
     "tensors_in",
     "to_json",
     "validate",
-    "wrote",
 ]

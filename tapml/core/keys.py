@@ -11,7 +11,7 @@ from torch.autograd.graph import increment_version
 
 from .tensors import dtype_name
 
-__all__ = ["content_key", "content_digest", "byte_view", "HashMemo", "mark_content", "content_mark", "wrote"]
+__all__ = ["content_key", "content_digest", "byte_view", "HashMemo", "mark_content", "content_mark", "overwrite"]
 
 _PREFIXES: dict[torch.dtype, xxhash.xxh3_128] = {}  # the hash state after each dtype's name: copied, not redone
 
@@ -149,11 +149,12 @@ def _forget(ident: int) -> None:
         del _MARKS[ident]
 
 
-def wrote(t: torch.Tensor) -> None:
-    """Say that ``t`` was just written in place by tapml inside a dispatch mode (a placeholder filled, a
-    stand-in given its true values). Why: such a write runs below autograd, where torch bumps no version
-    counter, and every cache here (``HashMemo``, content marks) trusts the counter to see writes."""
+def overwrite(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for tapml's own writes into a live tensor inside a dispatch mode (a placeholder
+    filled, a stand-in given its true values). Why: such a write runs below autograd, where torch bumps no
+    version counter, and every cache here (``HashMemo``, content marks) trusts the counter to see writes."""
+    dst.copy_(src)
     try:
-        increment_version(t)
+        increment_version(dst)
     except RuntimeError:  # inference tensors carry no version counter (and are never cached)
         pass

@@ -82,12 +82,14 @@ class TensorSpec:
 
     @property
     def contiguous(self) -> bool:
-        """Its elements lie in logical order from the storage's start, without gaps."""
-        return self.exact and not self.offset and row_major(self.shape, self.stride)
+        return contiguous_layout(self.shape, self.stride, self.offset, self.exact)
 
 
-def row_major(shape, stride) -> bool:
-    """Strides of a contiguous tensor of ``shape`` (size-1 dims take any stride, as in ``is_contiguous``)."""
+def contiguous_layout(shape, stride, offset: int = 0, exact: bool = True) -> bool:
+    """Elements in logical order from the storage's start, without gaps (size-1 dims take any stride, as in
+    ``is_contiguous``); ``exact``: not a self-overlapping layout rebuilt contiguous."""
+    if not exact or offset:
+        return False
     expected = 1
     for n, s in zip(reversed(shape), reversed(stride), strict=True):
         if n != 1 and s != expected:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from tapml.core import OpCall, OpFailed, Status, UnitCall, decode_value, op_info, tensors_in, wrote
+from tapml.core import OpCall, OpFailed, Status, UnitCall, decode_value, op_info, overwrite, tensors_in
 from tapml.platforms import Target
 
 __all__ = ["InFlight", "Sent", "crashed_or_hung"]
@@ -220,7 +220,6 @@ def _fill(target: Target, s: Sent, values: list[torch.Tensor], received: list[to
     for k, (t, v) in enumerate(zip(s.placeholders(), values, strict=True)):
         if t is None or t is v:  # nothing holds it, or it was received in place
             continue
-        t.copy_(v)
-        wrote(t)  # a cached key of the placeholder's memory (the answer it was received in) is void now
+        overwrite(t, v)  # a cached key of the placeholder's memory (the answer it was received in) is void now
         if received is not None and v is received[k]:
             target.adopt(t, v)

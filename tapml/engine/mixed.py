@@ -29,9 +29,9 @@ from tapml.core import (
     bump_undeclared,
     decode_value,
     op_info,
+    overwrite,
     relayout,
     tensors_in,
-    wrote,
 )
 from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
@@ -255,8 +255,7 @@ class MixedRun(TorchDispatchMode):
             for r, m in enumerate(info.returned):
                 if m is not None:  # this return is the argument written in place
                     dst = args[m] if isinstance(m, int) else kwargs[m]
-                    dst.copy_(laid[r])
-                    wrote(dst)
+                    overwrite(dst, laid[r])
                     laid[r] = dst
         it = iter(laid)
         return decode_value(rec["outputs"], lambda _: next(it))

@@ -35,8 +35,8 @@ from tapml.core import (
     dtype_from_name,
     iter_specs,
     op_info_by_name,
+    overwrite,
     tensors_in,
-    wrote,
 )
 from tapml.judging import Judge
 from tapml.platforms import Target, Unsupported
@@ -234,8 +234,7 @@ class UnitRunner:
         if sent is not None:
             for memory, true in zip(sent.memory(), true_outputs, strict=True):
                 if memory is not None and true is not None and memory.data_ptr() != true.data_ptr():
-                    memory.copy_(true)
-                    wrote(memory)
+                    overwrite(memory, true)
 
     def _failed(self, active: _Active, sent: Sent | None, status: Status, reason: str, fatal: bool = False) -> None:
         """The target could not run the unit: its outputs from the reference, and why in its result."""
@@ -296,8 +295,7 @@ class UnitRunner:
         if any(t is not None and g.dtype != t.dtype for g, t in zip(got, lives, strict=True)):
             for g, t in zip(got, lives, strict=True):  # the target's values, converted, as one at a time
                 if t is not None:
-                    t.copy_(g.to(t.dtype))
-                    wrote(t)
+                    overwrite(t, g.to(t.dtype))
             return lives, False
         return got, True
 
@@ -334,6 +332,5 @@ class UnitRunner:
                 self._recompute(active, sent)  # an expanded output (one value per element): the reference's values
             for g, live in lives:
                 if torch._debug_has_internal_overlap(live) != 1:
-                    live.copy_(g.to(live.dtype))
-                    wrote(live)
+                    overwrite(live, g.to(live.dtype))
         active.ops = []
