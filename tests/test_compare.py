@@ -143,11 +143,38 @@ def _cases():
         yield torch.tensor(1.5, dtype=dtype), torch.tensor(1.5 + 2**-10, dtype=dtype)
         yield w.t().clone(), w.t()  # a transposed (non-contiguous) view
         yield torch.ones(1, 7, dtype=dtype).expand(6, 7).clone(), torch.ones(1, 7, dtype=dtype).expand(6, 7)
+    ties = _rounded_ties()
+    yield ties, torch.zeros_like(ties)  # exact differences
+    yield ties, torch.tensor([2.0**-46, -(2.0**-50), 2.0**-50, 2.0**-80])  # float32 differences tie, not float64 ones
+    yield ties * 2**16, torch.tensor([0.0, 0.0, 2.0**-34, 0.0])  # past atol: the bound decides (rtol > 0)
+    yield torch.tensor([3e38, 1.0]), torch.tensor([-3e38, 1.0])  # a float32 difference that overflows
+    yield torch.tensor([2.0**-140, 1.0]), torch.tensor([0.0, 1.0])  # one too small to trust in float32
     big = torch.tensor([1e308, -1e308], dtype=torch.float64)
     yield -big, big  # differences that overflow float64
     yield torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4])
     yield torch.tensor([True, False]), torch.tensor([True, False])
     yield torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 2.0])  # a dtype problem
+
+
+def _rounded_ties() -> torch.Tensor:
+    return torch.tensor([2.0**-20 + 2.0**-43, 2.0**-20, 2.0**-20 + 2.0**-43, 2.0**-21])
+
+
+def test_the_float32_pass_finds_the_float64_maximum_among_rounded_ties():
+    """A float32 difference rounds: elements 0 and 2 tie there, element 2 is the larger in float64, and
+    element 1 is past 2⁻²⁰ only in float64."""
+    compare_module = importlib.import_module("tapml.judging.compare")
+    got, want = _rounded_ties(), torch.tensor([2.0**-46, -(2.0**-50), 2.0**-50, 2.0**-80])
+    exact = float((got.double() - want.double()).abs().max())
+    assert exact == 2.0**-20 + 2.0**-43 - 2.0**-50 and float((got - want).abs().max()) != exact
+    tol = Tolerance(atol=1e-5, rtol=0.0, origin="test")
+    assert compare_module._top_within_float32(got.numpy(), want.numpy(), tol) == exact
+    m = compare(got, want, tol, full=False)
+    assert m.ok and m.max_abs == exact == compare(got, want, tol, full=True).max_abs
+    past = Tolerance(atol=2.0**-20, rtol=0.0, origin="test")  # 3 past it, 1 of them at it in float32
+    assert compare_module._top_within_float32(got.numpy(), want.numpy(), past) is None
+    assert compare(got, want, past, full=False).mismatches == 3
+    assert compare_module._top_within_float32(got[1:2].numpy(), want[1:2].numpy(), past) is None
 
 
 @pytest.mark.parametrize("rtol", [0.0, 1.3e-6])

@@ -160,6 +160,10 @@ def _within(m: Metrics, pair, tol: Tolerance, want: torch.Tensor, mark) -> bool:
 
 def _top_within(got_np, want_np, tol: Tolerance) -> float | None:
     """max |got − want| in float64 when every element is finite and within ``tol``, else None."""
+    if want_np.dtype == np.float32 and _TINY < tol.atol < 1e30 and tol.rtol >= 0:
+        top = _top_within_float32(got_np, want_np, tol)
+        if top is not _UNSURE:
+            return top
     diff = np.empty(want_np.shape)  # float64; exact differences for float16/32, as .double() − .double()
     np.abs(np.subtract(got_np, want_np, out=diff, dtype=np.float64), out=diff)
     top = float(diff.max()) if diff.size else 0.0
@@ -172,6 +176,41 @@ def _top_within(got_np, want_np, tol: Tolerance) -> float | None:
         if np.count_nonzero(diff > bound):
             return None
     return top
+
+
+_UNSURE = object()
+_TINY = 2.0**-100  # below it a float32 difference may be a flushed subnormal: the float64 pass decides
+_MARGIN = 1 - 2.0**-16  # far wider than a float32 rounding (2⁻²⁴ relative)
+
+
+def _top_within_float32(got_np, want_np, tol: Tolerance):
+    """``_top_within``'s result from a float32 pass, the float64 differences taken only where they can
+    decide it; ``_UNSURE`` where the float64 pass must run.
+
+    Why it is the same number: a float32 subtraction rounds the exact difference once, and rounding is
+    monotone, so the element of the largest float64 difference is among those of the largest float32
+    one, and an element past ``atol`` in float64 is past ``atol·(1 − 2⁻¹⁶)`` in float32. Those few are
+    recomputed exactly as the float64 pass computes them (17 µs against 23 on a 27k-element output)."""
+    rough = np.empty(want_np.shape, np.float32)
+    np.abs(np.subtract(got_np, want_np, out=rough), out=rough)
+    largest = float(rough.max()) if rough.size else 0.0
+    if not _TINY <= largest < math.inf:  # a NaN/Inf, an overflow, or differences too small to trust
+        return _UNSURE
+    top = float(_exact_diff(got_np, want_np, np.flatnonzero(rough == largest)).max())
+    if top > tol.atol:
+        near = np.flatnonzero(rough > tol.atol * _MARGIN)
+        bound = np.abs(want_np.flat[near], dtype=np.float64)
+        bound *= tol.rtol
+        bound += tol.atol
+        if np.count_nonzero(_exact_diff(got_np, want_np, near) > bound):
+            return None
+    return top
+
+
+def _exact_diff(got_np, want_np, where):
+    """|got − want| in float64 at the flat indices ``where``, as the float64 pass computes it."""
+    diff = np.subtract(got_np.flat[where], want_np.flat[where], dtype=np.float64)
+    return np.abs(diff, out=diff)
 
 
 def _exact(m: Metrics, want: torch.Tensor, pair, mark) -> None:
