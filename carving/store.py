@@ -44,6 +44,12 @@ OPEN_SHARDS = 4
 # A use is kept only when read again within this many bytes of reads: one read back after more would have
 # been pushed out before it (at 1.1B a forward reads GBs: the budget then held 32 MiB that nothing read again)
 VIEW_BYTES = 32 << 20
+# and only a use of at most KEPT_USE_BYTES: keeping one saves a read's fixed cost, which matters for small
+# uses (MiniLM's are ≤ 432 KB); a large one's read is mostly its copy, and kept it is resident memory (a 1.1B
+# generation kept 26 MB of 2 MB attention-sized outputs, a quarter of the client's rise over its start)
+KEPT_USE_BYTES = 1 << 20
+USE_COST = 1 << 10  # what a kept use holds besides its bytes (tensor, storage, marks): ~1 KB, counted
+PARSED_OPS = 4096  # ops whose OpCall and output refs are kept parsed: a whole MiniLM forward, a third of 1.1B's
 _PACK_BELOW = 64 << 10  # per-tensor header and bookkeeping would dominate below this size
 
 
@@ -58,6 +64,19 @@ class UncarvableTensor(ValueError):
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _DIGEST_FIELD = ',"digest":"'
 _DTYPE_INFO: dict[torch.dtype, tuple[str, bytes, int, bool]] = {}
+
+
+def _held(use: torch.Tensor) -> int:
+    """What keeping a read-only use costs against ``VIEW_BYTES``: its bytes and ``USE_COST`` (a budget of
+    bytes alone would let 32 MiB of 64-byte uses hold half a million tensors)."""
+    return use.untyped_storage().nbytes() + USE_COST
+
+
+def _make_room(cache: dict) -> None:
+    """Drop the oldest of a cache of parsed ops when it holds ``PARSED_OPS``: at 1.1B parameters a
+    generation's 11538 ops kept parsed held ~8 MB that the next forward would read again only once."""
+    if len(cache) >= PARSED_OPS:
+        del cache[next(iter(cache))]
 
 
 def _dtype_info(dtype: torch.dtype) -> tuple[str, bytes, int, bool]:
@@ -480,16 +499,21 @@ class FixtureStore:
         since = self._read_bytes - self._last_read.get(ref, -VIEW_BYTES - 1)  # bytes read since its last read
         if not kept:  # marked: a comparison caches what it learns of it per content (carved.py)
             hit = mark_content(materialize(self.flat(ref.key), ref, copy=False), ref)
-        size = hit.untyped_storage().nbytes()
+        size = _held(hit)
         self._read_bytes += size
+        self._last_read.pop(ref, None)  # oldest read first: what was read over VIEW_BYTES ago is forgotten
         self._last_read[ref] = self._read_bytes
+        oldest = next(iter(self._last_read))
+        while self._read_bytes - self._last_read[oldest] > VIEW_BYTES:  # (the use just read ends the loop)
+            del self._last_read[oldest]
+            oldest = next(iter(self._last_read))
         if not kept:
-            if size > VIEW_BYTES or since > VIEW_BYTES:  # the first read, or it would go before its next one
+            if size > KEPT_USE_BYTES or since > VIEW_BYTES:  # large, the first read, or it would go before its next
                 return hit
             self._view_bytes += size
         self._views[ref] = hit  # the most recently read last
         while self._view_bytes > VIEW_BYTES:
-            self._view_bytes -= self._views.pop(next(iter(self._views))).untyped_storage().nbytes()
+            self._view_bytes -= _held(self._views.pop(next(iter(self._views))))
         return hit
 
     def forget_uses(self) -> None:
@@ -504,6 +528,7 @@ class FixtureStore:
         op = self._calls.get(index)
         if op is None:
             rec = self.ops[index]
+            _make_room(self._calls)
             op = self._calls[index] = OpCall(op=rec["op"], args=rec["args"], kwargs=rec["kwargs"],
                                              outputs=rec["outputs"], module=rec["module"], index=rec["index"],
                                              call=rec["call"], library=rec.get("library") or "")
@@ -572,6 +597,7 @@ class FixtureStore:
         """The recorded outputs of op ``index`` as uses, unread (parsed once)."""
         refs = self._output_refs.get(index)
         if refs is None:
+            _make_room(self._output_refs)
             refs = self._output_refs[index] = [TensorRef.from_json(r) for r in iter_specs(self.ops[index]["outputs"])]
         return refs
 

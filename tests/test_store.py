@@ -347,15 +347,24 @@ def test_read_only_uses_are_kept_up_to_a_byte_budget_and_marked_with_their_conte
     assert content_mark(first[0]) == ref and ref.key == store.ops[ops[0]]["outputs"]["tensor"]["key"]
     copy = store.outputs(ops[0])[0]
     assert copy is not first[0] and content_mark(copy) is None and torch.equal(copy, first[0])
-    monkeypatch.setattr(store_module, "VIEW_BYTES", 3 * 4 * 256 * 4)  # three outputs' worth
+    monkeypatch.setattr(store_module, "VIEW_BYTES", 3 * (4 * 256 * 4 + store_module.USE_COST))  # three outputs
     for i in ops[1:]:  # more than the budget holds: the first op's use goes, the latest three stay
         store.outputs(i, read_only=True)
         store.outputs(i, read_only=True)
     assert list(store._views) == [store._output_refs[i][0] for i in ops[-3:]]
+    assert store._view_bytes == 3 * (4 * 256 * 4 + store_module.USE_COST)  # each use's bytes and its cost
     for _ in range(2):  # read back in a cycle longer than the budget: none is kept (each would go before)
         for i in ops[1:]:
             store.outputs(i, read_only=True)
     assert list(store._views) == [store._output_refs[i][0] for i in ops[-3:]]
+    assert len(store._last_read) == 4  # only the reads that ended within the budget are remembered
+    largest = store_module.KEPT_USE_BYTES
+    monkeypatch.setattr(store_module, "KEPT_USE_BYTES", 4 * 256 * 4 - 1)  # now each output is too large to keep
+    store.forget_uses()
+    for _ in range(3):
+        assert store.outputs(ops[1], read_only=True)[0] is not store.outputs(ops[1], read_only=True)[0]
+    assert not store._views
+    monkeypatch.setattr(store_module, "KEPT_USE_BYTES", largest)
     store.forget_uses()
     for _ in range(2):
         for i in ops[1:]:
@@ -363,10 +372,42 @@ def test_read_only_uses_are_kept_up_to_a_byte_budget_and_marked_with_their_conte
     assert not store._views
     store.forget_uses()
     assert not store._views and store._view_bytes == 0 and store.outputs(ops[0], read_only=True)[0] is not first[0]
-    assert store._view_bytes == sum(t.untyped_storage().nbytes() for t in store._views.values())
+    assert store._view_bytes == sum(t.untyped_storage().nbytes() + store_module.USE_COST for t in store._views.values())
     assert len(store._readers) <= store_module.OPEN_SHARDS
     again = store.outputs(ops[0], read_only=True)[0]
     assert again is not first[0] and torch.equal(again, first[0]) and content_mark(again) == ref
+
+
+def test_parsed_ops_are_kept_up_to_a_count_and_parsed_again_alike(tmp_path, monkeypatch):
+    """At 1.1B parameters a generation's 11538 ops kept parsed held ~8 MB: only the latest PARSED_OPS stay."""
+    from tapml.carving import store as store_module
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
+    x = torch.randn(2, 8)
+    carve(model, lambda: model(x), tmp_path / "s")
+    store = FixtureStore(tmp_path / "s")
+    first = [(store.op_call(op["index"]), store.output_refs(op["index"])) for op in store.ops]
+    monkeypatch.setattr(store_module, "PARSED_OPS", 2)
+    store = FixtureStore(tmp_path / "s")
+    again = [(store.op_call(op["index"]), store.output_refs(op["index"])) for op in store.ops]
+    assert len(store.ops) > 3 and len(store._calls) == len(store._output_refs) == 2
+    assert [(c.op, c.args, c.kwargs, c.outputs, refs) for c, refs in first] == \
+        [(c.op, c.args, c.kwargs, c.outputs, refs) for c, refs in again]
+    assert store.op_call(0) is not again[0][0] and store.op_call(0) is store.op_call(0)
+
+
+def test_a_hash_memo_forgets_memory_that_is_gone():
+    from tapml.core import HashMemo
+
+    memo, kept = HashMemo(), [torch.arange(4.0) + i for i in range(10)]
+    for t in kept:
+        memo.remember(t, f"k{t[0]}")
+    for _ in range(3):
+        gone = [torch.full((3,), float(i)) for i in range(2000)]  # at 2000 addresses, then freed
+        for t in gone:
+            memo.remember(t, "gone")
+        del gone, t
+    assert len(memo._seen) < 2100 and all(memo.peek(t, t) == f"k{t[0]}" for t in kept)
 
 
 def test_the_isolated_pass_starts_without_the_uses_the_live_runs_kept(tmp_path):

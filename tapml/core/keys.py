@@ -71,6 +71,15 @@ class HashMemo:
 
     def __init__(self) -> None:
         self._seen: dict[tuple, tuple] = {}
+        self._sweep_at = 1024
+
+    def _add(self, geometry: tuple, entry: tuple) -> None:
+        """Remember one key; when the memo has doubled since its last sweep, forget the memory that is gone
+        (at 1.1B parameters a generation leaves tens of thousands of dead entries)."""
+        self._seen[geometry] = entry
+        if len(self._seen) >= self._sweep_at:
+            self._seen = {g: e for g, e in self._seen.items() if e[0]() is not None}
+            self._sweep_at = max(1024, 2 * len(self._seen))
 
     def key(self, t: torch.Tensor, flat: torch.Tensor, *, memo: bool = True, view: memoryview | None = None) -> str:
         """The content key of ``flat`` (``t``'s elements, flattened), memoized when it aliases ``t``
@@ -91,7 +100,7 @@ class HashMemo:
         if hit is not None and hit[0]() is not None and hit[1] == version:
             return hit[2]
         key = content_key(flat, view)
-        self._seen[geometry] = (weakref.ref(t.untyped_storage()), version, key)
+        self._add(geometry, (weakref.ref(t.untyped_storage()), version, key))
         return key
 
     def peek(self, t: torch.Tensor, flat: torch.Tensor) -> str | None:
@@ -109,7 +118,7 @@ class HashMemo:
         except RuntimeError:
             return
         if t.numel():  # contiguous: its flattening starts at the same address with the same count
-            self._seen[(t.data_ptr(), t.numel(), t.dtype)] = (weakref.ref(t.untyped_storage()), version, key)
+            self._add((t.data_ptr(), t.numel(), t.dtype), (weakref.ref(t.untyped_storage()), version, key))
 
 
 _MARKS: dict[int, tuple[weakref.ref, int, Hashable]] = {}  # id(tensor) -> (the tensor, its version, its mark)

@@ -131,8 +131,8 @@ class Judge:
         hit = self._tolerances.get(id(op))
         if hit is not None and hit[0] is op:
             return hit[1]
-        if len(self._tolerances) >= 1 << 14:
-            self._tolerances.clear()
+        if len(self._tolerances) >= 1 << 12:  # (it holds the op: no more than the store keeps parsed)
+            del self._tolerances[next(iter(self._tolerances))]
         tol = self._tolerance(op)
         self._tolerances[id(op)] = (op, tol)
         return tol
