@@ -508,7 +508,7 @@ class FixtureStore:
             del self._last_read[oldest]
             oldest = next(iter(self._last_read))
         if not kept:
-            if size > KEPT_USE_BYTES or since > VIEW_BYTES:  # large, the first read, or it would go before its next
+            if size - USE_COST > KEPT_USE_BYTES or since > VIEW_BYTES:  # large, a first read, or gone before its next
                 return hit
             self._view_bytes += size
         self._views[ref] = hit  # the most recently read last

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -175,6 +176,10 @@ def test_the_float32_pass_finds_the_float64_maximum_among_rounded_ties():
     assert compare_module._top_within_float32(got.numpy(), want.numpy(), past) is None
     assert compare(got, want, past, full=False).mismatches == 3
     assert compare_module._top_within_float32(got[1:2].numpy(), want[1:2].numpy(), past) is None
+    with warnings.catch_warnings():  # a float32 difference that overflows: the float64 pass decides, silently
+        warnings.simplefilter("error")
+        huge = compare(torch.tensor([3e38, 1.0]), torch.tensor([-3e38, 1.0]), tol, full=False)
+    assert not huge.ok and huge.max_abs == float(torch.tensor(3e38).double() * 2)
 
 
 @pytest.mark.parametrize("rtol", [0.0, 1.3e-6])
