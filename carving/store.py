@@ -488,8 +488,8 @@ class FixtureStore:
 
     def load(self, ref: dict | TensorRef, *, read_only: bool = False) -> torch.Tensor:
         """Rebuild one recorded tensor use with its exact layout, in memory of its own (``read_only``: the
-        same memory for every read of it while it is among the recently read — for comparisons, never to be
-        written)."""
+        same memory for every read of it while it is among the recently read, if small — for comparisons, never
+        to be written)."""
         if isinstance(ref, dict):
             ref = TensorRef.from_json(ref)
         if not read_only:  # flat() is fresh memory: laid out in place where the layout allows, not copied again

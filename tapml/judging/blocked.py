@@ -25,7 +25,7 @@ from tapml.core import OpCall
 
 __all__ = ["BLOCK_BYTES", "call_widened"]
 
-BLOCK_BYTES = 8 << 20  # an eighth of a store shard of widened weight at a time (16 MiB: the 1.1B peak)
+BLOCK_BYTES = 8 << 20  # an eighth of a store shard of widened weight at a time (16 MiB set a 1.1B peak)
 
 # overload → (position of the operand whose columns are the output's, its column dim, positions of biases
 # added along the output's columns): aten's own argument order
