@@ -39,6 +39,18 @@ class TensorRef:
     exact: bool  # False when the layout overlapped itself and is rebuilt contiguous
     storage: bool = False  # the stored bytes are the tensor's whole storage (read by as_strided beyond the view)
 
+    def __hash__(self) -> int:
+        """Hashed once: a use is a dict key several times per read (kept uses, read history, NaN/Inf counts),
+        and hashing its fields took ~0.6 µs each time (~5 µs per judged op)."""
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.key, self.dtype, self.shape, self.stride, self.offset, self.exact, self.storage))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}  # a str's hash is per process
+
     @property
     def spec(self) -> TensorSpec:
         return TensorSpec(self.dtype, self.shape, self.stride, self.offset, self.exact)

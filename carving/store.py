@@ -496,17 +496,18 @@ class FixtureStore:
             return materialize(self.flat(ref.key), ref, copy=False)
         hit = self._views.pop(ref, None)
         kept = hit is not None
-        since = self._read_bytes - self._last_read.get(ref, -VIEW_BYTES - 1)  # bytes read since its last read
+        # bytes read since its last read; popped and put back: oldest read first, and what was read over
+        # VIEW_BYTES ago is forgotten
+        since = self._read_bytes - self._last_read.pop(ref, -VIEW_BYTES - 1)
         if not kept:  # marked: a comparison caches what it learns of it per content (carved.py)
             hit = mark_content(materialize(self.flat(ref.key), ref, copy=False), ref)
         size = _held(hit)
         self._read_bytes += size
-        self._last_read.pop(ref, None)  # oldest read first: what was read over VIEW_BYTES ago is forgotten
         self._last_read[ref] = self._read_bytes
-        oldest = next(iter(self._last_read))
-        while self._read_bytes - self._last_read[oldest] > VIEW_BYTES:  # (the use just read ends the loop)
+        oldest, end = next(iter(self._last_read.items()))
+        while self._read_bytes - end > VIEW_BYTES:  # (the use just read ends the loop)
             del self._last_read[oldest]
-            oldest = next(iter(self._last_read))
+            oldest, end = next(iter(self._last_read.items()))
         if not kept:
             if size - USE_COST > KEPT_USE_BYTES or since > VIEW_BYTES:  # large, a first read, or gone before its next
                 return hit
