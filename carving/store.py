@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from xxhash import xxh3_128_hexdigest
 
-from tapml.core import HashMemo, OpCall, iter_specs, mark_content
+from tapml.core import HashMemo, OpCall, iter_specs, make_room, mark_content
 
 from .atomic import AtomicDir, OutputError
 from .graph import Graph
@@ -70,13 +70,6 @@ def _held(use: torch.Tensor) -> int:
     """What keeping a read-only use costs against ``VIEW_BYTES``: its bytes and ``USE_COST`` (a budget of
     bytes alone would let 32 MiB of 64-byte uses hold half a million tensors)."""
     return use.untyped_storage().nbytes() + USE_COST
-
-
-def _make_room(cache: dict) -> None:
-    """Drop the oldest of a cache of parsed ops when it holds ``PARSED_OPS``: at 1.1B parameters a
-    generation's 11538 ops kept parsed held ~8 MB that the next forward would read again only once."""
-    if len(cache) >= PARSED_OPS:
-        del cache[next(iter(cache))]
 
 
 def _dtype_info(dtype: torch.dtype) -> tuple[str, bytes, int, bool]:
@@ -509,7 +502,7 @@ class FixtureStore:
             del self._last_read[oldest]
             oldest, end = next(iter(self._last_read.items()))
         if not kept:
-            if size - USE_COST > KEPT_USE_BYTES or since > VIEW_BYTES:  # large, a first read, or gone before its next
+            if size > KEPT_USE_BYTES + USE_COST or since > VIEW_BYTES:  # large, a first read, or gone before its next
                 return hit
             self._view_bytes += size
         self._views[ref] = hit  # the most recently read last
@@ -529,7 +522,7 @@ class FixtureStore:
         op = self._calls.get(index)
         if op is None:
             rec = self.ops[index]
-            _make_room(self._calls)
+            make_room(self._calls, PARSED_OPS)
             op = self._calls[index] = OpCall(op=rec["op"], args=rec["args"], kwargs=rec["kwargs"],
                                              outputs=rec["outputs"], module=rec["module"], index=rec["index"],
                                              call=rec["call"], library=rec.get("library") or "")
@@ -598,7 +591,7 @@ class FixtureStore:
         """The recorded outputs of op ``index`` as uses, unread (parsed once)."""
         refs = self._output_refs.get(index)
         if refs is None:
-            _make_room(self._output_refs)
+            make_room(self._output_refs, PARSED_OPS)
             refs = self._output_refs[index] = [TensorRef.from_json(r) for r in iter_specs(self.ops[index]["outputs"])]
         return refs
 

@@ -6,6 +6,7 @@ how an op name resolves to an operator safely (``resolve_op``'s allow-list),
 and the error and status roots. It imports nothing else of tapml.
 """
 
+from .caches import make_room
 from .errors import CheckFailed, OpFailed, OpRefused, TapmlError
 from .imports import import_object
 from .keys import HashMemo, byte_view, content_digest, content_key, content_mark, mark_content, overwrite
@@ -58,6 +59,7 @@ __all__ = [
     "UNINITIALIZED",
     "CheckFailed",
     "HashMemo",
+    "make_room",
     "MalformedValue",
     "OpCall",
     "openmp_spins",

@@ -18,6 +18,8 @@ from collections.abc import Hashable
 
 import torch
 
+from tapml.core import make_room
+
 try:
     import numpy as np
 except ImportError:  # torch alone: every comparison takes the torch path
@@ -57,8 +59,7 @@ def nonfinite_counts(want: torch.Tensor, array=None, mark: Hashable | None = Non
     finite = bool(np.isfinite(array).all()) if array is not None else bool(torch.isfinite(want).all())
     counts = (0, 0) if finite else (int(torch.isnan(want).sum()), int(torch.isinf(want).sum()))
     if mark is not None:
-        if len(_COUNTS) >= LIMIT:
-            del _COUNTS[next(iter(_COUNTS))]
+        make_room(_COUNTS, LIMIT)
         _COUNTS[mark] = counts
     return counts
 

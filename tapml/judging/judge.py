@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tapml.core import OpCall, bind_args, flatten_outputs
+from tapml.core import OpCall, bind_args, flatten_outputs, make_room
 from tapml.record import BoundCheck, DeadOutput, Metrics, Oracle
 
 from .blocked import call_widened
@@ -131,8 +131,7 @@ class Judge:
         hit = self._tolerances.get(id(op))
         if hit is not None and hit[0] is op:
             return hit[1]
-        if len(self._tolerances) >= 1 << 12:  # (it holds the op: no more than the store keeps parsed)
-            del self._tolerances[next(iter(self._tolerances))]
+        make_room(self._tolerances, 1 << 12)  # (it holds the op: no more than the store keeps parsed)
         tol = self._tolerance(op)
         self._tolerances[id(op)] = (op, tol)
         return tol
